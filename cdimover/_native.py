@@ -1,0 +1,232 @@
+"""The one module that touches cffi: loads the native core, checks its ABI version, owns the
+context wrapper, the progress trampoline and the single translator from C return codes to
+Python exceptions.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from ._cdimover import ffi, lib  # type: ignore[import-not-found]
+from .errors import (
+    CopyCancelled,
+    ImageFormatError,
+    TargetTooSmallError,
+    UnsafeImageError,
+    UnsupportedImageError,
+)
+
+ABI_VERSION = 1
+if lib.CDM_ABI_VERSION != ABI_VERSION:
+    raise ImportError(
+        f"cdimover's native core has ABI {lib.CDM_ABI_VERSION}, the Python layer expects "
+        f"{ABI_VERSION}: rebuild the package (pip install .)")
+
+__all__ = ["ffi", "lib", "Context", "check", "Probe", "LoopStatus", "ProgressFn"]
+
+ProgressFn = Callable[[int, int], object]
+
+_LIB_ERRORS: dict[int, type[Exception]] = {
+    lib.CDM_EFORMAT: ImageFormatError,
+    lib.CDM_EUNSUPPORTED: UnsupportedImageError,
+    lib.CDM_EUNSAFE: UnsafeImageError,
+    lib.CDM_ETOOSMALL: TargetTooSmallError,
+    lib.CDM_ECANCELED: CopyCancelled,
+}
+
+# Exceptions raised at the very entry of a callback (before its try:) land here, per thread.
+_pending = threading.local()
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Facts about an open file or block device."""
+
+    size: int
+    dev: int
+    ino: int
+    rdev: int
+    blocks: int
+    logical_sector: int
+    physical_sector: int
+    fs_block: int
+    is_blockdev: bool
+    is_regular: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LoopStatus:
+    """LOOP_GET_STATUS64 of a loop device."""
+
+    backing_dev: int
+    backing_ino: int
+    offset: int
+    sizelimit: int
+    flags: int
+
+
+def _on_callback_error(exc_type: type[BaseException], exc: BaseException,
+                       tb: TracebackType | None) -> int:
+    _pending.exc = exc
+    return 1
+
+
+@ffi.def_extern(onerror=_on_callback_error)  # type: ignore[misc]
+def _cdm_progress_cb(opaque: Any, done: int, total: int) -> int:
+    ctx: Context = ffi.from_handle(opaque)
+    try:
+        if ctx.progress is None:
+            return 0
+        return 1 if ctx.progress(done, total) else 0
+    except BaseException as exc:  # noqa: BLE001 - stored, re-raised after the C call
+        ctx.callback_error = exc
+        return 1
+
+
+class Context:
+    """An owned ``cdm_ctx``: one operation at a time, cancellable from any thread."""
+
+    def __init__(self) -> None:
+        out = ffi.new("cdm_ctx **")
+        rc = lib.cdm_ctx_new(out)
+        if rc < 0:
+            raise MemoryError("cannot allocate a cdimover context")
+        self._ptr = ffi.gc(out[0], lib.cdm_ctx_free)
+        self._lock = threading.Lock()
+        self._handle = ffi.new_handle(self)
+        self.progress: ProgressFn | None = None
+        self.callback_error: BaseException | None = None
+        self.closed = False
+
+    @property
+    def ptr(self) -> Any:
+        if self.closed:
+            raise ValueError("the context is closed")
+        return self._ptr
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            ffi.release(self._ptr)
+
+    def cancel(self) -> None:
+        """Ask the running operation to stop at its next request (any thread)."""
+        if not self.closed:
+            lib.cdm_ctx_cancel(self._ptr)
+
+    def call(self, fn: Callable[..., int], *args: Any, progress: ProgressFn | None = None,
+             paths: Sequence[str | None] = (None, None)) -> int:
+        """Run the C function FN(ctx, *ARGS) holding this context exclusively; translate its
+        result with check().  PATHS names the source and target for OSError."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("a cdimover context runs one operation at a time")
+        try:
+            self.progress = progress
+            self.callback_error = None
+            _pending.exc = None
+            if progress is not None:
+                lib.cdm_ctx_set_progress(self.ptr, lib._cdm_progress_cb, self._handle)
+            else:
+                lib.cdm_ctx_set_progress(self.ptr, ffi.NULL, ffi.NULL)
+            rc = fn(self.ptr, *args)
+            stored = self.callback_error or getattr(_pending, "exc", None)
+            if stored is not None and rc < 0:
+                if not isinstance(stored, Exception):
+                    raise stored  # KeyboardInterrupt, SystemExit: keep their meaning
+                raise CopyCancelled(f"cancelled: {stored}") from stored
+            return check(rc, self, paths)
+        finally:
+            self.progress = None
+            lib.cdm_ctx_set_progress(self._ptr, ffi.NULL, ffi.NULL)
+            self._lock.release()
+
+    def message(self) -> str:
+        return str(ffi.string(lib.cdm_ctx_errmsg(self.ptr)).decode(errors="replace"))
+
+    def side(self) -> int:
+        return int(lib.cdm_ctx_errside(self.ptr))
+
+
+def check(rc: int, ctx: Context, paths: Sequence[str | None] = (None, None)) -> int:
+    """Return RC if it is a success; otherwise raise the matching exception: a cdimover
+    error for -CDM_E*, or OSError (with the path of the endpoint concerned) for -errno."""
+    if rc >= 0:
+        return rc
+    err = -rc
+    msg = ctx.message()
+    if err in _LIB_ERRORS:
+        raise _LIB_ERRORS[err](msg)
+    side = ctx.side()
+    path = None
+    if side == lib.CDM_SIDE_SOURCE:
+        path = paths[0]
+    elif side == lib.CDM_SIDE_TARGET and len(paths) > 1:
+        path = paths[1]
+    elif len(set(paths)) == 1:
+        path = paths[0]  # a call about one endpoint
+    text = os.strerror(err)
+    if msg:
+        text = f"{text} ({msg})"
+    raise OSError(err, text, path)
+
+
+def probe(ctx: Context, fd: int, path: str | None = None) -> Probe:
+    out = ffi.new("struct cdm_probe *")
+    ctx.call(lib.cdm_probe_fd, fd, out, paths=(path, path))
+    return Probe(size=out.size, dev=out.dev, ino=out.ino, rdev=out.rdev, blocks=out.blocks,
+                 logical_sector=out.logical_sector, physical_sector=out.physical_sector,
+                 fs_block=out.fs_block, is_blockdev=bool(out.is_blockdev),
+                 is_regular=bool(out.is_regular))
+
+
+def loop_status(ctx: Context, fd: int) -> LoopStatus | None:
+    """The loop status of block device FD, or None when it is not an attached loop device."""
+    out = ffi.new("struct cdm_loop_status *")
+    rc = lib.cdm_loop_status(ctx.ptr, fd, out)
+    if rc < 0:
+        return None
+    return LoopStatus(backing_dev=out.backing_dev, backing_ino=out.backing_ino,
+                      offset=out.offset, sizelimit=out.sizelimit, flags=out.flags)
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    buf = ffi.from_buffer(data)
+    return bool(lib.cdm_is_zero(buf, len(buf)))
+
+
+def new_stats() -> Any:
+    return ffi.new("struct cdm_copy_stats *")
+
+
+def new_copy_opts() -> Any:
+    return ffi.new("struct cdm_copy_opts *")
+
+
+def scan_extents(ctx: Context, fd: int, offset: int, length: int, *, map_offset: int = 0,
+                 path: str | None = None, cap: int = 1024) -> list[tuple[int, int, bool]]:
+    """All extents of [OFFSET, OFFSET+LENGTH) as (offset, length, is_data)."""
+    out = ffi.new("struct cdm_extent[]", cap)
+    n = ffi.new("size_t *")
+    result: list[tuple[int, int, bool]] = []
+    pos, end = offset, offset + length
+    while pos < end:
+        more = ctx.call(lib.cdm_scan_extents, fd, map_offset, pos, end - pos, out, cap, n,
+                        paths=(path, path))
+        for i in range(n[0]):
+            e = out[i]
+            result.append((e.offset, e.length, e.flags == lib.CDM_EXTENT_DATA))
+        if not more or n[0] == 0:
+            break
+        pos = out[n[0] - 1].offset + out[n[0] - 1].length
+    return result

@@ -1,0 +1,290 @@
+"""The ``cdimover`` command line: ``main(argv)`` returns the exit status, so tests call it
+in-process.  Exit status: 0 success, 1 error (one line on stderr, no traceback), 2 usage,
+130 interrupted (SIGINT), 143 terminated (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+from .errors import CdimoverError, CopyCancelled
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+log = logging.getLogger("cdimover")
+
+
+class _Terminated(BaseException):
+    """Raised from the SIGTERM handler so the copy stops at its next request."""
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class ProgressBar:
+    """A one-line progress display (percent of virtual size, rate, ETA) for terminals."""
+
+    def __init__(self, stream: TextIO, label: str) -> None:
+        self.stream = stream
+        self.label = label
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        pct = 100.0 * done / total if total else 100.0
+        elapsed = max(now - self.start, 1e-6)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 else 0.0
+        width = 30
+        filled = int(width * pct / 100)
+        bar = "#" * filled + "-" * (width - filled)
+        self.stream.write(f"\r{self.label} [{bar}] {pct:5.1f}% {_fmt_bytes(rate)}/s "
+                          f"ETA {eta:4.0f}s")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+@contextmanager
+def _signals_cancel() -> Iterator[None]:
+    """Turn SIGTERM into an exception raised inside the progress callback (which cancels the
+    native copy at its next request); SIGINT already raises KeyboardInterrupt."""
+    def on_term(signum: int, frame: object) -> None:
+        raise _Terminated()
+
+    try:
+        old = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _progress_for(args: argparse.Namespace, label: str) -> tuple[Callable[[int, int], None],
+                                                                  ProgressBar | None]:
+    show = getattr(args, "progress", False) or (sys.stderr.isatty() and not args.quiet
+                                                 and not args.json)
+    bar = ProgressBar(sys.stderr, label) if show else None
+
+    def cb(done: int, total: int) -> None:
+        if bar is not None:
+            bar(done, total)
+
+    return cb, bar
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif not args.quiet:
+        print(human)
+
+
+def _summary(r: Any) -> str:
+    methods = ", ".join(m.label for m in r.zero_methods) or "none needed"
+    note = f" ({r.scan_note})" if r.scan_note else ""
+    return (f"{r.source} -> {r.target}: {_fmt_bytes(r.virtual_size)} virtual, "
+            f"{_fmt_bytes(r.bytes_written)} written, {_fmt_bytes(r.bytes_zeroed)} zeroed, "
+            f"{_fmt_bytes(r.bytes_skipped)} left as holes, in {r.elapsed:.2f}s; "
+            f"scan {r.scan_method.label}{note}; zeroing {methods}")
+
+
+def _cmd_copy(args: argparse.Namespace) -> int:
+    from .copy import copy
+
+    cb, bar = _progress_for(args, "copy")
+    try:
+        r = copy(args.source, args.target, target_is_zero=args.target_is_zero, progress=cb,
+                 reflink=args.reflink, scan=args.scan, threads=args.threads,
+                 request_size=args.request_size, sparse_size=args.sparse_size)
+    finally:
+        if bar is not None:
+            bar.finish()
+    _emit(args, r.as_dict(), _summary(r))
+    return EXIT_OK
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from .copy import scan
+
+    extents = scan(args.path, method=args.scan)
+    if args.json:
+        print(json.dumps([{"offset": o, "length": n, "data": d} for o, n, d in extents],
+                         indent=2))
+    elif not args.quiet:
+        for o, n, d in extents:
+            print(f"{o:>16} {n:>16} {'data' if d else 'hole'}")
+    return EXIT_OK
+
+
+def _sha256(path: str, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = size
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Make a small sparse RAW disk (data, zeros written as data, holes), copy it, verify."""
+    from .copy import copy, scan
+
+    workdir = args.dir or tempfile.mkdtemp(prefix="cdimover-demo-")
+    os.makedirs(workdir, exist_ok=True)
+    src = os.path.join(workdir, "source.img")
+    dst = os.path.join(workdir, "disk.img")
+    size = 64 << 20
+    with open(src, "wb") as f:
+        f.truncate(size)
+        f.seek(1 << 20)
+        f.write(os.urandom(4 << 20))
+        f.seek(16 << 20)
+        f.write(b"\0" * (8 << 20))           # zeros written as data
+        f.seek(40 << 20)
+        f.write(b"cdimover " * 100_000)
+        f.seek(size - 4096)
+        f.write(os.urandom(4096))
+    r = copy(src, dst, reflink="never")
+    same = _sha256(src, size) == _sha256(dst, size)
+    data = sum(n for _, n, d in scan(dst) if d)
+    result = dict(r.as_dict(), verified=same, target_data_bytes=data)
+    _emit(args, result, _summary(r) + f"\nverified sha256: {'OK' if same else 'MISMATCH'}; "
+          f"target holds {_fmt_bytes(data)} of data in {_fmt_bytes(size)} virtual ({dst})")
+    return EXIT_OK if same else EXIT_ERROR
+
+
+def _size_arg(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return n
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    common.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    common.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what is done (repeat for more)")
+
+    p = argparse.ArgumentParser(
+        prog="cdimover",
+        description="Sparse-aware, bit-exact data mover for VM disks: files and block devices.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"cdimover {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    c = sub.add_parser("copy", parents=[common], help="copy a RAW disk (file or block device)",
+                       description="Copy a RAW disk between regular files and block devices, "
+                       "keeping holes as holes and turning zeros written as data into holes. "
+                       "A missing target is created; an existing file is replaced; a block "
+                       "device must be at least as large as the source.")
+    c.add_argument("source", help="source file or block device")
+    c.add_argument("target", help="target file or block device")
+    c.add_argument("--target-is-zero", action="store_true",
+                   help="the target block device already reads as zeros (skip zeroing)")
+    c.add_argument("--reflink", choices=("auto", "never", "always"), default="auto",
+                   help="share extents between files on one filesystem (default: auto)")
+    c.add_argument("--scan", choices=("auto", "seek", "loop", "full"), default="auto",
+                   help="how to find the source's data: SEEK_DATA, a loop device's backing "
+                   "file, or a full read (default: auto)")
+    c.add_argument("--threads", type=int, default=0, help="worker threads (default 4)")
+    c.add_argument("--request-size", type=_size_arg, default=0,
+                   help="bytes per I/O request (default 4 MiB)")
+    c.add_argument("--sparse-size", type=_size_arg, default=0,
+                   help="zero-detection granularity in bytes (default 4096)")
+    c.add_argument("--progress", action="store_true",
+                   help="show a progress bar even when stderr is not a terminal")
+    c.set_defaults(func=_cmd_copy)
+
+    s = sub.add_parser("scan", parents=[common], help="print the extent map of a disk",
+                       description="Print the data and hole extents cdimover would use.")
+    s.add_argument("path")
+    s.add_argument("--scan", choices=("auto", "seek", "loop", "full"), default="auto")
+    s.set_defaults(func=_cmd_scan)
+
+    d = sub.add_parser("demo", parents=[common],
+                       help="copy a small generated sparse disk and verify it",
+                       description="Create a 64 MiB sparse RAW disk with data, zeros written "
+                       "as data and holes; copy it; verify the copy by sha256.")
+    d.add_argument("--dir", help="work directory (default: a new temporary directory)")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ARGV (default sys.argv[1:]); return the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format="cdimover: %(message)s")
+    try:
+        with _signals_cancel():
+            return int(args.func(args))
+    except KeyboardInterrupt:
+        print("cdimover: interrupted; the target is incomplete, run the command again",
+              file=sys.stderr)
+        return EXIT_SIGINT
+    except _Terminated:
+        print("cdimover: terminated; the target is incomplete, run the command again",
+              file=sys.stderr)
+        return EXIT_SIGTERM
+    except CopyCancelled as e:
+        cause = e.__cause__
+        if isinstance(cause, _Terminated):
+            print("cdimover: terminated; the target is incomplete, run the command again",
+                  file=sys.stderr)
+            return EXIT_SIGTERM
+        print(f"cdimover: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except (OSError, CdimoverError, ValueError) as e:
+        print(f"cdimover: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        text = f"{e.filename}: {e.strerror or e}"
+    else:
+        text = str(e)
+    return " ".join(text.split())

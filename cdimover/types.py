@@ -1,0 +1,112 @@
+"""Result types and the enums that mirror the C core's constants."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ._native import lib
+
+__all__ = ["ScanMethod", "ZeroMethod", "Extent", "CopyResult"]
+
+
+class ScanMethod(enum.IntEnum):
+    """How the source's extents were found."""
+
+    NONE = lib.CDM_SCAN_NONE
+    SEEK_HOLE = lib.CDM_SCAN_SEEK_HOLE
+    LOOP_BACKING = lib.CDM_SCAN_LOOP_BACKING
+    FULL_READ = lib.CDM_SCAN_FULL_READ
+    REFLINK = lib.CDM_SCAN_REFLINK
+    QCOW2 = lib.CDM_SCAN_QCOW2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+class ZeroMethod(enum.IntEnum):
+    """How zero ranges were made on the target."""
+
+    NONE = lib.CDM_ZERO_NONE
+    PUNCH_HOLE = lib.CDM_ZERO_PUNCH_HOLE
+    ZERO_RANGE = lib.CDM_ZERO_ZERO_RANGE
+    BLKZEROOUT = lib.CDM_ZERO_BLKZEROOUT
+    WRITE = lib.CDM_ZERO_WRITE
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+    @classmethod
+    def from_mask(cls, mask: int) -> tuple[ZeroMethod, ...]:
+        return tuple(m for m in cls if m is not cls.NONE and mask & (1 << m))
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A guest range that is data or a hole."""
+
+    offset: int
+    length: int
+    data: bool
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class CopyResult:
+    """What a copy or conversion did.
+
+    ``bytes_written`` counts data written; ``bytes_zeroed`` bytes explicitly zeroed on the
+    target; ``bytes_skipped`` zero ranges left alone because the target already read as zeros;
+    ``bytes_zero_data`` zeros found by content inside the source's data.
+    """
+
+    source: str
+    target: str
+    source_format: str
+    virtual_size: int
+    bytes_read: int
+    bytes_written: int
+    bytes_zeroed: int
+    bytes_skipped: int
+    bytes_zero_data: int
+    elapsed: float
+    scan_method: ScanMethod
+    zero_methods: tuple[ZeroMethod, ...]
+    zero_fallbacks: int
+    direct_read: bool
+    direct_write: bool
+    reflinked: bool
+    preallocation: str
+    preallocation_applied: bool
+    target_allocated: int | None
+    scan_note: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready mapping (enums as their labels)."""
+        return {
+            "source": self.source,
+            "target": self.target,
+            "source_format": self.source_format,
+            "virtual_size": self.virtual_size,
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "bytes_zeroed": self.bytes_zeroed,
+            "bytes_skipped": self.bytes_skipped,
+            "bytes_zero_data": self.bytes_zero_data,
+            "elapsed": round(self.elapsed, 6),
+            "scan_method": self.scan_method.label,
+            "zero_methods": [m.label for m in self.zero_methods],
+            "zero_fallbacks": self.zero_fallbacks,
+            "direct_read": self.direct_read,
+            "direct_write": self.direct_write,
+            "reflinked": self.reflinked,
+            "preallocation": self.preallocation,
+            "preallocation_applied": self.preallocation_applied,
+            "target_allocated": self.target_allocated,
+            "scan_note": self.scan_note,
+        }

@@ -1,0 +1,148 @@
+/* cdimover.h -- the one public header of cdimover's native core.
+ *
+ * The core moves disk images between regular files and block devices: it discovers
+ * extents on the source (SEEK_DATA/SEEK_HOLE, a loop device's backing file, or a full
+ * read), detects zeros inside data, and writes a sparse, durable, bit-exact target.
+ *
+ * Conventions: every function returns >= 0 on success, -errno on an operating-system
+ * failure, or -CDM_E* on a library failure; the detail is in cdm_ctx_errmsg().  The core
+ * never opens or closes file descriptors: the caller owns them.  There is no global state;
+ * a context runs one operation at a time (cdm_ctx_cancel may be called from any thread).
+ *
+ * The block between the cffi markers is handed verbatim to cffi's cdef(): keep it free of
+ * preprocessor conditionals and includes.
+ */
+#ifndef CDIMOVER_H
+#define CDIMOVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* cffi:begin */
+#define CDM_ABI_VERSION 1
+
+enum {
+    CDM_EFORMAT = 1000,       /* malformed image */
+    CDM_EUNSUPPORTED = 1001,  /* well-formed image using an unsupported feature */
+    CDM_EUNSAFE = 1002,       /* image refers to other files */
+    CDM_ETOOSMALL = 1003,     /* target cannot hold the source */
+    CDM_ECANCELED = 1004      /* stopped by the progress callback or cdm_ctx_cancel */
+};
+
+/* Which endpoint an error concerns (cdm_ctx_errside). */
+enum { CDM_SIDE_NONE = 0, CDM_SIDE_SOURCE = 1, CDM_SIDE_TARGET = 2 };
+
+enum cdm_zero_method {
+    CDM_ZERO_NONE = 0,
+    CDM_ZERO_PUNCH_HOLE = 1,
+    CDM_ZERO_ZERO_RANGE = 2,
+    CDM_ZERO_BLKZEROOUT = 3,
+    CDM_ZERO_WRITE = 4
+};
+
+enum cdm_scan_method {
+    CDM_SCAN_NONE = 0,
+    CDM_SCAN_SEEK_HOLE = 1,     /* SEEK_DATA/SEEK_HOLE on the source */
+    CDM_SCAN_LOOP_BACKING = 2,  /* SEEK_DATA/SEEK_HOLE on a loop device's backing file */
+    CDM_SCAN_FULL_READ = 3,     /* every byte read, zeros detected by content */
+    CDM_SCAN_REFLINK = 4,       /* extents shared with FICLONE, nothing read */
+    CDM_SCAN_QCOW2 = 5          /* QCOW2 L1/L2 tables */
+};
+
+enum cdm_copy_flags {
+    CDM_COPY_TARGET_IS_ZERO = 1,  /* the target reads as zeros: zero ranges are skipped */
+    CDM_COPY_NO_ZERO_DETECT = 2,  /* write data blocks even when they are all zeros */
+    CDM_COPY_NO_SYNC = 4          /* skip the final fdatasync (tests and benchmarks only) */
+};
+
+enum cdm_extent_flags { CDM_EXTENT_DATA = 0, CDM_EXTENT_HOLE = 1 };
+
+typedef struct cdm_ctx cdm_ctx;
+
+/* Called by the thread that started the operation; non-zero return cancels it. */
+typedef int (*cdm_progress_fn)(void *opaque, uint64_t done, uint64_t total);
+
+struct cdm_extent {
+    uint64_t offset;
+    uint64_t length;
+    uint32_t flags;               /* CDM_EXTENT_* */
+};
+
+struct cdm_probe {
+    uint64_t size;                /* bytes (BLKGETSIZE64 for devices) */
+    uint64_t dev;                 /* st_dev */
+    uint64_t ino;                 /* st_ino */
+    uint64_t rdev;                /* st_rdev of a device */
+    uint64_t blocks;              /* st_blocks, 512-byte units (never trusted for scanning) */
+    uint32_t logical_sector;      /* BLKSSZGET for devices, 512 for files */
+    uint32_t physical_sector;     /* BLKPBSZGET for devices, st_blksize for files */
+    uint32_t fs_block;            /* st_blksize */
+    int is_blockdev;
+    int is_regular;
+};
+
+struct cdm_loop_status {
+    uint64_t backing_dev;         /* st_dev of the backing file */
+    uint64_t backing_ino;         /* st_ino of the backing file */
+    uint64_t offset;              /* lo_offset */
+    uint64_t sizelimit;           /* lo_sizelimit, 0 = none */
+    uint32_t flags;               /* lo_flags */
+};
+
+struct cdm_copy_opts {
+    uint64_t size;                /* bytes to copy, from offset 0 of source and target */
+    int src_direct_fd;            /* O_DIRECT twin of the source fd, or -1 */
+    int dst_direct_fd;            /* O_DIRECT twin of the target fd, or -1 */
+    int map_fd;                   /* fd whose SEEK_DATA map describes the source, or -1 */
+    uint64_t map_offset;          /* source offset 0 is map_fd offset MAP_OFFSET */
+    int scan_method;              /* CDM_SCAN_SEEK_HOLE, _LOOP_BACKING or _FULL_READ */
+    uint32_t request_size;        /* bytes per request; 0 = default (4 MiB) */
+    uint32_t sparse_size;         /* zero-detection granularity; 0 = 4096 */
+    uint32_t threads;             /* worker threads; 0 = default */
+    uint32_t flags;               /* CDM_COPY_* */
+    uint32_t target_sector;       /* target's logical sector size (alignment of zeroing) */
+    int target_is_blockdev;
+};
+
+struct cdm_copy_stats {
+    uint64_t bytes_read;          /* bytes read from the source */
+    uint64_t bytes_written;       /* data bytes written to the target */
+    uint64_t bytes_zeroed;        /* bytes zeroed on the target by a zeroing method */
+    uint64_t bytes_skipped;       /* bytes left untouched because the target reads as zeros */
+    uint64_t bytes_zero_data;     /* zero bytes found inside source data by content */
+    uint64_t zero_calls;          /* zeroing operations issued */
+    uint32_t zero_methods;        /* bit (1 << CDM_ZERO_*) for each zeroing method used */
+    uint32_t zero_fallbacks;      /* times a zeroing method failed and the next was tried */
+    int scan_method;              /* CDM_SCAN_* actually used */
+    int direct_read;              /* 1 when O_DIRECT reads were used */
+    int direct_write;             /* 1 when O_DIRECT writes were used */
+};
+
+/* Context life cycle and error reporting. */
+int cdm_ctx_new(cdm_ctx **out);
+void cdm_ctx_free(cdm_ctx *ctx);
+void cdm_ctx_set_progress(cdm_ctx *ctx, cdm_progress_fn fn, void *opaque);
+void cdm_ctx_cancel(cdm_ctx *ctx);
+const char *cdm_ctx_errmsg(const cdm_ctx *ctx);
+int cdm_ctx_errside(const cdm_ctx *ctx);
+
+/* Endpoint facts. */
+int cdm_probe_fd(cdm_ctx *ctx, int fd, struct cdm_probe *out);
+int cdm_loop_status(cdm_ctx *ctx, int fd, struct cdm_loop_status *out);
+
+/* Zero detection and zeroing. */
+int cdm_is_zero(const void *buf, size_t len);
+int cdm_zero_range(cdm_ctx *ctx, int fd, int is_blockdev, uint32_t sector,
+                   uint64_t offset, uint64_t length, struct cdm_copy_stats *stats);
+
+/* Extent discovery. */
+int cdm_scan_extents(cdm_ctx *ctx, int fd, uint64_t map_offset, uint64_t offset,
+                     uint64_t length, struct cdm_extent *out, size_t cap, size_t *n_out);
+
+/* Copies. */
+int cdm_copy(cdm_ctx *ctx, int src_fd, int dst_fd, const struct cdm_copy_opts *opts,
+             struct cdm_copy_stats *stats);
+int cdm_reflink(cdm_ctx *ctx, int src_fd, int dst_fd);
+/* cffi:end */
+
+#endif /* CDIMOVER_H */

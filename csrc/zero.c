@@ -1,0 +1,189 @@
+/* zero.c -- zero detection and the zeroing-method cascade.
+ *
+ * A range is zeroed with the cheapest method that works on the target: punch a hole
+ * (deallocates; on a block device only when the device guarantees zeros), zero-range,
+ * BLKZEROOUT (block devices), and finally writing zeros.  On block devices the operations
+ * are aligned to the logical sector size and the unaligned edges are written.  A method that
+ * reports "unsupported" is skipped for the next CDM_REPROBE_AFTER operations and then tried
+ * again, so one failure never degrades a whole run.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+/* 1 if the LEN bytes at BUF are all zero, else 0.  The first 16 bytes are checked by hand,
+ * then the buffer is compared with itself shifted by 16 bytes: glibc's vectorised memcmp
+ * does the rest at memory bandwidth. */
+int cdm_is_zero(const void *buf, size_t len)
+{
+    const uint8_t *p = buf;
+    size_t head = len < 16 ? len : 16;
+    for (size_t i = 0; i < head; i++)
+        if (p[i] != 0)
+            return 0;
+    if (len <= 16)
+        return 1;
+    return memcmp(p, p + 16, len - 16) == 0;
+}
+
+static int write_zeros(struct cdm_target *t, uint64_t off, uint64_t len)
+{
+    while (len > 0) {
+        size_t n = (size_t)CDM_MIN(len, (uint64_t)CDM_ZERO_BUF);
+        int fd = t->fd;
+        if (t->dfd >= 0 && CDM_IS_ALIGNED(off, CDM_ALIGN) && CDM_IS_ALIGNED(n, CDM_ALIGN))
+            fd = t->dfd;
+        int rc = cdm_pwrite_full(fd, t->zeros, n, off);
+        if (rc < 0)
+            return rc;
+        off += n;
+        len -= n;
+    }
+    return 0;
+}
+
+static int try_method(struct cdm_target *t, int method, uint64_t off, uint64_t len)
+{
+    int r;
+    switch (method) {
+    case CDM_ZERO_PUNCH_HOLE:
+        r = fallocate(t->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len);
+        break;
+    case CDM_ZERO_ZERO_RANGE:
+        r = fallocate(t->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len);
+        break;
+    case CDM_ZERO_BLKZEROOUT: {
+        if (!t->is_blockdev)
+            return -ENOTTY;
+        uint64_t range[2] = {off, len};
+        r = ioctl(t->fd, BLKZEROOUT, range);
+        break;
+    }
+    default:
+        return write_zeros(t, off, len);
+    }
+    return r < 0 ? -errno : 0;
+}
+
+/* Zero [OFF, OFF+LEN) with the best method; the caller handles alignment. */
+static int zero_aligned(struct cdm_target *t, struct cdm_copy_stats *st, uint64_t off,
+                        uint64_t len, char *why, size_t why_cap)
+{
+    for (int m = CDM_ZERO_PUNCH_HOLE; m <= CDM_ZERO_WRITE; m++) {
+        if (m != CDM_ZERO_WRITE) {
+            bool skip;
+            pthread_mutex_lock(&t->lock);
+            skip = t->skip[m] > 0;
+            if (skip)
+                t->skip[m]--;
+            pthread_mutex_unlock(&t->lock);
+            if (skip)
+                continue;
+        }
+        int rc = try_method(t, m, off, len);
+        st->zero_calls++;
+        if (rc == 0) {
+            st->zero_methods |= 1u << m;
+            st->bytes_zeroed += len;
+            return 0;
+        }
+        if (m == CDM_ZERO_WRITE || !cdm_errno_unsupported(-rc)) {
+            snprintf(why, why_cap, "zeroing %llu bytes at offset %llu: %s",
+                     (unsigned long long)len, (unsigned long long)off, strerror(-rc));
+            return rc;
+        }
+        pthread_mutex_lock(&t->lock);
+        t->skip[m] = CDM_REPROBE_AFTER;
+        pthread_mutex_unlock(&t->lock);
+        st->zero_fallbacks++;
+    }
+    return -EIO; /* not reached: CDM_ZERO_WRITE either succeeds or returns */
+}
+
+/* Zero [OFF, OFF+LEN) of T, splitting off the edges that are not sector-aligned on a block
+ * device (they are written).  0 or -errno with the reason in WHY. */
+static int zero_range(struct cdm_target *t, struct cdm_copy_stats *st, uint64_t off,
+                      uint64_t len, char *why, size_t why_cap)
+{
+    uint64_t end = off + len;
+    while (off < end) {
+        uint64_t piece_end = CDM_MIN(end, off + CDM_HOLE_CHUNK);
+        uint64_t a = off, b = piece_end;
+        if (t->is_blockdev) {
+            a = CDM_ALIGN_UP(off, t->sector);
+            b = CDM_ALIGN_DOWN(piece_end, t->sector);
+            if (a >= b)
+                a = b = piece_end;
+        }
+        int rc = 0;
+        if (a > off) {
+            rc = write_zeros(t, off, a - off);
+            st->bytes_zeroed += a - off;
+            st->zero_methods |= 1u << CDM_ZERO_WRITE;
+        }
+        if (rc == 0 && b > a)
+            rc = zero_aligned(t, st, a, b - a, why, why_cap);
+        if (rc == 0 && piece_end > b) {
+            rc = write_zeros(t, b, piece_end - b);
+            st->bytes_zeroed += piece_end - b;
+            st->zero_methods |= 1u << CDM_ZERO_WRITE;
+        }
+        if (rc < 0) {
+            if (why[0] == '\0')
+                snprintf(why, why_cap, "writing zeros at offset %llu: %s",
+                         (unsigned long long)off, strerror(-rc));
+            return rc;
+        }
+        off = piece_end;
+    }
+    return 0;
+}
+
+/* Make [OFF, OFF+LEN) of T read as zeros; nothing when T is known to be zero. */
+int cdm_target_zero(struct cdm_target *t, struct cdm_worker *w, uint64_t off, uint64_t len)
+{
+    if (len == 0)
+        return 0;
+    if (t->known_zero) {
+        w->stats.bytes_skipped += len;
+        return 0;
+    }
+    char why[CDM_ERRMSG_MAX] = "";
+    int rc = zero_range(t, &w->stats, off, len, why, sizeof why);
+    if (rc < 0)
+        return cdm_worker_fail(w, CDM_SIDE_TARGET, rc, "%s", why);
+    return 0;
+}
+
+/* Zero [OFFSET, OFFSET+LENGTH) of FD with the best working method, as a copy would.
+ * IS_BLOCKDEV and SECTOR describe FD.  Methods used are added to STATS (may be NULL).
+ * 0 or -errno. */
+int cdm_zero_range(cdm_ctx *ctx, int fd, int is_blockdev, uint32_t sector, uint64_t offset,
+                   uint64_t length, struct cdm_copy_stats *stats)
+{
+    struct cdm_target t;
+    struct cdm_copy_stats local;
+    memset(&local, 0, sizeof local);
+    cdm_clear_error(ctx);
+    if (offset + length < offset)
+        return cdm_set_error(ctx, CDM_SIDE_TARGET, -EINVAL, "range overflows");
+    int rc = cdm_target_init(&t, fd, -1, is_blockdev != 0, sector, CDM_DEFAULT_SPARSE, false,
+                             true);
+    if (rc < 0)
+        return cdm_set_error(ctx, CDM_SIDE_TARGET, rc, "cannot set up the target");
+    char why[CDM_ERRMSG_MAX] = "";
+    rc = zero_range(&t, &local, offset, length, why, sizeof why);
+    cdm_target_fini(&t);
+    if (stats != NULL)
+        cdm_stats_add(stats, &local);
+    if (rc < 0)
+        return cdm_set_error(ctx, CDM_SIDE_TARGET, rc, "%s", why);
+    return 0;
+}
