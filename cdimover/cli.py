@@ -125,11 +125,27 @@ def _cmd_copy(args: argparse.Namespace) -> int:
     try:
         r = copy(args.source, args.target, target_is_zero=args.target_is_zero, progress=cb,
                  reflink=args.reflink, scan=args.scan, threads=args.threads,
-                 request_size=args.request_size, sparse_size=args.sparse_size)
+                 request_size=args.request_size, sparse_size=args.sparse_size,
+                 preallocation=args.preallocation, target_size=args.target_size)
     finally:
         if bar is not None:
             bar.finish()
     _emit(args, r.as_dict(), _summary(r))
+    return EXIT_OK
+
+
+def _cmd_prealloc(args: argparse.Namespace) -> int:
+    from .prealloc import create_blank, preallocate
+
+    if args.create:
+        if args.size is None:
+            raise ValueError("--create needs --size")
+        r = create_blank(args.path, args.size, preallocation=args.mode)
+    else:
+        r = preallocate(args.path, mode=args.mode, size=args.size)
+    methods = ", ".join(m.label for m in r.alloc_methods) or "none"
+    _emit(args, r.as_dict(), f"{r.path}: {_fmt_bytes(r.size)} preallocated ({r.mode}: "
+          f"{methods}) in {r.elapsed:.2f}s")
     return EXIT_OK
 
 
@@ -197,6 +213,15 @@ def _size_arg(text: str) -> int:
     return n
 
 
+def _quantity_arg(text: str) -> int:
+    from .sizing import parse_quantity
+
+    try:
+        return parse_quantity(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -230,9 +255,28 @@ def _parser() -> argparse.ArgumentParser:
                    help="bytes per I/O request (default 4 MiB)")
     c.add_argument("--sparse-size", type=_size_arg, default=0,
                    help="zero-detection granularity in bytes (default 4096)")
+    c.add_argument("--preallocation", choices=("off", "falloc", "full"), default="off",
+                   help="off: keep holes; falloc: reserve every block; full: write every "
+                   "block (default: off)")
+    c.add_argument("--target-size", type=_quantity_arg, default=None,
+                   help="grow a file target to this size (bytes or a Kubernetes quantity "
+                   "such as 10Gi); never shrinks below the source")
     c.add_argument("--progress", action="store_true",
                    help="show a progress bar even when stderr is not a terminal")
     c.set_defaults(func=_cmd_copy)
+
+    pa = sub.add_parser("prealloc", parents=[common], help="preallocate a disk or create a "
+                        "blank one", description="Reserve (falloc) or write (full) every "
+                        "block of an existing file or block device, keeping its data; with "
+                        "--create, make a blank disk of --size bytes (CDI's blank DataVolume).")
+    pa.add_argument("path", help="file or block device")
+    pa.add_argument("--mode", choices=("off", "falloc", "full"), default="falloc",
+                    help="falloc: reserve without writing; full: write every block")
+    pa.add_argument("--size", type=_quantity_arg, default=None,
+                    help="size in bytes or as a Kubernetes quantity (default: current size)")
+    pa.add_argument("--create", action="store_true",
+                    help="create (or replace) a blank disk instead of keeping the data")
+    pa.set_defaults(func=_cmd_prealloc)
 
     s = sub.add_parser("scan", parents=[common], help="print the extent map of a disk",
                        description="Print the data and hole extents cdimover would use.")

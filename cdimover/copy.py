@@ -18,7 +18,8 @@ from typing import Literal
 from . import _native
 from ._native import Context, LoopStatus, Probe, ProgressFn, lib
 from .errors import TargetTooSmallError
-from .types import CopyResult, ScanMethod, ZeroMethod
+from .prealloc import check_capacity, preallocation_mode
+from .types import PREALLOCATION_MODES, AllocMethod, CopyResult, ScanMethod, ZeroMethod
 
 __all__ = ["copy", "Source", "Target", "open_source", "open_target", "scan", "is_zero"]
 
@@ -246,13 +247,17 @@ def _allocated(fd: int) -> int:
 
 
 def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
-         preallocation: str = "off", target_is_zero: bool = False,
+         preallocation: str | bool = "off", target_is_zero: bool = False,
          progress: ProgressFn | None = None, reflink: Reflink = "auto", scan: Scan = "auto",
          threads: int = 0, request_size: int = 0, sparse_size: int = 0,
-         detect_zeros: bool = True, context: Context | None = None) -> CopyResult:
+         detect_zeros: bool = True, target_size: int | None = None,
+         context: Context | None = None) -> CopyResult:
     """Copy the RAW disk SOURCE to TARGET, bit-exact, sparse and durable.
 
-    - PREALLOCATION: only "off" (sparse) for now.
+    - PREALLOCATION: "off" keeps holes; "falloc" reserves every block of the target; "full"
+      writes every block (see cdimover.prealloc).  Data is written once either way.
+    - TARGET_SIZE: grow a file target to this size (never below the source's size); with
+      preallocation the grown tail is preallocated too.
     - TARGET_IS_ZERO: the caller knows an existing block-device target reads as zeros (a fresh
       thin volume), so zero ranges need no zeroing.  New and replaced files always are.
     - PROGRESS: called as progress(done, total) at most once per request from this thread;
@@ -263,8 +268,9 @@ def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
     - SCAN: "auto" picks SEEK_DATA/SEEK_HOLE for files, the backing file's map for loop
       devices, a full read for other devices; "seek", "loop" and "full" force one.
     """
-    if preallocation != "off":
-        raise ValueError(f"preallocation={preallocation!r}: only 'off' is supported by copy()")
+    prealloc = preallocation_mode(preallocation)
+    if target_size is not None and target_size < 0:
+        raise ValueError(f"target_size must not be negative: {target_size}")
     if reflink not in ("auto", "never", "always"):
         raise ValueError(f"reflink={reflink!r}: expected 'auto', 'never' or 'always'")
     if scan not in ("auto", "seek", "loop", "full"):
@@ -275,11 +281,16 @@ def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
         with open_source(source, scan=scan, ctx=ctx) as src, \
                 open_target(target, src.size, source=src, ctx=ctx) as dst:
             paths = (src.path, dst.path)
+            final_size = max(src.size, target_size or 0)
+            if target_size is not None and dst.probe.is_blockdev:
+                raise ValueError(f"{dst.path}: target_size applies to file targets only")
+            if prealloc != "off" and dst.probe.is_regular:
+                check_capacity(dst.path, dst.fd, final_size)
             stats = _native.new_stats()
             reflinked = False
             scan_method = src.scan_method
-            if (reflink != "never" and src.probe.is_regular and dst.probe.is_regular
-                    and src.probe.dev == dst.probe.dev):
+            if (reflink != "never" and prealloc == "off" and src.probe.is_regular
+                    and dst.probe.is_regular and src.probe.dev == dst.probe.dev):
                 try:
                     ctx.call(lib.cdm_reflink, src.fd, dst.fd, paths=paths)
                     reflinked = True
@@ -309,8 +320,17 @@ def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
                 opts.flags = flags
                 opts.target_sector = dst.probe.logical_sector
                 opts.target_is_blockdev = int(dst.probe.is_blockdev)
+                opts.preallocation = PREALLOCATION_MODES[prealloc]
                 ctx.call(lib.cdm_copy, src.fd, dst.fd, opts, stats, progress=progress,
                          paths=paths)
+            if final_size > src.size:
+                os.ftruncate(dst.fd, final_size)
+                if prealloc != "off":
+                    ctx.call(lib.cdm_preallocate, dst.fd, dst.direct_fd, 0,
+                             dst.probe.logical_sector, src.size, final_size - src.size,
+                             PREALLOCATION_MODES[prealloc], stats, paths=paths)
+                else:
+                    os.fsync(dst.fd)
             return CopyResult(
                 source=src.path, target=dst.path, source_format="raw",
                 virtual_size=src.size,
@@ -321,9 +341,12 @@ def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
                 zero_methods=ZeroMethod.from_mask(stats.zero_methods),
                 zero_fallbacks=stats.zero_fallbacks,
                 direct_read=bool(stats.direct_read), direct_write=bool(stats.direct_write),
-                reflinked=reflinked, preallocation="off", preallocation_applied=False,
+                reflinked=reflinked, preallocation=prealloc,
+                preallocation_applied=prealloc != "off",
                 target_allocated=_allocated(dst.fd) if dst.probe.is_regular else None,
-                scan_note=src.scan_note)
+                scan_note=src.scan_note,
+                alloc_methods=AllocMethod.from_mask(stats.alloc_methods),
+                target_size=final_size if dst.probe.is_regular else None)
     finally:
         if context is None:
             ctx.close()

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 from ._native import lib
 
-__all__ = ["ScanMethod", "ZeroMethod", "Extent", "CopyResult"]
+__all__ = ["ScanMethod", "ZeroMethod", "AllocMethod", "Extent", "CopyResult", "PreallocResult",
+           "PREALLOCATION_MODES"]
+
+PREALLOCATION_MODES = {"off": lib.CDM_PREALLOC_OFF, "falloc": lib.CDM_PREALLOC_FALLOC,
+                       "full": lib.CDM_PREALLOC_FULL}
 
 
 class ScanMethod(enum.IntEnum):
@@ -40,6 +44,25 @@ class ZeroMethod(enum.IntEnum):
 
     @classmethod
     def from_mask(cls, mask: int) -> tuple[ZeroMethod, ...]:
+        return tuple(m for m in cls if m is not cls.NONE and mask & (1 << m))
+
+
+class AllocMethod(enum.IntEnum):
+    """How preallocation reserved or wrote the target's blocks."""
+
+    NONE = lib.CDM_ALLOC_NONE
+    FALLOCATE = lib.CDM_ALLOC_FALLOCATE
+    WRITE_ZEROES = lib.CDM_ALLOC_WRITE_ZEROES
+    ZERO_RANGE = lib.CDM_ALLOC_ZERO_RANGE
+    BLKZEROOUT = lib.CDM_ALLOC_BLKZEROOUT
+    WRITE = lib.CDM_ALLOC_WRITE
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+    @classmethod
+    def from_mask(cls, mask: int) -> tuple[AllocMethod, ...]:
         return tuple(m for m in cls if m is not cls.NONE and mask & (1 << m))
 
 
@@ -85,6 +108,8 @@ class CopyResult:
     preallocation_applied: bool
     target_allocated: int | None
     scan_note: str = ""
+    alloc_methods: tuple[AllocMethod, ...] = ()
+    target_size: int | None = None
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready mapping (enums as their labels)."""
@@ -109,4 +134,32 @@ class CopyResult:
             "preallocation_applied": self.preallocation_applied,
             "target_allocated": self.target_allocated,
             "scan_note": self.scan_note,
+            "alloc_methods": [m.label for m in self.alloc_methods],
+            "target_size": self.target_size,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PreallocResult:
+    """What preallocate() or create_blank() did."""
+
+    path: str
+    size: int
+    mode: str
+    preallocation_applied: bool
+    alloc_methods: tuple[AllocMethod, ...]
+    bytes_allocated: int
+    target_allocated: int | None
+    elapsed: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "path": self.path,
+            "size": self.size,
+            "mode": self.mode,
+            "preallocation_applied": self.preallocation_applied,
+            "alloc_methods": [m.label for m in self.alloc_methods],
+            "bytes_allocated": self.bytes_allocated,
+            "target_allocated": self.target_allocated,
+            "elapsed": round(self.elapsed, 6),
         }

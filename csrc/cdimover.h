@@ -40,6 +40,22 @@ enum cdm_zero_method {
     CDM_ZERO_WRITE = 4
 };
 
+/* How space was reserved by preallocation (bits in cdm_copy_stats.alloc_methods). */
+enum cdm_alloc_method {
+    CDM_ALLOC_NONE = 0,
+    CDM_ALLOC_FALLOCATE = 1,     /* fallocate mode 0: unwritten extents (files) */
+    CDM_ALLOC_WRITE_ZEROES = 2,  /* FALLOC_FL_WRITE_ZEROES: written, zeroed extents (files) */
+    CDM_ALLOC_ZERO_RANGE = 3,    /* fallocate ZERO_RANGE: REQ_OP_WRITE_ZEROES, no unmap (devices) */
+    CDM_ALLOC_BLKZEROOUT = 4,    /* BLKZEROOUT (devices) */
+    CDM_ALLOC_WRITE = 5          /* zeros written */
+};
+
+enum cdm_prealloc {
+    CDM_PREALLOC_OFF = 0,        /* sparse: holes stay holes */
+    CDM_PREALLOC_FALLOC = 1,     /* every block reserved; may read as unwritten zeros */
+    CDM_PREALLOC_FULL = 2        /* every block physically written */
+};
+
 enum cdm_scan_method {
     CDM_SCAN_NONE = 0,
     CDM_SCAN_SEEK_HOLE = 1,     /* SEEK_DATA/SEEK_HOLE on the source */
@@ -102,6 +118,7 @@ struct cdm_copy_opts {
     uint32_t flags;               /* CDM_COPY_* */
     uint32_t target_sector;       /* target's logical sector size (alignment of zeroing) */
     int target_is_blockdev;
+    int preallocation;            /* CDM_PREALLOC_*: zero ranges are allocated, never punched */
 };
 
 struct cdm_copy_stats {
@@ -113,6 +130,8 @@ struct cdm_copy_stats {
     uint64_t zero_calls;          /* zeroing operations issued */
     uint32_t zero_methods;        /* bit (1 << CDM_ZERO_*) for each zeroing method used */
     uint32_t zero_fallbacks;      /* times a zeroing method failed and the next was tried */
+    uint32_t alloc_methods;       /* bit (1 << CDM_ALLOC_*) for each preallocation method used */
+    uint64_t bytes_allocated;     /* bytes reserved or written by preallocation */
     int scan_method;              /* CDM_SCAN_* actually used */
     int direct_read;              /* 1 when O_DIRECT reads were used */
     int direct_write;             /* 1 when O_DIRECT writes were used */
@@ -135,6 +154,10 @@ int cdm_is_zero(const void *buf, size_t len);
 int cdm_zero_range(cdm_ctx *ctx, int fd, int is_blockdev, uint32_t sector,
                    uint64_t offset, uint64_t length, struct cdm_copy_stats *stats);
 
+/* Preallocation of [OFFSET, OFFSET+LENGTH) of FD (DIRECT_FD: its O_DIRECT twin or -1). */
+int cdm_preallocate(cdm_ctx *ctx, int fd, int direct_fd, int is_blockdev, uint32_t sector,
+                    uint64_t offset, uint64_t length, int mode, struct cdm_copy_stats *stats);
+
 /* Extent discovery. */
 int cdm_scan_extents(cdm_ctx *ctx, int fd, uint64_t map_offset, uint64_t offset,
                      uint64_t length, struct cdm_extent *out, size_t cap, size_t *n_out);
@@ -143,6 +166,7 @@ int cdm_scan_extents(cdm_ctx *ctx, int fd, uint64_t map_offset, uint64_t offset,
 int cdm_copy(cdm_ctx *ctx, int src_fd, int dst_fd, const struct cdm_copy_opts *opts,
              struct cdm_copy_stats *stats);
 int cdm_reflink(cdm_ctx *ctx, int src_fd, int dst_fd);
+
 /* cffi:end */
 
 #endif /* CDIMOVER_H */

@@ -186,11 +186,19 @@ int cdm_copy(cdm_ctx *ctx, int src_fd, int dst_fd, const struct cdm_copy_opts *o
     rc = cdm_target_init(&t, dst_fd, opts->dst_direct_fd, opts->target_is_blockdev != 0,
                          opts->target_sector, sparse,
                          (opts->flags & CDM_COPY_TARGET_IS_ZERO) != 0,
-                         (opts->flags & CDM_COPY_NO_ZERO_DETECT) == 0);
+                         (opts->flags & CDM_COPY_NO_ZERO_DETECT) == 0, CDM_ZP_SPARSE);
     if (rc < 0)
         return cdm_set_error(ctx, CDM_SIDE_TARGET, rc, "cannot set up the target: %s",
                              strerror(-rc));
     s.target = &t;
+    if (opts->preallocation != CDM_PREALLOC_OFF) {
+        char why[CDM_ERRMSG_MAX] = "";
+        rc = cdm_prealloc_prepare(&t, opts->preallocation, s.size, stats, why, sizeof why);
+        if (rc < 0) {
+            cdm_target_fini(&t);
+            return cdm_set_error(ctx, CDM_SIDE_TARGET, rc, "%s", why);
+        }
+    }
 
     struct cdm_job job;
     memset(&job, 0, sizeof job);
@@ -204,6 +212,8 @@ int cdm_copy(cdm_ctx *ctx, int src_fd, int dst_fd, const struct cdm_copy_opts *o
 
     stats->scan_method = s.scan;
     rc = cdm_job_run(&job, stats);
+    if (opts->preallocation != CDM_PREALLOC_OFF)
+        cdm_prealloc_account(stats);
     if ((rc == 0 || rc == -CDM_ECANCELED) && !(opts->flags & CDM_COPY_NO_SYNC)) {
         char saved[CDM_ERRMSG_MAX];
         memcpy(saved, ctx->errmsg, sizeof saved);

@@ -121,8 +121,16 @@ void cdm_stats_add(struct cdm_copy_stats *into, const struct cdm_copy_stats *fro
 
 /* ---- target writer (target.c) --------------------------------------------------------- */
 
+/* Which zeroing methods a target may use, in order of preference. */
+enum cdm_zero_policy {
+    CDM_ZP_SPARSE = 0,      /* punch hole, zero range, BLKZEROOUT, write: deallocate if possible */
+    CDM_ZP_PROVISION = 1,   /* zero range, BLKZEROOUT, write: keep the blocks allocated */
+    CDM_ZP_WRITE = 2        /* write zeros: every block physically written */
+};
+
 struct cdm_target {
     int fd;                 /* buffered fd */
+    int policy;             /* enum cdm_zero_policy */
     int dfd;                /* O_DIRECT fd or -1 */
     bool is_blockdev;
     bool known_zero;        /* target reads as zeros where nothing was written */
@@ -135,7 +143,7 @@ struct cdm_target {
 };
 
 int cdm_target_init(struct cdm_target *t, int fd, int dfd, bool is_blockdev, uint32_t sector,
-                    uint32_t sparse_size, bool known_zero, bool detect_zeros);
+                    uint32_t sparse_size, bool known_zero, bool detect_zeros, int policy);
 void cdm_target_fini(struct cdm_target *t);
 /* Write LEN bytes of BUF at OFF, turning all-zero SPARSE_SIZE blocks into zeroed ranges. */
 int cdm_target_put(struct cdm_target *t, struct cdm_worker *w, const uint8_t *buf,
@@ -145,6 +153,15 @@ int cdm_target_write(struct cdm_target *t, struct cdm_worker *w, const uint8_t *
                      uint64_t off, size_t len);
 /* Make [OFF, OFF+LEN) read as zeros (nothing when the target is known to be zero). */
 int cdm_target_zero(struct cdm_target *t, struct cdm_worker *w, uint64_t off, uint64_t len);
+/* zero.c: zero [OFF, OFF+LEN) by T's policy, edges written on devices; reason in WHY. */
+int cdm_zero_range_why(struct cdm_target *t, struct cdm_copy_stats *st, uint64_t off,
+                       uint64_t len, char *why, size_t why_cap);
+/* prealloc.c: set up T for copying SIZE bytes with preallocation MODE (files are reserved
+ * up front; devices provision zero ranges instead of punching them). */
+int cdm_prealloc_prepare(struct cdm_target *t, int mode, uint64_t size,
+                         struct cdm_copy_stats *st, char *why, size_t why_cap);
+/* prealloc.c: after a preallocating copy, count zeroed ranges as allocated. */
+void cdm_prealloc_account(struct cdm_copy_stats *st);
 /* fdatasync the target. */
 int cdm_target_sync(struct cdm_target *t, cdm_ctx *ctx);
 

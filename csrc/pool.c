@@ -24,6 +24,8 @@ void cdm_stats_add(struct cdm_copy_stats *into, const struct cdm_copy_stats *fro
     into->zero_calls += from->zero_calls;
     into->zero_methods |= from->zero_methods;
     into->zero_fallbacks += from->zero_fallbacks;
+    into->alloc_methods |= from->alloc_methods;
+    into->bytes_allocated += from->bytes_allocated;
     into->direct_read |= from->direct_read;
     into->direct_write |= from->direct_write;
 }

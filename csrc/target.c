@@ -13,7 +13,7 @@
 
 /* Set up T for writing to FD (and its O_DIRECT twin DFD, or -1).  0 or -ENOMEM/-EINVAL. */
 int cdm_target_init(struct cdm_target *t, int fd, int dfd, bool is_blockdev, uint32_t sector,
-                    uint32_t sparse_size, bool known_zero, bool detect_zeros)
+                    uint32_t sparse_size, bool known_zero, bool detect_zeros, int policy)
 {
     memset(t, 0, sizeof *t);
     if (sector == 0)
@@ -27,6 +27,7 @@ int cdm_target_init(struct cdm_target *t, int fd, int dfd, bool is_blockdev, uin
     t->sparse_size = sparse_size ? sparse_size : CDM_DEFAULT_SPARSE;
     t->known_zero = known_zero;
     t->detect_zeros = detect_zeros;
+    t->policy = policy;
     t->zeros = cdm_alloc_aligned(CDM_ZERO_BUF);
     if (t->zeros == NULL)
         return -ENOMEM;

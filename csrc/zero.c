@@ -72,11 +72,20 @@ static int try_method(struct cdm_target *t, int method, uint64_t off, uint64_t l
     return r < 0 ? -errno : 0;
 }
 
-/* Zero [OFF, OFF+LEN) with the best method; the caller handles alignment. */
+static const int policy_methods[3][5] = {
+    [CDM_ZP_SPARSE] = {CDM_ZERO_PUNCH_HOLE, CDM_ZERO_ZERO_RANGE, CDM_ZERO_BLKZEROOUT,
+                       CDM_ZERO_WRITE, -1},
+    [CDM_ZP_PROVISION] = {CDM_ZERO_ZERO_RANGE, CDM_ZERO_BLKZEROOUT, CDM_ZERO_WRITE, -1, -1},
+    [CDM_ZP_WRITE] = {CDM_ZERO_WRITE, -1, -1, -1, -1},
+};
+
+/* Zero [OFF, OFF+LEN) with the best method of T's policy; the caller handles alignment. */
 static int zero_aligned(struct cdm_target *t, struct cdm_copy_stats *st, uint64_t off,
                         uint64_t len, char *why, size_t why_cap)
 {
-    for (int m = CDM_ZERO_PUNCH_HOLE; m <= CDM_ZERO_WRITE; m++) {
+    const int *methods = policy_methods[t->policy >= 0 && t->policy <= CDM_ZP_WRITE ? t->policy : 0];
+    for (int i = 0; i < 5 && methods[i] >= 0; i++) {
+        int m = methods[i];
         if (m != CDM_ZERO_WRITE) {
             bool skip;
             pthread_mutex_lock(&t->lock);
@@ -109,8 +118,8 @@ static int zero_aligned(struct cdm_target *t, struct cdm_copy_stats *st, uint64_
 
 /* Zero [OFF, OFF+LEN) of T, splitting off the edges that are not sector-aligned on a block
  * device (they are written).  0 or -errno with the reason in WHY. */
-static int zero_range(struct cdm_target *t, struct cdm_copy_stats *st, uint64_t off,
-                      uint64_t len, char *why, size_t why_cap)
+int cdm_zero_range_why(struct cdm_target *t, struct cdm_copy_stats *st, uint64_t off,
+                       uint64_t len, char *why, size_t why_cap)
 {
     uint64_t end = off + len;
     while (off < end) {
@@ -156,7 +165,7 @@ int cdm_target_zero(struct cdm_target *t, struct cdm_worker *w, uint64_t off, ui
         return 0;
     }
     char why[CDM_ERRMSG_MAX] = "";
-    int rc = zero_range(t, &w->stats, off, len, why, sizeof why);
+    int rc = cdm_zero_range_why(t, &w->stats, off, len, why, sizeof why);
     if (rc < 0)
         return cdm_worker_fail(w, CDM_SIDE_TARGET, rc, "%s", why);
     return 0;
@@ -175,11 +184,11 @@ int cdm_zero_range(cdm_ctx *ctx, int fd, int is_blockdev, uint32_t sector, uint6
     if (offset + length < offset)
         return cdm_set_error(ctx, CDM_SIDE_TARGET, -EINVAL, "range overflows");
     int rc = cdm_target_init(&t, fd, -1, is_blockdev != 0, sector, CDM_DEFAULT_SPARSE, false,
-                             true);
+                             true, CDM_ZP_SPARSE);
     if (rc < 0)
         return cdm_set_error(ctx, CDM_SIDE_TARGET, rc, "cannot set up the target");
     char why[CDM_ERRMSG_MAX] = "";
-    rc = zero_range(&t, &local, offset, length, why, sizeof why);
+    rc = cdm_zero_range_why(&t, &local, offset, length, why, sizeof why);
     cdm_target_fini(&t);
     if (stats != NULL)
         cdm_stats_add(stats, &local);

@@ -1,0 +1,142 @@
+"""The command line: in-process main(argv) for results and errors, the console script in a
+subprocess for exit codes and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cdimover.cli import main
+from layouts import Layout, Segment, sha256_prefix, write_layout
+
+
+def run_cli(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cdimover", *args], capture_output=True,
+                          text=True, timeout=120, **kw)  # type: ignore[call-overload]
+
+
+def test_copy_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = tmp_path / "s.img", tmp_path / "d.img"
+    write_layout(src, Layout((Segment("data", 65536), Segment("hole", 1 << 20)), 1))
+    assert main(["copy", "--json", "--reflink", "never", str(src), str(dst)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["virtual_size"] == 65536 + (1 << 20)
+    assert out["bytes_written"] == 65536
+    assert out["scan_method"] == "seek-hole"
+    assert sha256_prefix(dst, out["virtual_size"]) == sha256_prefix(src, out["virtual_size"])
+
+
+def test_copy_quiet_prints_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "s.img"
+    src.write_bytes(b"q" * 4096)
+    assert main(["copy", "-q", str(src), str(tmp_path / "d.img")]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_missing_source_is_one_line_exit_1(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["copy", str(tmp_path / "nope"), str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"cdimover: {tmp_path / 'nope'}: No such file or directory\n"
+
+
+def test_usage_error_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["copy"]) == 2
+    assert "required" in capsys.readouterr().err
+    assert main(["frobnicate"]) == 2
+
+
+def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
+    for cmd in (["--help"], ["copy", "--help"], ["prealloc", "--help"], ["scan", "--help"]):
+        assert main(cmd) == 0
+    out = capsys.readouterr().out
+    assert "zeros written as data" in out
+    assert "--preallocation" in out and "--target-size" in out
+
+
+def test_bad_quantity_is_a_usage_error(tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "s.img"
+    src.write_bytes(b"q" * 4096)
+    assert main(["copy", "--target-size", "12Xi", str(src), str(tmp_path / "d")]) == 2
+    assert "12Xi" in capsys.readouterr().err
+
+
+def test_prealloc_create(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "blank.img"
+    assert main(["prealloc", "--create", "--size", "4Mi", "--mode", "falloc", "--json",
+                 str(p)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["size"] == 4 << 20 and out["preallocation_applied"]
+    assert p.stat().st_blocks * 512 >= 4 << 20
+
+
+def test_scan_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "s.img"
+    write_layout(p, Layout((Segment("hole", 1 << 20), Segment("data", 8192)), 2))
+    assert main(["scan", "--json", str(p)]) == 0
+    ext = json.loads(capsys.readouterr().out)
+    assert ext == [{"offset": 0, "length": 1 << 20, "data": False},
+                   {"offset": 1 << 20, "length": 8192, "data": True}]
+
+
+def test_demo_runs_and_verifies(tmp_path: Path) -> None:
+    r = run_cli("demo", "--json", "--dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["verified"] is True
+    assert out["target_data_bytes"] < out["virtual_size"] // 4
+
+
+def test_console_script_exit_codes(tmp_path: Path) -> None:
+    r = run_cli("copy", str(tmp_path / "missing"), str(tmp_path / "d"))
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert run_cli("copy").returncode == 2
+
+
+def test_sigterm_mid_copy_then_rerun(tmp_path: Path) -> None:
+    src, dst = tmp_path / "s.img", tmp_path / "d.img"
+    write_layout(src, Layout((Segment("data", 64 << 20),), 9))
+    # A slow copy: one thread, small requests, progress reported to a pipe.
+    proc = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time, cdimover.cli as c\n"
+         "cp = sys.modules['cdimover.copy']\n"
+         "orig = cp.copy\n"
+         "def slow(*a, **k):\n"
+         "    user = k['progress']\n"
+         "    def p(d, t):\n"
+         "        user(d, t); print(d, flush=True); time.sleep(0.02)\n"
+         "    k['progress'] = p\n"
+         "    return orig(*a, **k)\n"
+         "cp.copy = slow\n"
+         f"sys.exit(c.main(['copy', '--threads', '1', '--request-size', '65536', "
+         f"'{src}', '{dst}']))\n"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()                # the copy has started
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert "terminated" in err and "run the command again" in err
+    assert sha256_prefix(dst, 64 << 20) != sha256_prefix(src, 64 << 20)
+    r = run_cli("copy", str(src), str(dst))
+    assert r.returncode == 0, r.stderr
+    assert sha256_prefix(dst, 64 << 20) == sha256_prefix(src, 64 << 20)
+
+
+def test_python_dash_m_version() -> None:
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("cdimover ")
