@@ -19,7 +19,10 @@ from .errors import (
     UnsafeImageError,
     UnsupportedImageError,
 )
-from .types import CopyResult, Extent, ScanMethod, ZeroMethod
+from .prealloc import create_blank, preallocate
+from .sizing import required_space, usable_space
+from .types import AllocMethod, CopyResult, Extent, PreallocResult, ScanMethod, ZeroMethod
+from .volume import CloneResult, Volume, clone
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,15 @@ __all__ = [
     "Context",
     "copy",
     "scan",
+    "preallocate",
+    "create_blank",
+    "usable_space",
+    "required_space",
+    "Volume",
+    "clone",
+    "CloneResult",
+    "PreallocResult",
+    "AllocMethod",
     "is_zero",
     "CopyResult",
     "Extent",

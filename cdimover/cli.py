@@ -149,6 +149,62 @@ def _cmd_prealloc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_clone(args: argparse.Namespace) -> int:
+    from .volume import clone
+
+    cb, bar = _progress_for(args, "clone")
+    try:
+        r = clone(args.source, args.target, content_type=args.content_type,
+                  preallocation=args.preallocation, filesystem_overhead=args.filesystem_overhead,
+                  target_size=args.target_size, force=args.force, progress=cb)
+    finally:
+        if bar is not None:
+            bar.finish()
+    result = {
+        "source_mode": r.source_mode, "target_mode": r.target_mode,
+        "source": r.source_path, "target": r.target_path, "content_type": r.content_type,
+        "virtual_size": r.virtual_size, "disk_size": r.disk_size,
+        "bytes_written": r.bytes_written, "bytes_zeroed": r.bytes_zeroed,
+        "preallocation_applied": r.preallocation_applied, "files": r.files,
+        "elapsed": round(r.elapsed, 6),
+        "copy": r.copy.as_dict() if r.copy is not None else None,
+    }
+    what = (f"{r.files} files" if r.content_type == "archive"
+            else f"{_fmt_bytes(r.virtual_size)} virtual, {_fmt_bytes(r.bytes_written)} written")
+    _emit(args, result, f"{r.source_mode} {r.source_path} -> {r.target_mode} {r.target_path}: "
+          f"{what} in {r.elapsed:.2f}s")
+    return EXIT_OK
+
+
+def _cmd_loop_create(args: argparse.Namespace) -> int:
+    from . import loopdev
+
+    loopdev.create_backing_file(args.file, args.size, fill=args.fill)
+    try:
+        dev = loopdev.attach(args.file, sector_size=args.sector_size)
+    except BaseException:
+        os.unlink(args.file)
+        raise
+    result: dict[str, Any] = {"device": dev, "backing_file": args.file, "size": args.size}
+    human = dev
+    if args.pv_name:
+        manifest = loopdev.persistent_volume_manifest(
+            args.pv_name, dev, args.node or os.uname().nodename, args.size,
+            storage_class=args.storage_class)
+        result["manifest"] = manifest
+        human = f"{dev}\n---\n{manifest}"
+    _emit(args, result, human)
+    return EXIT_OK
+
+
+def _cmd_loop_delete(args: argparse.Namespace) -> int:
+    from . import loopdev
+
+    loopdev.detach(args.device)
+    _emit(args, {"device": args.device, "detached": True}, f"{args.device} detached")
+    return EXIT_OK
+
+
 def _cmd_scan(args: argparse.Namespace) -> int:
     from .copy import scan
 
@@ -290,6 +346,49 @@ def _parser() -> argparse.ArgumentParser:
                        "as data and holes; copy it; verify the copy by sha256.")
     d.add_argument("--dir", help="work directory (default: a new temporary directory)")
     d.set_defaults(func=_cmd_demo)
+
+    cl = sub.add_parser("clone", parents=[common], help="clone one volume into another",
+                        description="Clone a CDI volume: a directory is a Filesystem volume "
+                        "whose disk is disk.img at its root, a block device is a Block volume. "
+                        "Different volume modes need --content-type kubevirt; archive clones "
+                        "copy the whole tree of a Filesystem volume. Sizes, rules and whether "
+                        "the source is in use are checked before anything is written.")
+    cl.add_argument("source", help="source volume (directory or block device)")
+    cl.add_argument("target", help="target volume (directory or block device)")
+    cl.add_argument("--content-type", choices=("kubevirt", "archive"), default="kubevirt")
+    cl.add_argument("--preallocation", action="store_true",
+                    help="reserve every block of the target")
+    cl.add_argument("--filesystem-overhead", default="0.06",
+                    help="CDI's filesystem overhead for Filesystem volumes (default 0.06)")
+    cl.add_argument("--target-size", type=_quantity_arg, default=None,
+                    help="grow the target's disk.img to this size (e.g. 10Gi)")
+    cl.add_argument("--force", action="store_true",
+                    help="skip the check that the source is not in use")
+    cl.add_argument("--progress", action="store_true",
+                    help="show a progress bar even when stderr is not a terminal")
+    cl.set_defaults(func=_cmd_clone)
+
+    lo = sub.add_parser("loop", help="create or delete a loop-device block volume",
+                        description="Loop devices as local block volumes, as the seed's "
+                        "local block PV: create a backing file and attach it, or detach.")
+    losub = lo.add_subparsers(dest="loop_command", metavar="ACTION", required=True)
+    lc = losub.add_parser("create", parents=[common], help="create a backing file and attach it")
+    lc.add_argument("file", help="backing file to create (must not exist)")
+    lc.add_argument("--size", type=_quantity_arg, required=True,
+                    help="size in bytes or as a quantity (e.g. 2G, 2Gi)")
+    lc.add_argument("--fill", choices=("sparse", "zero"), default="sparse",
+                    help="sparse file, or zeros written like the seed's dd (default sparse)")
+    lc.add_argument("--sector-size", type=int, default=512, help="logical sector size")
+    lc.add_argument("--pv-name", help="also print a PersistentVolume manifest with this name")
+    lc.add_argument("--node", help="node name for the PV's affinity (default: this host)")
+    lc.add_argument("--storage-class", default="local-block")
+    lc.set_defaults(func=_cmd_loop_create)
+    ld = losub.add_parser("delete", parents=[common], help="detach a loop device")
+    ld.add_argument("device", help="the loop device, e.g. /dev/loop3")
+    ld.set_defaults(func=_cmd_loop_delete)
+
+    from . import pod
+    pod.register(sub, common)
     return p
 
 

@@ -140,3 +140,45 @@ def test_sigterm_mid_copy_then_rerun(tmp_path: Path) -> None:
 def test_python_dash_m_version() -> None:
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("cdimover ")
+
+
+def test_clone_filesystem_volumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    write_layout(src / "disk.img", Layout((Segment("data", 65536), Segment("hole", 1 << 20)), 4))
+    assert main(["clone", "--json", "--target-size", "4Mi", str(src), str(dst)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["source_mode"] == out["target_mode"] == "Filesystem"
+    assert out["disk_size"] == 4 << 20 == (dst / "disk.img").stat().st_size
+    size = (src / "disk.img").stat().st_size
+    assert sha256_prefix(dst / "disk.img", size) == sha256_prefix(src / "disk.img", size)
+
+
+def test_clone_refusal_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    assert main(["clone", str(src), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cdimover: ") and err.count("\n") == 1 and "disk.img" in err
+
+
+def test_loop_create_and_delete(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import need_loop
+
+    need_loop()
+    backing = tmp_path / "pv.img"
+    assert main(["loop", "create", "--json", "--size", "8Mi", "--sector-size", "4096",
+                 "--pv-name", "local-pv-1", "--node", "node-a", str(backing)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    dev = out["device"]
+    try:
+        assert dev.startswith("/dev/loop")
+        assert "path: " + dev in out["manifest"] and "node-a" in out["manifest"]
+        from cdimover import loopdev
+        info = loopdev.info(dev)
+        assert info.sector_size == 4096 and info.size == 8 << 20
+    finally:
+        assert main(["loop", "delete", dev]) == 0
+    assert not Path(f"/sys/block/{Path(dev).name}/loop").exists()

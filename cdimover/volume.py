@@ -1,0 +1,661 @@
+"""CDI volumes and host-assisted clones between them, without tar, snappy or a network hop.
+
+A CDI PersistentVolumeClaim reaches a pod either as a **Filesystem** volume (a mounted directory
+whose disk is ``disk.img`` at its root) or as a **Block** volume (the raw device).
+:meth:`Volume.open` tells the two apart and measures what a clone needs: the disk's virtual size
+and the room a target offers (a device's size; for a directory, CDI's usable space after the
+filesystem overhead). :func:`clone` copies one volume into another for all four mode pairs:
+
+- ``content_type="kubevirt"`` copies the disk: ``disk.img`` or the device, sparse, through
+  :func:`cdimover.copy.copy`. Volume modes may differ.
+- ``content_type="archive"`` (Filesystem to Filesystem only) copies the whole volume tree, as
+  CDI's clone source does with ``tar cv -S`` over every root entry but ``lost+found`` and its
+  upload server with ``tar x --no-same-owner``: regular files sparse, directories, symlinks as
+  symlinks (never followed), permission bits and mtimes, hard links; special files are skipped.
+
+Every rule is checked before a byte is written: CDI's volume-mode and content-type rules (the
+wording of :func:`cdimover.k8s.validate_clone`), the size rule (the target's usable capacity
+must hold the source's virtual size), and that the source is idle: a block device that is
+mounted or held open with ``O_EXCL``, or a disk locked by a running QEMU, is refused with
+:class:`~cdimover.errors.SourceInUseError` unless ``force=True``. QEMU's ``file-posix`` driver
+takes shared OFD locks on single bytes from ``RAW_LOCK_PERM_BASE`` (100, one byte per permission
+it holds) and ``RAW_LOCK_SHARED_BASE`` (200, one byte per permission it does not share) of the
+image (``raw_apply_lock_bytes`` in ``block/file-posix.c``); a write-lock probe with
+``F_OFD_GETLK`` over those bytes finds them without taking a lock. The target is never opened
+with ``O_EXCL``: shared ReadWriteMany block volumes stay usable.
+
+A clone may be re-run after a failure or a kill: a partial ``disk.img`` (or partial tree entry)
+is replaced, never refused. ``disk.img`` is created with mode 0660 whatever the umask, as CDI
+creates it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import stat
+import struct
+import time
+from dataclasses import dataclass
+from typing import Final, Literal, Union
+
+from ._native import ProgressFn
+from .copy import copy as copy_disk
+from .errors import CloneValidationError, SourceInUseError, TargetTooSmallError
+from .k8s import CloneRequest, SourceInfo, validate_clone
+from .sizing import DEFAULT_OVERHEAD, Overhead, format_size, parse_overhead, parse_quantity, \
+    usable_space
+from .types import CopyResult
+
+__all__ = [
+    "FILESYSTEM",
+    "BLOCK",
+    "KUBEVIRT",
+    "ARCHIVE",
+    "DISK_IMAGE",
+    "DISK_IMAGE_MODE",
+    "Volume",
+    "CloneResult",
+    "clone",
+    "check_not_in_use",
+]
+
+log = logging.getLogger(__name__)
+
+FILESYSTEM: Final = "Filesystem"
+BLOCK: Final = "Block"
+KUBEVIRT: Final = "kubevirt"
+ARCHIVE: Final = "archive"
+DISK_IMAGE: Final = "disk.img"
+"""The disk's name at the root of a Filesystem volume."""
+DISK_IMAGE_MODE: Final = 0o660
+"""The mode CDI gives ``disk.img``."""
+
+_LOST_FOUND: Final = "lost+found"
+_CONTENT_TYPES: Final = (KUBEVIRT, ARCHIVE)
+
+# QEMU's lock bytes (block/file-posix.c) and the width of each probe: one byte per permission
+# bit, and QEMU's permission mask fits in 64 bits.
+RAW_LOCK_PERM_BASE: Final = 100
+RAW_LOCK_SHARED_BASE: Final = 200
+_LOCK_SPAN: Final = 64
+# F_OFD_GETLK from <fcntl.h> on Linux (the fcntl module has it from Python 3.9 on some builds).
+_F_OFD_GETLK: Final = int(getattr(fcntl, "F_OFD_GETLK", 36))
+# struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid, padded
+# to the alignment of off_t ("0q").
+_FLOCK: Final = struct.Struct("@hhqqi0q")
+# Errors meaning "this filesystem or kernel cannot answer a lock query": no verdict, no refusal.
+_NO_LOCK_INFO: Final = frozenset({errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP,
+                                  errno.ENOSYS, errno.EBADF})
+
+VolumeMode = Literal["Filesystem", "Block"]
+
+
+def _available_bytes(path: str) -> int:
+    """Bytes free for an unprivileged writer on the filesystem holding PATH (CDI's
+    ``GetAvailableSpace``: f_bavail blocks of the fragment size)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _device_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISFIFO(mode):
+        return "a fifo"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+@dataclass(frozen=True, slots=True)
+class Volume:
+    """A CDI volume as a pod sees it.
+
+    - ``mode``: ``"Filesystem"`` (a directory) or ``"Block"`` (a block device).
+    - ``path``: the directory or the device.
+    - ``disk_path``: ``<path>/disk.img`` or the device.
+    - ``capacity``: what an image on the volume may occupy: the device's size, or for a
+      directory CDI's usable space of ``available`` with ``filesystem_overhead`` applied.
+    - ``virtual_size``: the size of the disk present (``disk.img``'s size, the device's size),
+      None when a Filesystem volume has no ``disk.img``.
+    - ``available``: the raw bytes ``capacity`` was computed from: the filesystem's free space
+      plus the allocation of an existing ``disk.img`` (which a clone replaces); the device size
+      for a Block volume.
+    - ``filesystem_overhead``: the overhead applied (as given), None for a Block volume.
+
+    Build one with :meth:`open`; the values are a snapshot taken then.
+    """
+
+    mode: VolumeMode
+    path: str
+    disk_path: str
+    capacity: int
+    virtual_size: int | None
+    available: int
+    filesystem_overhead: str | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str],
+             filesystem_overhead: Overhead = 0.06) -> Volume:
+        """Inspect PATH: a directory is a Filesystem volume, a block device a Block volume.
+
+        Raises CloneValidationError for anything else (a regular file, a fifo...), for a
+        ``disk.img`` that is not a regular file (a symlink is refused, never followed), and for
+        an invalid FILESYSTEM_OVERHEAD; OSError naming the path when it cannot be inspected
+        (FileNotFoundError, PermissionError...).
+        """
+        p = os.fspath(path)
+        st = os.stat(p)
+        if stat.S_ISBLK(st.st_mode):
+            size = _device_size(p)
+            return cls(mode=BLOCK, path=p, disk_path=p, capacity=size, virtual_size=size,
+                       available=size)
+        if not stat.S_ISDIR(st.st_mode):
+            raise CloneValidationError(
+                f"{p}: {_kind(st.st_mode)} is not a volume: expected a directory (Filesystem "
+                f"volume) or a block device (Block volume)")
+        try:
+            overhead = parse_overhead(filesystem_overhead)
+        except ValueError as e:
+            raise CloneValidationError(f"{p}: {e}") from None
+        disk = os.path.join(p, DISK_IMAGE)
+        virtual_size: int | None = None
+        allocated = 0
+        try:
+            dst = os.lstat(disk)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISREG(dst.st_mode):
+                raise CloneValidationError(
+                    f"{disk}: {_kind(dst.st_mode)}, not a regular file: not a CDI disk image")
+            virtual_size = dst.st_size
+            allocated = dst.st_blocks * 512
+        available = _available_bytes(p) + allocated
+        return cls(mode=FILESYSTEM, path=p, disk_path=disk,
+                   capacity=usable_space(available, overhead), virtual_size=virtual_size,
+                   available=available, filesystem_overhead=str(filesystem_overhead))
+
+    def describe_capacity(self) -> str:
+        """The capacity in words, for messages."""
+        if self.mode == BLOCK:
+            return f"{format_size(self.capacity)} ({self.capacity} bytes) Block volume"
+        return (f"{format_size(self.capacity)} ({self.capacity} bytes) usable of "
+                f"{format_size(self.available)} ({self.available} bytes) available with "
+                f"filesystem overhead {self.filesystem_overhead}")
+
+
+@dataclass(frozen=True, slots=True)
+class CloneResult:
+    """What :func:`clone` did.
+
+    ``source_path``/``target_path`` are the volumes' paths; ``virtual_size`` the disk's size
+    (kubevirt) or the apparent size of the regular files copied (archive). ``bytes_written``
+    and ``bytes_zeroed`` add up every copy made. ``copy`` is the disk copy's
+    :class:`~cdimover.types.CopyResult` (None for archive clones); ``files`` the number of
+    entries an archive clone created (directories, regular files, hard links, symlinks; 0 for
+    kubevirt) and ``skipped`` the special files it left out. ``disk_size`` is the target
+    ``disk.img``'s final size (after ``target_size`` growth), None for a Block target or an
+    archive clone.
+    """
+
+    source_mode: str
+    target_mode: str
+    source_path: str
+    target_path: str
+    virtual_size: int
+    bytes_written: int
+    bytes_zeroed: int
+    preallocation_applied: bool
+    elapsed: float
+    copy: CopyResult | None
+    files: int
+    content_type: str = KUBEVIRT
+    disk_size: int | None = None
+    skipped: tuple[str, ...] = ()
+
+
+PathOrVolume = Union[str, "os.PathLike[str]", Volume]
+"""A volume given as its path or as an opened :class:`Volume`."""
+
+
+# ---------------------------------------------------------------------------------------------
+# In-use detection
+
+
+def _lock_holder(fd: int) -> tuple[int, int] | None:
+    """Probe QEMU's lock bytes of open FD with F_OFD_GETLK: (first locked byte, l_pid) of a
+    conflicting lock, or None when none is found or the system cannot tell."""
+    for base in (RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE):
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, base, _LOCK_SPAN, 0)
+        try:
+            answer = fcntl.fcntl(fd, _F_OFD_GETLK, query)
+        except OSError as e:
+            if e.errno in _NO_LOCK_INFO:
+                return None
+            raise
+        l_type, _whence, l_start, _len, l_pid = _FLOCK.unpack(answer)
+        if l_type != fcntl.F_UNLCK:
+            return l_start, l_pid
+    return None
+
+
+def _check_unlocked(path: str, *, follow: bool = False) -> None:
+    """Raise SourceInUseError when another process holds a lock on QEMU's bytes of PATH (a
+    symlink is followed only when FOLLOW: device paths such as /dev/disk/by-id/... are links)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+    try:
+        holder = _lock_holder(fd)
+    finally:
+        os.close(fd)
+    if holder is None:
+        return
+    start, pid = holder
+    who = f"process {pid}" if pid > 0 else "another process"
+    raise SourceInUseError(
+        f"{path}: locked by {who} (a running QEMU?): byte {start} is locked; power the VM off "
+        f"first, or pass force=True")
+
+
+def _check_not_exclusive(device: str) -> None:
+    """Raise SourceInUseError when block DEVICE is mounted or held with O_EXCL. The O_EXCL
+    probe is closed at once: the copy never holds the device exclusively."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise SourceInUseError(
+                f"{device}: the block device is in use (mounted, or held open exclusively by "
+                f"another process); power the VM off first, or pass force=True") from None
+        raise
+    os.close(fd)
+
+
+def check_not_in_use(volume: PathOrVolume) -> None:
+    """Raise SourceInUseError when VOLUME (a Volume or a path) is in use as a clone source.
+
+    A Block volume is in use when its device is mounted or held open with O_EXCL, or locked by
+    QEMU; a Filesystem volume when its ``disk.img`` is locked by QEMU (a running VM, qemu-nbd,
+    qemu-img...). A Filesystem volume without ``disk.img`` is never in use. OSError (with the
+    path) when the check itself fails.
+    """
+    vol = volume if isinstance(volume, Volume) else Volume.open(volume)
+    if vol.mode == BLOCK:
+        _check_not_exclusive(vol.disk_path)
+        _check_unlocked(vol.disk_path, follow=True)
+    elif os.path.lexists(vol.disk_path):
+        _check_unlocked(vol.disk_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+
+def _check_rules(src: Volume, dst: Volume, content_type: str) -> None:
+    """CDI's content-type and volume-mode rules, worded by cdimover.k8s.validate_clone."""
+    request = CloneRequest(source_namespace="local", source_name=src.path,
+                           target_namespace="local", target_name=dst.path, size=None,
+                           volume_mode=dst.mode, content_type=content_type)
+    info = SourceInfo(volume_mode=src.mode, virtual_size=src.virtual_size or 0,
+                      content_type=content_type)
+    problems = validate_clone(request, info)
+    if problems:
+        raise CloneValidationError(f"{src.path} -> {dst.path}: {'; '.join(problems)}")
+
+
+def _check_distinct(src: Volume, dst: Volume, *, nested: bool) -> None:
+    """Refuse a clone of a volume onto itself and, when NESTED (archive clones copy trees), of a
+    directory into or around its own tree."""
+    s, d = os.stat(src.path), os.stat(dst.path)
+    if src.mode == BLOCK and dst.mode == BLOCK and s.st_rdev == d.st_rdev:
+        raise CloneValidationError(f"{src.path} -> {dst.path}: source and target are the same "
+                                   f"device")
+    if src.mode == FILESYSTEM and dst.mode == FILESYSTEM:
+        if (s.st_dev, s.st_ino) == (d.st_dev, d.st_ino):
+            raise CloneValidationError(f"{src.path} -> {dst.path}: source and target are the "
+                                       f"same directory")
+        a, b = os.path.realpath(src.path), os.path.realpath(dst.path)
+        if nested and os.path.commonpath([a, b]) in (a, b):
+            raise CloneValidationError(f"{src.path} -> {dst.path}: one volume lies inside the "
+                                       f"other")
+
+
+def _too_small(dst: Volume, needed: int, what: str, where: str) -> TargetTooSmallError:
+    return TargetTooSmallError(
+        f"{where}: target holds {format_size(dst.capacity)} but {what} needs "
+        f"{format_size(needed)} ({dst.capacity} < {needed} bytes; "
+        f"{dst.describe_capacity()})",
+        required=needed, available=dst.capacity)
+
+
+def _resolve_target_size(target_size: int | str | None, source_size: int,
+                         dst: Volume) -> int | None:
+    """TARGET_SIZE in bytes, checked: Filesystem targets only, never below SOURCE_SIZE
+    (CloneValidationError), within the target's capacity (TargetTooSmallError)."""
+    if target_size is None:
+        return None
+    if dst.mode != FILESYSTEM:
+        raise CloneValidationError(f"{dst.path}: target_size applies to Filesystem targets "
+                                   f"only (a Block volume has the size of its device)")
+    try:
+        size = parse_quantity(target_size)
+    except ValueError as e:
+        raise CloneValidationError(f"target_size: {e}") from None
+    if size < source_size:
+        raise CloneValidationError(
+            f"target_size {format_size(size)} ({size} bytes) is smaller than the source's "
+            f"virtual size {format_size(source_size)} ({source_size} bytes); a clone never "
+            f"shrinks the disk")
+    if size > dst.capacity:
+        raise _too_small(dst, size, "the requested target_size", dst.disk_path)
+    return size
+
+
+# ---------------------------------------------------------------------------------------------
+# Target disk image
+
+
+def _prepare_disk_image(path: str) -> None:
+    """Create or take over ``disk.img`` at PATH with mode 0660 whatever the umask; copy()
+    replaces an existing file in place, keeping its mode. A leftover of a killed run is fine:
+    no O_EXCL, so never EEXIST. A symlink is refused (O_NOFOLLOW)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, DISK_IMAGE_MODE)
+    try:
+        os.fchmod(fd, DISK_IMAGE_MODE)
+    finally:
+        os.close(fd)
+
+
+def _preallocation_arg(preallocation: bool) -> str:
+    return "falloc" if preallocation else "off"
+
+
+# ---------------------------------------------------------------------------------------------
+# clone()
+
+
+def _as_volume(v: PathOrVolume, overhead: Overhead) -> Volume:
+    return v if isinstance(v, Volume) else Volume.open(v, overhead)
+
+
+def clone(source: PathOrVolume, target: PathOrVolume, *, content_type: str = KUBEVIRT,
+          preallocation: bool = False, filesystem_overhead: Overhead = 0.06,
+          target_size: int | str | None = None, force: bool = False,
+          progress: ProgressFn | None = None) -> CloneResult:
+    """Clone volume SOURCE into volume TARGET (each a path or a :class:`Volume`).
+
+    - CONTENT_TYPE ``"kubevirt"`` copies the disk (``disk.img`` or the device) between any two
+      volume modes; ``"archive"`` copies the whole tree of a Filesystem volume into another.
+    - PREALLOCATION: reserve every block of the target (``preallocation="falloc"`` for
+      :func:`cdimover.copy.copy`); ``preallocation_applied`` reports it.
+    - FILESYSTEM_OVERHEAD: CDI's overhead for Filesystem volumes given as paths (a Volume
+      carries its own capacity).
+    - TARGET_SIZE: grow a Filesystem target's ``disk.img`` to this size (bytes, or a Kubernetes
+      quantity such as ``"10Gi"``); never below the source size, within the target's capacity.
+    - FORCE: skip the in-use checks of the source.
+    - PROGRESS: ``progress(done, total)`` in bytes, as for :func:`cdimover.copy.copy`; a true
+      return value cancels (CopyCancelled).
+
+    Raises, before writing anything: CloneValidationError for a broken rule (content type,
+    volume modes, archive with a Block volume, missing source disk, bad TARGET_SIZE, source and
+    target the same volume), TargetTooSmallError (with ``required`` and ``available``) when the
+    target's usable capacity cannot hold the source's virtual size, SourceInUseError when the
+    source is in use. OSError (with the path) and CopyCancelled can come from the copy itself;
+    re-running the clone then replaces what was partially written.
+    """
+    start = time.monotonic()
+    if content_type not in _CONTENT_TYPES:
+        raise CloneValidationError(
+            f"ContentType not one of: kubevirt, archive (got {content_type!r})")
+    if not isinstance(preallocation, bool):
+        raise TypeError(f"preallocation must be a bool, not {type(preallocation).__name__}")
+    src = _as_volume(source, filesystem_overhead)
+    dst = _as_volume(target, filesystem_overhead)
+    _check_rules(src, dst, content_type)
+    _check_distinct(src, dst, nested=content_type == ARCHIVE)
+    if content_type == ARCHIVE:
+        if target_size is not None:
+            raise CloneValidationError("target_size applies to kubevirt clones only")
+        return _clone_archive(src, dst, preallocation=preallocation, force=force,
+                              progress=progress, start=start)
+
+    if src.virtual_size is None:
+        raise CloneValidationError(f"{src.disk_path}: no disk image to clone (the Filesystem "
+                                   f"volume has no {DISK_IMAGE})")
+    size = src.virtual_size
+    if size > dst.capacity:
+        raise _too_small(dst, size, "the image", dst.disk_path)
+    grow_to = _resolve_target_size(target_size, size, dst)
+    if not force:
+        check_not_in_use(src)
+
+    if dst.mode == FILESYSTEM:
+        _prepare_disk_image(dst.disk_path)
+    result = copy_disk(src.disk_path, dst.disk_path,
+                       preallocation=_preallocation_arg(preallocation), progress=progress,
+                       target_size=grow_to if dst.mode == FILESYSTEM else None)
+    disk_size = result.target_size if dst.mode == FILESYSTEM else None
+    return CloneResult(
+        source_mode=src.mode, target_mode=dst.mode, source_path=src.path, target_path=dst.path,
+        virtual_size=result.virtual_size, bytes_written=result.bytes_written,
+        bytes_zeroed=result.bytes_zeroed, preallocation_applied=result.preallocation_applied,
+        elapsed=time.monotonic() - start, copy=result, files=0, content_type=KUBEVIRT,
+        disk_size=disk_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Archive clones
+
+
+def _root_entries(root: str) -> list[str]:
+    """The names of ROOT's entries an archive clone copies: all but ``lost+found``, sorted."""
+    return sorted(n for n in os.listdir(root) if n != _LOST_FOUND)
+
+
+def _walk_no_follow(paths: list[str]) -> list[tuple[str, os.stat_result]]:
+    """Every entry under PATHS (each included), never following a symlink: (path, lstat)
+    pairs in pre-order."""
+    out: list[tuple[str, os.stat_result]] = []
+    stack = list(reversed(paths))
+    while stack:
+        p = stack.pop()
+        st = os.lstat(p)
+        out.append((p, st))
+        if stat.S_ISDIR(st.st_mode):
+            stack.extend(os.path.join(p, n) for n in sorted(os.listdir(p), reverse=True))
+    return out
+
+
+def _tree_sizes(entries: list[tuple[str, os.stat_result]]) -> tuple[int, int]:
+    """Apparent and allocated bytes of the regular files among ENTRIES, each inode once."""
+    seen: set[tuple[int, int]] = set()
+    apparent = allocated = 0
+    for _, st in entries:
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        apparent += st.st_size
+        allocated += st.st_blocks * 512
+    return apparent, allocated
+
+
+def _freed_by_replacing(entries: list[tuple[str, os.stat_result]]) -> int:
+    """Bytes that deleting ENTRIES (target entries about to be replaced) gives back: the
+    allocation of regular files with no other name, and of directories."""
+    return sum(st.st_blocks * 512 for _, st in entries
+               if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1))
+
+
+def _remove(path: str) -> None:
+    """Remove PATH whatever it is; a directory tree is removed without following symlinks."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _file_mode(st: os.stat_result) -> int:
+    """The mode bits to restore. Ownership is not restored (tar --no-same-owner), so a regular
+    file loses set-user-ID and set-group-ID, as POSIX asks of pax in that case; directories keep
+    their bits (set-group-ID and sticky there grant no identity)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISREG(st.st_mode):
+        mode &= ~(stat.S_ISUID | stat.S_ISGID)
+    return mode
+
+
+class _ArchiveCopier:
+    """One archive clone's state: hard links seen, counters, progress accounting."""
+
+    def __init__(self, preallocation: bool, progress: ProgressFn | None) -> None:
+        self.total = 0
+        self.preallocation = preallocation
+        self.progress = progress
+        self.done = 0
+        self.files = 0
+        self.bytes_written = 0
+        self.bytes_zeroed = 0
+        self.apparent = 0
+        self.prealloc_ok = True
+        self.links: dict[tuple[int, int], str] = {}
+        self.skipped: list[str] = []
+
+    def _file_progress(self) -> ProgressFn | None:
+        outer = self.progress
+        if outer is None:
+            return None
+        base, total = self.done, self.total
+
+        def report(done: int, _total: int) -> object:
+            return outer(base + done, total)
+
+        return report
+
+    def copy_file(self, src: str, dst: str, st: os.stat_result) -> None:
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in self.links:
+            try:
+                os.link(self.links[key], dst, follow_symlinks=False)
+                self.files += 1
+                return
+            except OSError as e:  # EMLINK, EPERM (protected hardlinks)...: copy instead
+                log.debug("%s: hard link to %s failed (%s); copying", dst, self.links[key], e)
+        # Create the file ourselves, private and never through a symlink (O_EXCL|O_NOFOLLOW);
+        # copy() fills it in place and the final mode comes after the bytes.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        os.close(os.open(dst, flags, 0o600))
+        result = copy_disk(src, dst, reflink="auto",
+                           preallocation=_preallocation_arg(self.preallocation),
+                           progress=self._file_progress())
+        self.bytes_written += result.bytes_written
+        self.bytes_zeroed += result.bytes_zeroed
+        self.prealloc_ok = self.prealloc_ok and result.preallocation_applied
+        self.apparent += st.st_size
+        self.done += st.st_size
+        os.chmod(dst, _file_mode(st))
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if st.st_nlink > 1:
+            self.links[key] = dst
+        self.files += 1
+
+    def skip(self, path: str, st: os.stat_result) -> None:
+        """Leave out the special file PATH (fifo, socket, device), with a warning."""
+        log.warning("%s: skipped %s (an archive clone copies no special files)", path,
+                    _kind(st.st_mode))
+        self.skipped.append(path)
+
+    def copy_tree(self, src_root: str, dst_root: str, name: str) -> None:
+        """Copy entry NAME of SRC_ROOT to DST_ROOT, depth first, never following symlinks;
+        directory modes and times are set after their children are in place."""
+        # (target path, source lstat) of the directories to finish, outermost first.
+        finish: list[tuple[str, os.stat_result]] = []
+        stack: list[tuple[str, str]] = [(os.path.join(src_root, name),
+                                         os.path.join(dst_root, name))]
+        while stack:
+            s, d = stack.pop()
+            st = os.lstat(s)
+            if stat.S_ISDIR(st.st_mode):
+                os.mkdir(d, 0o700)
+                self.files += 1
+                finish.append((d, st))
+                for n in sorted(os.listdir(s), reverse=True):
+                    stack.append((os.path.join(s, n), os.path.join(d, n)))
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(s), d)
+                os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+                self.files += 1
+            elif stat.S_ISREG(st.st_mode):
+                self.copy_file(s, d, st)
+            else:
+                self.skip(s, st)
+        for d, st in reversed(finish):
+            os.chmod(d, _file_mode(st))
+            os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _clone_archive(src: Volume, dst: Volume, *, preallocation: bool, force: bool,
+                   progress: ProgressFn | None, start: float) -> CloneResult:
+    """The archive clone of Filesystem volume SRC into Filesystem volume DST."""
+    copier = _ArchiveCopier(preallocation, progress)
+    names = []
+    for name in _root_entries(src.path):
+        st = os.lstat(os.path.join(src.path, name))
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            names.append(name)
+        else:
+            copier.skip(os.path.join(src.path, name), st)   # and the target's entry stays
+    entries = _walk_no_follow([os.path.join(src.path, n) for n in names])
+    apparent, allocated = _tree_sizes(entries)
+    needed = apparent if preallocation else allocated
+    replaced = [os.path.join(dst.path, n) for n in names
+                if os.path.lexists(os.path.join(dst.path, n))]
+    old = _walk_no_follow(replaced)
+    # Volume.capacity already counts an existing disk.img's allocation; count the rest.
+    freed = _freed_by_replacing([(p, st) for p, st in old if p != dst.disk_path])
+    room = dst
+    if freed:
+        overhead = dst.filesystem_overhead or DEFAULT_OVERHEAD
+        available = dst.available + freed
+        room = Volume(mode=dst.mode, path=dst.path, disk_path=dst.disk_path,
+                      capacity=usable_space(available, overhead), virtual_size=dst.virtual_size,
+                      available=available, filesystem_overhead=overhead)
+    if needed > room.capacity:
+        raise _too_small(room, needed, "the volume tree", dst.path)
+    if not force:
+        check_not_in_use(src)
+
+    copier.total = apparent
+    for name in names:
+        _remove(os.path.join(dst.path, name))
+        copier.copy_tree(src.path, dst.path, name)
+    return CloneResult(
+        source_mode=src.mode, target_mode=dst.mode, source_path=src.path, target_path=dst.path,
+        virtual_size=copier.apparent, bytes_written=copier.bytes_written,
+        bytes_zeroed=copier.bytes_zeroed,
+        preallocation_applied=preallocation and copier.prealloc_ok,
+        elapsed=time.monotonic() - start, copy=None, files=copier.files, content_type=ARCHIVE,
+        skipped=tuple(copier.skipped))
