@@ -204,3 +204,45 @@ def test_reflink_always_fails_across_filesystems(tmp_path: Path, mounted_fs) -> 
     with pytest.raises(OSError) as ei:
         cdimover.copy(src, mnt / "dst.img", reflink="always")
     assert ei.value.errno == errno.EXDEV
+
+
+def test_loop_with_deleted_backing_file_falls_back_to_full_read(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    lay = Layout((Segment("data", 65536), Segment("hole", 1 << 20), Segment("zero", 65536)), 31)
+    write_layout(src, lay)
+    expected = sha256_prefix(src, lay.size)
+    with device_over(src, 512) as dev:
+        src.unlink()
+        r = cdimover.copy(dev, dst)
+    assert r.scan_method is ScanMethod.FULL_READ
+    assert "deleted" in r.scan_note
+    assert r.bytes_read == lay.size
+    assert sha256_prefix(dst, lay.size) == expected
+    assert dst.stat().st_blocks * 512 == 65536
+
+
+def test_loop_backing_path_hidden_by_another_file_is_not_trusted(tmp_path: Path) -> None:
+    # The path the kernel reports opens another file (here a bind mount over it, as a
+    # different mount namespace would): the inode check must refuse it as the map.
+    src, dst, decoy = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "decoy.img"
+    lay = Layout((Segment("hole", 1 << 20), Segment("data", 65536)), 32)
+    write_layout(src, lay)
+    expected = sha256_prefix(src, lay.size)
+    with open(decoy, "wb") as f:            # all holes: a map from it would lose the data
+        f.truncate(lay.size)
+    with device_over(src, 512) as dev:
+        subprocess.run(["mount", "--bind", str(decoy), str(src)], check=True)
+        try:
+            r = cdimover.copy(dev, dst)
+        finally:
+            subprocess.run(["umount", str(src)], check=True)
+    assert r.scan_method is ScanMethod.FULL_READ
+    assert "not the file behind" in r.scan_note
+    assert sha256_prefix(dst, lay.size) == expected
+
+
+def test_forced_loop_scan_on_a_plain_file_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "src.img"
+    src.write_bytes(b"x" * 4096)
+    with pytest.raises(ValueError, match="loop device"):
+        cdimover.copy(src, tmp_path / "dst.img", scan="loop")
