@@ -6,6 +6,9 @@ as holes and turning zeros written as data into holes, durably and with bounded 
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._native import Context
 from .copy import copy, is_zero, scan
 from .errors import (
@@ -20,9 +23,25 @@ from .errors import (
     UnsupportedImageError,
 )
 from .prealloc import create_blank, preallocate
+from .qcow2 import ImageInfo, convert, inspect
 from .sizing import required_space, usable_space
 from .types import AllocMethod, CopyResult, Extent, PreallocResult, ScanMethod, ZeroMethod
-from .volume import CloneResult, Volume, clone
+
+if TYPE_CHECKING:
+    from .volume import CloneResult, Volume, clone
+
+# The volume layer pulls in the manifest tooling (PyYAML); load it on first use so that a
+# copy or conversion pays no import time for it.
+_LAZY = {"CloneResult": "volume", "Volume": "volume", "clone": "volume"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cdimover' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 __version__ = "0.1.0"
 
@@ -30,6 +49,9 @@ __all__ = [
     "__version__",
     "Context",
     "copy",
+    "convert",
+    "inspect",
+    "ImageInfo",
     "scan",
     "preallocate",
     "create_blank",

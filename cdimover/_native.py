@@ -76,7 +76,7 @@ def _on_callback_error(exc_type: type[BaseException], exc: BaseException,
     return 1
 
 
-@ffi.def_extern(onerror=_on_callback_error)  # type: ignore[misc]
+@ffi.def_extern(onerror=_on_callback_error)  # type: ignore[untyped-decorator]
 def _cdm_progress_cb(opaque: Any, done: int, total: int) -> int:
     ctx: Context = ffi.from_handle(opaque)
     try:

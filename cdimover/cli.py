@@ -29,7 +29,7 @@ EXIT_SIGTERM = 143
 log = logging.getLogger("cdimover")
 
 
-class _Terminated(BaseException):
+class Terminated(BaseException):
     """Raised from the SIGTERM handler so the copy stops at its next request."""
 
 
@@ -76,7 +76,7 @@ def _signals_cancel() -> Iterator[None]:
     """Turn SIGTERM into an exception raised inside the progress callback (which cancels the
     native copy at its next request); SIGINT already raises KeyboardInterrupt."""
     def on_term(signum: int, frame: object) -> None:
-        raise _Terminated()
+        raise Terminated()
 
     try:
         old = signal.signal(signal.SIGTERM, on_term)
@@ -89,8 +89,9 @@ def _signals_cancel() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def _progress_for(args: argparse.Namespace, label: str) -> tuple[Callable[[int, int], None],
-                                                                  ProgressBar | None]:
+@contextmanager
+def _progress(args: argparse.Namespace, label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback: a bar on a terminal (or with --progress), else silent."""
     show = getattr(args, "progress", False) or (sys.stderr.isatty() and not args.quiet
                                                  and not args.json)
     bar = ProgressBar(sys.stderr, label) if show else None
@@ -99,7 +100,11 @@ def _progress_for(args: argparse.Namespace, label: str) -> tuple[Callable[[int, 
         if bar is not None:
             bar(done, total)
 
-    return cb, bar
+    try:
+        yield cb
+    finally:
+        if bar is not None:
+            bar.finish()
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
@@ -121,16 +126,54 @@ def _summary(r: Any) -> str:
 def _cmd_copy(args: argparse.Namespace) -> int:
     from .copy import copy
 
-    cb, bar = _progress_for(args, "copy")
-    try:
+    with _progress(args, "copy") as cb:
         r = copy(args.source, args.target, target_is_zero=args.target_is_zero, progress=cb,
                  reflink=args.reflink, scan=args.scan, threads=args.threads,
                  request_size=args.request_size, sparse_size=args.sparse_size,
                  preallocation=args.preallocation, target_size=args.target_size)
-    finally:
-        if bar is not None:
-            bar.finish()
     _emit(args, r.as_dict(), _summary(r))
+    return EXIT_OK
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .qcow2 import convert
+
+    with _progress(args, "convert") as cb:
+        r = convert(args.source, args.target, source_format=args.format,
+                    preallocation=args.preallocation, target_is_zero=args.target_is_zero,
+                    progress=cb, target_size=args.target_size, threads=args.threads)
+    _emit(args, r.as_dict(), _summary(r))
+    return EXIT_OK
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .qcow2 import info_json, inspect
+
+    info = inspect(args.path, format=args.format)
+    if args.json:
+        print(json.dumps(info_json(info), indent=4))
+        return EXIT_OK
+    if args.quiet:
+        return EXIT_OK
+    lines = [f"image: {info.filename}", f"file format: {info.format}",
+             f"virtual size: {_fmt_bytes(info.virtual_size)} ({info.virtual_size} bytes)",
+             f"disk size: {_fmt_bytes(info.actual_size)}"]
+    if info.format == "qcow2":
+        lines += [f"cluster_size: {info.cluster_size}", f"compat: {info.compat}",
+                  f"compression type: {info.compression_type}",
+                  f"extended l2: {str(info.extended_l2).lower()}"]
+        if info.backing_file is not None:
+            lines.append(f"backing file: {info.backing_file} (never opened; conversion "
+                         "refuses it)")
+        if info.data_file is not None:
+            lines.append(f"data file: {info.data_file} (never opened; conversion refuses it)")
+        if info.encrypted:
+            lines.append("encrypted: yes (not supported)")
+        if info.dirty:
+            lines.append("dirty: yes")
+        if info.corrupt:
+            lines.append("corrupt: yes")
+    print("\n".join(lines))
     return EXIT_OK
 
 
@@ -152,14 +195,10 @@ def _cmd_prealloc(args: argparse.Namespace) -> int:
 def _cmd_clone(args: argparse.Namespace) -> int:
     from .volume import clone
 
-    cb, bar = _progress_for(args, "clone")
-    try:
+    with _progress(args, "clone") as cb:
         r = clone(args.source, args.target, content_type=args.content_type,
                   preallocation=args.preallocation, filesystem_overhead=args.filesystem_overhead,
                   target_size=args.target_size, force=args.force, progress=cb)
-    finally:
-        if bar is not None:
-            bar.finish()
     result = {
         "source_mode": r.source_mode, "target_mode": r.target_mode,
         "source": r.source_path, "target": r.target_path, "content_type": r.content_type,
@@ -321,6 +360,33 @@ def _parser() -> argparse.ArgumentParser:
                    help="show a progress bar even when stderr is not a terminal")
     c.set_defaults(func=_cmd_copy)
 
+    cv = sub.add_parser("convert", parents=[common], help="convert a QCOW2 or RAW image to RAW",
+                        description="Write the guest disk of a QCOW2 (or RAW) image as RAW onto "
+                        "a file or block device, sparse and bit-exact. Backing files, external "
+                        "data files and encryption are refused; malformed images get a clear "
+                        "error. -f raw copies byte for byte even if the data looks like QCOW2.")
+    cv.add_argument("source", help="QCOW2 or RAW image")
+    cv.add_argument("target", help="target file or block device")
+    cv.add_argument("-f", "--format", choices=("auto", "raw", "qcow2"), default="auto",
+                    help="source format (default: auto, by the QCOW2 magic)")
+    cv.add_argument("--preallocation", choices=("off", "falloc", "full"), default="off",
+                    help="off: keep holes; falloc: reserve every block; full: write every block")
+    cv.add_argument("--target-size", type=_quantity_arg, default=None,
+                    help="grow a file target to this size (e.g. 10Gi)")
+    cv.add_argument("--target-is-zero", action="store_true",
+                    help="the target block device already reads as zeros")
+    cv.add_argument("--threads", type=int, default=0, help="worker threads (default 4)")
+    cv.add_argument("--progress", action="store_true",
+                    help="show a progress bar even when stderr is not a terminal")
+    cv.set_defaults(func=_cmd_convert)
+
+    inf = sub.add_parser("info", parents=[common], help="describe a QCOW2 or RAW image",
+                         description="Describe an image from its validated header. --json "
+                                     "prints the keys of `qemu-img info --output=json`.")
+    inf.add_argument("path")
+    inf.add_argument("-f", "--format", choices=("auto", "raw", "qcow2"), default="auto")
+    inf.set_defaults(func=_cmd_info)
+
     pa = sub.add_parser("prealloc", parents=[common], help="preallocate a disk or create a "
                         "blank one", description="Reserve (falloc) or write (full) every "
                         "block of an existing file or block device, keeping its data; with "
@@ -408,13 +474,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cdimover: interrupted; the target is incomplete, run the command again",
               file=sys.stderr)
         return EXIT_SIGINT
-    except _Terminated:
+    except Terminated:
         print("cdimover: terminated; the target is incomplete, run the command again",
               file=sys.stderr)
         return EXIT_SIGTERM
     except CopyCancelled as e:
         cause = e.__cause__
-        if isinstance(cause, _Terminated):
+        if isinstance(cause, Terminated):
             print("cdimover: terminated; the target is incomplete, run the command again",
                   file=sys.stderr)
             return EXIT_SIGTERM

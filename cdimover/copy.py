@@ -12,8 +12,8 @@ import errno
 import os
 import stat
 import time
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from . import _native
 from ._native import Context, LoopStatus, Probe, ProgressFn, lib
@@ -85,7 +85,6 @@ class Target:
     direct_fd: int = -1
     fresh: bool = False          # created or truncated by us: reads as zeros
     created: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
 
     def close(self) -> None:
         for fd in (self.direct_fd, self.fd):
@@ -246,6 +245,91 @@ def _allocated(fd: int) -> int:
     return os.fstat(fd).st_blocks * 512
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """Knobs shared by copies and conversions (0 = the core's default)."""
+
+    threads: int = 0
+    request_size: int = 0
+    sparse_size: int = 0
+    detect_zeros: bool = True
+
+
+def copy_opts(src: Source, dst: Target, *, scan_method: ScanMethod, target_is_zero: bool,
+              preallocation: str, tuning: Tuning) -> Any:
+    """The ``struct cdm_copy_opts`` for moving SRC's bytes onto DST."""
+    opts = _native.new_copy_opts()
+    opts.size = src.size
+    opts.src_direct_fd = src.direct_fd
+    opts.dst_direct_fd = dst.direct_fd
+    opts.map_fd = src.map_fd
+    opts.map_offset = src.map_offset
+    opts.scan_method = int(scan_method)
+    opts.request_size = tuning.request_size
+    opts.sparse_size = tuning.sparse_size
+    opts.threads = tuning.threads
+    flags = 0
+    if dst.fresh or target_is_zero:
+        flags |= lib.CDM_COPY_TARGET_IS_ZERO
+    if not tuning.detect_zeros:
+        flags |= lib.CDM_COPY_NO_ZERO_DETECT
+    opts.flags = flags
+    opts.target_sector = dst.probe.logical_sector
+    opts.target_is_blockdev = int(dst.probe.is_blockdev)
+    opts.preallocation = PREALLOCATION_MODES[preallocation]
+    return opts
+
+
+def final_target_size(dst: Target, virtual_size: int, target_size: int | None,
+                      preallocation: str) -> int:
+    """The size a file target ends with (never below VIRTUAL_SIZE); checks, before anything
+    is written, that a preallocated file fits its filesystem."""
+    if target_size is not None and target_size < 0:
+        raise ValueError(f"target_size must not be negative: {target_size}")
+    if target_size is not None and dst.probe.is_blockdev:
+        raise ValueError(f"{dst.path}: target_size applies to file targets only")
+    final = max(virtual_size, target_size or 0)
+    if preallocation != "off" and dst.probe.is_regular:
+        check_capacity(dst.path, dst.fd, final)
+    return final
+
+
+def grow_target(ctx: Context, dst: Target, virtual_size: int, final_size: int,
+                preallocation: str, stats: Any, paths: tuple[str, str]) -> None:
+    """Grow a file target from VIRTUAL_SIZE to FINAL_SIZE, preallocating the tail."""
+    if final_size <= virtual_size:
+        return
+    os.ftruncate(dst.fd, final_size)
+    if preallocation != "off":
+        ctx.call(lib.cdm_preallocate, dst.fd, dst.direct_fd, 0, dst.probe.logical_sector,
+                 virtual_size, final_size - virtual_size, PREALLOCATION_MODES[preallocation],
+                 stats, paths=paths)
+    else:
+        os.fsync(dst.fd)
+
+
+def make_result(src_path: str, dst: Target, stats: Any, *, source_format: str,
+                virtual_size: int, start: float, scan_method: ScanMethod, preallocation: str,
+                final_size: int, reflinked: bool = False, scan_note: str = "") -> CopyResult:
+    """A CopyResult from the core's statistics."""
+    return CopyResult(
+        source=src_path, target=dst.path, source_format=source_format,
+        virtual_size=virtual_size,
+        bytes_read=stats.bytes_read, bytes_written=stats.bytes_written,
+        bytes_zeroed=stats.bytes_zeroed, bytes_skipped=stats.bytes_skipped,
+        bytes_zero_data=stats.bytes_zero_data,
+        elapsed=time.monotonic() - start, scan_method=scan_method,
+        zero_methods=ZeroMethod.from_mask(stats.zero_methods),
+        zero_fallbacks=stats.zero_fallbacks,
+        direct_read=bool(stats.direct_read), direct_write=bool(stats.direct_write),
+        reflinked=reflinked, preallocation=preallocation,
+        preallocation_applied=preallocation != "off",
+        target_allocated=_allocated(dst.fd) if dst.probe.is_regular else None,
+        scan_note=scan_note,
+        alloc_methods=AllocMethod.from_mask(stats.alloc_methods),
+        target_size=final_size if dst.probe.is_regular else None)
+
+
 def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
          preallocation: str | bool = "off", target_is_zero: bool = False,
          progress: ProgressFn | None = None, reflink: Reflink = "auto", scan: Scan = "auto",
@@ -269,23 +353,18 @@ def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
       devices, a full read for other devices; "seek", "loop" and "full" force one.
     """
     prealloc = preallocation_mode(preallocation)
-    if target_size is not None and target_size < 0:
-        raise ValueError(f"target_size must not be negative: {target_size}")
     if reflink not in ("auto", "never", "always"):
         raise ValueError(f"reflink={reflink!r}: expected 'auto', 'never' or 'always'")
     if scan not in ("auto", "seek", "loop", "full"):
         raise ValueError(f"scan={scan!r}: expected 'auto', 'seek', 'loop' or 'full'")
+    tuning = Tuning(threads, request_size, sparse_size, detect_zeros)
     start = time.monotonic()
     ctx = context or Context()
     try:
         with open_source(source, scan=scan, ctx=ctx) as src, \
                 open_target(target, src.size, source=src, ctx=ctx) as dst:
             paths = (src.path, dst.path)
-            final_size = max(src.size, target_size or 0)
-            if target_size is not None and dst.probe.is_blockdev:
-                raise ValueError(f"{dst.path}: target_size applies to file targets only")
-            if prealloc != "off" and dst.probe.is_regular:
-                check_capacity(dst.path, dst.fd, final_size)
+            final_size = final_target_size(dst, src.size, target_size, prealloc)
             stats = _native.new_stats()
             reflinked = False
             scan_method = src.scan_method
@@ -302,51 +381,16 @@ def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
                 raise OSError(errno.EXDEV, "reflink needs two files on one filesystem",
                               dst.path)
             if not reflinked:
-                opts = _native.new_copy_opts()
-                opts.size = src.size
-                opts.src_direct_fd = src.direct_fd
-                opts.dst_direct_fd = dst.direct_fd
-                opts.map_fd = src.map_fd
-                opts.map_offset = src.map_offset
-                opts.scan_method = int(src.scan_method)
-                opts.request_size = request_size
-                opts.sparse_size = sparse_size
-                opts.threads = threads
-                flags = 0
-                if dst.fresh or target_is_zero:
-                    flags |= lib.CDM_COPY_TARGET_IS_ZERO
-                if not detect_zeros:
-                    flags |= lib.CDM_COPY_NO_ZERO_DETECT
-                opts.flags = flags
-                opts.target_sector = dst.probe.logical_sector
-                opts.target_is_blockdev = int(dst.probe.is_blockdev)
-                opts.preallocation = PREALLOCATION_MODES[prealloc]
+                opts = copy_opts(src, dst, scan_method=src.scan_method,
+                                 target_is_zero=target_is_zero, preallocation=prealloc,
+                                 tuning=tuning)
                 ctx.call(lib.cdm_copy, src.fd, dst.fd, opts, stats, progress=progress,
                          paths=paths)
-            if final_size > src.size:
-                os.ftruncate(dst.fd, final_size)
-                if prealloc != "off":
-                    ctx.call(lib.cdm_preallocate, dst.fd, dst.direct_fd, 0,
-                             dst.probe.logical_sector, src.size, final_size - src.size,
-                             PREALLOCATION_MODES[prealloc], stats, paths=paths)
-                else:
-                    os.fsync(dst.fd)
-            return CopyResult(
-                source=src.path, target=dst.path, source_format="raw",
-                virtual_size=src.size,
-                bytes_read=stats.bytes_read, bytes_written=stats.bytes_written,
-                bytes_zeroed=stats.bytes_zeroed, bytes_skipped=stats.bytes_skipped,
-                bytes_zero_data=stats.bytes_zero_data,
-                elapsed=time.monotonic() - start, scan_method=scan_method,
-                zero_methods=ZeroMethod.from_mask(stats.zero_methods),
-                zero_fallbacks=stats.zero_fallbacks,
-                direct_read=bool(stats.direct_read), direct_write=bool(stats.direct_write),
-                reflinked=reflinked, preallocation=prealloc,
-                preallocation_applied=prealloc != "off",
-                target_allocated=_allocated(dst.fd) if dst.probe.is_regular else None,
-                scan_note=src.scan_note,
-                alloc_methods=AllocMethod.from_mask(stats.alloc_methods),
-                target_size=final_size if dst.probe.is_regular else None)
+            grow_target(ctx, dst, src.size, final_size, prealloc, stats, paths)
+            return make_result(src.path, dst, stats, source_format="raw",
+                               virtual_size=src.size, start=start, scan_method=scan_method,
+                               preallocation=prealloc, final_size=final_size,
+                               reflinked=reflinked, scan_note=src.scan_note)
     finally:
         if context is None:
             ctx.close()

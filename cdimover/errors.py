@@ -16,6 +16,7 @@ __all__ = [
     "SourceInUseError",
     "CloneValidationError",
     "ConfigurationError",
+    "ChecksumMismatchError",
 ]
 
 
@@ -59,3 +60,7 @@ class CloneValidationError(CdimoverError, ValueError):
 
 class ConfigurationError(CdimoverError, ValueError):
     """A pod or CLI configuration value is missing or malformed."""
+
+
+class ChecksumMismatchError(CdimoverError):
+    """The source's digest differs from the expected checksum; the written image was removed."""

@@ -8,6 +8,9 @@ of the tests).
 import os
 import pathlib
 import re
+import shutil
+import subprocess
+import tempfile
 
 from cffi import FFI
 
@@ -24,6 +27,34 @@ if os.environ.get("CDIMOVER_SANITIZE"):
                       "-fno-sanitize-recover=undefined", "-O1", "-g"]
     extra_link += ["-fsanitize=address,undefined"]
 
+
+def _links(header: str, lib: str, call: str) -> bool:
+    """True when a program using HEADER and CALL compiles and links against -lLIB."""
+    cc = os.environ.get("CC", "cc").split()
+    if shutil.which(cc[0]) is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src = pathlib.Path(tmp, "probe.c")
+        src.write_text(f"#include <{header}>\nint main(void) {{ (void)({call}); return 0; }}\n")
+        try:
+            r = subprocess.run([*cc, str(src), "-o", str(pathlib.Path(tmp, "probe")), f"-l{lib}"],
+                               capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return r.returncode == 0
+
+
+# Compressed QCOW2 clusters: raw deflate through libdeflate when present, else zlib (always
+# linked); zstd when its headers are present (without them zstd images are refused).
+libraries = ["z"]
+macros = [("_GNU_SOURCE", None), ("_FILE_OFFSET_BITS", "64")]
+if _links("zstd.h", "zstd", "ZSTD_versionNumber()"):
+    libraries.append("zstd")
+    macros.append(("CDM_HAVE_ZSTD", None))
+if _links("libdeflate.h", "deflate", "libdeflate_alloc_decompressor() != 0"):
+    libraries.append("deflate")
+    macros.append(("CDM_HAVE_LIBDEFLATE", None))
+
 ffibuilder = FFI()
 ffibuilder.cdef(API[1])
 ffibuilder.cdef('extern "Python" int _cdm_progress_cb(void *, uint64_t, uint64_t);')
@@ -32,7 +63,8 @@ ffibuilder.set_source(
     '#include "cdimover.h"',
     sources=sorted(str(p) for p in HERE.glob("*.c")),
     include_dirs=[str(HERE)],
-    define_macros=[("_GNU_SOURCE", None), ("_FILE_OFFSET_BITS", "64")],
+    define_macros=macros,
+    libraries=libraries,
     extra_compile_args=extra_compile,
     extra_link_args=extra_link,
 )

@@ -167,6 +167,60 @@ int cdm_copy(cdm_ctx *ctx, int src_fd, int dst_fd, const struct cdm_copy_opts *o
              struct cdm_copy_stats *stats);
 int cdm_reflink(cdm_ctx *ctx, int src_fd, int dst_fd);
 
+/* QCOW2 */
+enum cdm_qcow2_compression {
+    CDM_QCOW2_COMPRESSION_ZLIB = 0,   /* raw deflate */
+    CDM_QCOW2_COMPRESSION_ZSTD = 1
+};
+
+enum cdm_qcow2_crypt {
+    CDM_QCOW2_CRYPT_NONE = 0,
+    CDM_QCOW2_CRYPT_AES = 1,
+    CDM_QCOW2_CRYPT_LUKS = 2
+};
+
+/* What cdm_qcow2_inspect found in a validated QCOW2 header.  Names are for reporting only:
+ * the core never opens a backing or data file. */
+struct cdm_qcow2_info {
+    uint64_t virtual_size;            /* bytes */
+    uint64_t file_size;               /* bytes of the image file or device */
+    uint64_t incompatible_features;
+    uint64_t compatible_features;
+    uint64_t autoclear_features;
+    uint64_t l1_table_offset;
+    uint64_t refcount_table_offset;
+    uint64_t snapshots_offset;
+    uint32_t version;                 /* 2 or 3 */
+    uint32_t cluster_bits;            /* 9..21 */
+    uint32_t header_length;
+    uint32_t l1_size;                 /* entries */
+    uint32_t refcount_table_clusters;
+    uint32_t refcount_order;          /* refcount bits = 1 << refcount_order */
+    uint32_t nb_snapshots;
+    uint32_t crypt_method;            /* CDM_QCOW2_CRYPT_* (other values reported as read) */
+    uint32_t compression_type;        /* CDM_QCOW2_COMPRESSION_* */
+    int compression_supported;        /* this build can decompress compression_type */
+    int has_backing;
+    int has_data_file;                /* incompatible bit or data-file name extension */
+    int data_file_raw;                /* autoclear "raw external data" bit */
+    int has_bitmaps;                  /* bitmaps extension present */
+    int extended_l2;
+    int lazy_refcounts;
+    int dirty;
+    int corrupt;
+    char backing_name[1024];          /* NUL-terminated */
+    char backing_format[64];
+    char data_file_name[1024];        /* truncated to 1023 bytes */
+};
+
+/* Validate the QCOW2 header of FD and describe it in OUT (backing files, data files and
+ * encryption are reported, not refused).  0, -errno, -CDM_EFORMAT or -CDM_EUNSUPPORTED. */
+int cdm_qcow2_inspect(cdm_ctx *ctx, int fd, struct cdm_qcow2_info *out);
+/* Convert the QCOW2 image SRC_FD to RAW on DST_FD; OPTS->size is the virtual size from
+ * cdm_qcow2_inspect.  0, -errno, -CDM_EFORMAT, -CDM_EUNSUPPORTED, -CDM_EUNSAFE or
+ * -CDM_ECANCELED. */
+int cdm_qcow2_convert(cdm_ctx *ctx, int src_fd, int dst_fd, const struct cdm_copy_opts *opts,
+                      struct cdm_copy_stats *stats);
 /* cffi:end */
 
 #endif /* CDIMOVER_H */

@@ -125,8 +125,8 @@ static int copy_work(struct cdm_worker *w, const struct cdm_item *item)
 }
 
 /* Check OPTS and fill in defaults: request size, sparse size, threads. */
-static int check_opts(cdm_ctx *ctx, const struct cdm_copy_opts *opts, uint32_t *request,
-                      uint32_t *sparse)
+int cdm_check_copy_opts(cdm_ctx *ctx, const struct cdm_copy_opts *opts, uint32_t *request,
+                        uint32_t *sparse)
 {
     *request = opts->request_size ? opts->request_size : CDM_DEFAULT_REQUEST;
     *sparse = opts->sparse_size ? opts->sparse_size : CDM_DEFAULT_SPARSE;
@@ -153,7 +153,7 @@ int cdm_copy(cdm_ctx *ctx, int src_fd, int dst_fd, const struct cdm_copy_opts *o
     uint32_t request, sparse;
     cdm_clear_error(ctx);
     atomic_store(&ctx->cancel, 0);
-    int rc = check_opts(ctx, opts, &request, &sparse);
+    int rc = cdm_check_copy_opts(ctx, opts, &request, &sparse);
     if (rc < 0)
         return rc;
 
@@ -214,19 +214,27 @@ int cdm_copy(cdm_ctx *ctx, int src_fd, int dst_fd, const struct cdm_copy_opts *o
     rc = cdm_job_run(&job, stats);
     if (opts->preallocation != CDM_PREALLOC_OFF)
         cdm_prealloc_account(stats);
-    if ((rc == 0 || rc == -CDM_ECANCELED) && !(opts->flags & CDM_COPY_NO_SYNC)) {
-        char saved[CDM_ERRMSG_MAX];
-        memcpy(saved, ctx->errmsg, sizeof saved);
-        int side = ctx->errside;
-        int src = cdm_target_sync(&t, ctx);
-        if (rc == 0)
-            rc = src;
-        else {
-            memcpy(ctx->errmsg, saved, sizeof saved);
-            ctx->errside = side;
-        }
-    }
+    rc = cdm_finish_target(ctx, &t, opts, rc);
     cdm_target_fini(&t);
+    return rc;
+}
+
+/* After a job that ended with RC: sync T (also when cancelled, so a re-run finds a
+ * consistent target) unless OPTS says not to.  Returns RC, or the sync's error when RC was 0;
+ * a cancellation keeps its own message. */
+int cdm_finish_target(cdm_ctx *ctx, struct cdm_target *t, const struct cdm_copy_opts *opts,
+                      int rc)
+{
+    if ((rc != 0 && rc != -CDM_ECANCELED) || (opts->flags & CDM_COPY_NO_SYNC))
+        return rc;
+    char saved[CDM_ERRMSG_MAX];
+    memcpy(saved, ctx->errmsg, sizeof saved);
+    int side = ctx->errside;
+    int src = cdm_target_sync(t, ctx);
+    if (rc == 0)
+        return src;
+    memcpy(ctx->errmsg, saved, sizeof saved);
+    ctx->errside = side;
     return rc;
 }
 

@@ -162,6 +162,12 @@ int cdm_prealloc_prepare(struct cdm_target *t, int mode, uint64_t size,
                          struct cdm_copy_stats *st, char *why, size_t why_cap);
 /* prealloc.c: after a preallocating copy, count zeroed ranges as allocated. */
 void cdm_prealloc_account(struct cdm_copy_stats *st);
+/* copy.c: validate OPTS, with the defaults for request and sparse sizes; -EINVAL + message. */
+int cdm_check_copy_opts(cdm_ctx *ctx, const struct cdm_copy_opts *opts, uint32_t *request,
+                        uint32_t *sparse);
+/* copy.c: sync the target after a job ending with RC (also when cancelled); see copy.c. */
+int cdm_finish_target(cdm_ctx *ctx, struct cdm_target *t, const struct cdm_copy_opts *opts,
+                      int rc);
 /* fdatasync the target. */
 int cdm_target_sync(struct cdm_target *t, cdm_ctx *ctx);
 

@@ -182,3 +182,57 @@ def test_loop_create_and_delete(tmp_path: Path, capsys: pytest.CaptureFixture[st
     finally:
         assert main(["loop", "delete", dev]) == 0
     assert not Path(f"/sys/block/{Path(dev).name}/loop").exists()
+
+
+def _qcow2_image(tmp_path: Path) -> Path:
+    from conftest import need_tool
+
+    qemu_img, qemu_io = need_tool("qemu-img"), need_tool("qemu-io")
+    img = tmp_path / "disk.qcow2"
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(img), "16M"], check=True,
+                   env=env)
+    subprocess.run([qemu_io, "-c", "write -P 7 1M 1M", "-c", "write -c -P 9 4M 64k", str(img)],
+                   check=True, capture_output=True, env=env)
+    return img
+
+
+def test_info_json_matches_qemu_img_keys(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    img = _qcow2_image(tmp_path)
+    assert main(["info", "--json", str(img)]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    ref = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(img)],
+                                    check=True, capture_output=True, text=True, env=env).stdout)
+    for key in ("virtual-size", "format", "cluster-size", "dirty-flag"):
+        assert ours[key] == ref[key], key
+    assert ours["format-specific"]["data"]["compat"] == ref["format-specific"]["data"]["compat"]
+
+
+def test_convert_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = _qcow2_image(tmp_path)
+    out = tmp_path / "disk.raw"
+    assert main(["convert", "--json", "-f", "qcow2", str(img), str(out)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["source_format"] == "qcow2" and res["scan_method"] == "qcow2"
+    data = out.read_bytes()
+    assert len(data) == 16 << 20
+    assert data[1 << 20:2 << 20] == b"\x07" * (1 << 20)
+    assert data[4 << 20:(4 << 20) + 65536] == b"\x09" * 65536
+    assert data.count(0) == len(data) - (1 << 20) - 65536
+
+
+def test_convert_refuses_backing_file_in_one_line(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import need_tool
+
+    need_tool("qemu-img")
+    img = tmp_path / "child.qcow2"
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/passwd",
+                    "-F", "raw", str(img), "1M"], check=True, env=env)
+    assert main(["convert", str(img), str(tmp_path / "out.raw")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "backing" in err
+    assert not (tmp_path / "out.raw").exists()

@@ -1,0 +1,1257 @@
+"""Benchmark cdimover's RAW copy beside qemu-img, nbdcopy, cp and dd on loop devices.
+
+Usage (root; loop devices, mkfs.ext4, mkfs.xfs, qemu-img, nbdcopy):
+
+    python3 bench/run.py [--size 4G] [--runs 5] [--scenarios NAME ...] [--json out.json]
+                         [--workdir /var/tmp] [--seed 1] [--keep-going]
+
+Scenarios (default: all but file2blk-dirty):
+
+    blk2file        loop device (cdimover maps the backing file) -> file
+    blkfull2file    loop device, cdimover with scan="full" (every byte read) -> file
+    file2blk        file -> fresh loop device (reads as zeros)
+    blk2blk         loop device (backing-file map) -> fresh loop device
+    ext4            file -> file inside an ext4 filesystem on a loop device
+    xfs             file -> file inside an xfs filesystem (reflink vs `qemu-img convert -C`)
+    scaling         the same data in a SIZE and a 16xSIZE sparse disk, file and loop sources
+    memcg           a dense (all data) SIZE copy file -> file in a 256 MiB memory cgroup
+    file2blk-dirty  file -> loop device over a pre-filled (non-zero) file  (optional)
+
+The source is a virtual disk of SIZE bytes: 25 % data in scattered 1-8 MiB extents (random,
+log-like text and repeated blocks mixed, about 2:1 for zlib), 10 % zeros written as data, the
+rest holes; the layout and the bytes follow from --seed.  It is written once per invocation.
+
+cdimover is run from a snapshot of the installed package copied into the scratch directory at
+start (PYTHONPATH), so rebuilds of the working tree during a long run do not mix builds.
+
+Method: every round runs each tool once, in an order rotated per round (alternating A/B);
+`sync` and drop_caches before each run (cold cache); peers are followed by `sync -d TARGET`
+inside their timed interval (cdimover fdatasyncs itself); every tool, cdimover included
+(bench/_cdm_copy.py), is a child process measured with wait4 (wall, user+sys CPU, peak
+RSS), forked by the small launcher bench/_spawn.c (compiled into the scratch directory) so
+ru_maxrss is the tool's own and not inflated by this runner's pages.  cdimover's output is
+verified with sha256 on every run, the peers' on the first round; allocated bytes are the
+st_blocks of the target file (of the backing file for loop targets).  The table shows
+medians; --json writes every sample.  --warmup N adds N discarded rounds per scenario (all
+but scaling): on a VM whose host caches the disk, the first runs after writing an image can
+be slower while the host flushes.  Loop devices are attached with `losetup --find --show`
+and detached by name, filesystems unmounted, files removed, even on failure or SIGTERM.
+
+The issue's targets, checked per scenario: blk2file <= 0.5 x the best peer; blkfull2file
+<= 0.9 with CPU <= 0.7 x qemu-img's; file2blk <= 0.8; blk2blk <= 0.5; ext4 <= 0.8; xfs
+reflink << 0.1 s (the copy call inside cdimover <= 0.01 s); cdimover's peak RSS <= 64 MiB;
+allocated <= data bytes + 1 %; scaling: 16xSIZE within 20 % (or 0.1 s) of SIZE; memcg:
+cdimover succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+CDM_RUNNER = HERE / "_cdm_copy.py"
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+ALIGN = 4096
+CHUNK = 8 * MiB
+MEMCG_LIMIT = 256 * MiB
+RSS_LIMIT = 64 * MiB
+HASH_LIMIT = 16 * GiB          # beyond this, verify by sparse-aware comparison, not sha256
+
+ALL_SCENARIOS = ["blk2file", "blkfull2file", "file2blk", "blk2blk", "ext4", "xfs",
+                 "scaling", "memcg", "file2blk-dirty"]
+DEFAULT_SCENARIOS = ALL_SCENARIOS[:-1]
+
+# Targets from the issue: scenario -> max ratio of cdimover's median wall time to the best peer's.
+RATIO_TARGETS = {"blk2file": 0.5, "blkfull2file": 0.9, "file2blk": 0.8, "blk2blk": 0.5,
+                 "ext4": 0.8}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", s, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {s!r}")
+    mult = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}[m[2].upper()]
+    n = int(float(m[1]) * mult)
+    if n < 64 * MiB or n % MiB:
+        raise argparse.ArgumentTypeError("size must be a multiple of 1 MiB, at least 64 MiB")
+    return n
+
+
+def fmt_size(n: float) -> str:
+    for unit, div in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def run(argv: Sequence[str], **kw: Any) -> str:
+    """Run a helper command (not a measured one); its stdout, or CalledProcessError."""
+    r = subprocess.run(list(argv), check=True, capture_output=True, text=True, **kw)
+    return str(r.stdout)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scenario image: layout and content
+
+@dataclass
+class Layout:
+    size: int
+    seed: int
+    extents: list[tuple[int, int, str]]       # (offset, length, "data" | "zero"), sorted
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(ln for _, ln, k in self.extents if k == "data")
+
+    @property
+    def zero_bytes(self) -> int:
+        return sum(ln for _, ln, k in self.extents if k == "zero")
+
+
+def _draw_lengths(rng: np.random.Generator, total: int, lo: int, hi: int) -> list[int]:
+    out: list[int] = []
+    left = total
+    while left > 0:
+        n = int(rng.integers(lo // ALIGN, hi // ALIGN + 1)) * ALIGN
+        n = min(n, left)
+        out.append(n)
+        left -= n
+    return out
+
+
+def make_layout(size: int, seed: int, data_frac: float = 0.25, zero_frac: float = 0.10,
+                data_bytes: int | None = None) -> Layout:
+    """Scattered 1-8 MiB extents: DATA_FRAC of SIZE data (or exactly DATA_BYTES), ZERO_FRAC
+    zeros written as data, holes between.  The data extents (lengths and order) depend only on
+    SEED and the data amount, so the same data can be laid out in disks of different sizes."""
+    rng = np.random.default_rng([seed, 1])
+    dbytes = data_bytes if data_bytes is not None else int(size * data_frac) // ALIGN * ALIGN
+    zbytes = int(size * zero_frac) // ALIGN * ALIGN
+    kinds = [(ln, "data") for ln in _draw_lengths(rng, dbytes, 1 * MiB, 8 * MiB)]
+    zrng = np.random.default_rng([seed, 2])
+    kinds += [(ln, "zero") for ln in _draw_lengths(zrng, zbytes, 1 * MiB, 8 * MiB)]
+    order = np.random.default_rng([seed, 3]).permutation(len(kinds))
+    kinds = [kinds[i] for i in order]
+    gap_total = size - dbytes - zbytes
+    if gap_total < 0:
+        raise ValueError("extents do not fit")
+    w = np.random.default_rng([seed, 7, size]).random(len(kinds) + 1)
+    units = gap_total // ALIGN
+    gaps = [int(x) for x in np.floor(w / w.sum() * units)]
+    gaps[-1] += units - sum(gaps)
+    extents = []
+    pos = 0
+    for (ln, kind), g in zip(kinds, gaps):
+        pos += g * ALIGN
+        extents.append((pos, ln, kind))
+        pos += ln
+    assert pos + gaps[-1] * ALIGN == size
+    return Layout(size=size, seed=seed, extents=extents)
+
+
+def dense_layout(size: int, seed: int) -> Layout:
+    rng = np.random.default_rng([seed, 4])
+    extents = []
+    pos = 0
+    for ln in _draw_lengths(rng, size, 1 * MiB, 8 * MiB):
+        extents.append((pos, ln, "data"))
+        pos += ln
+    return Layout(size=size, seed=seed, extents=extents)
+
+
+class Content:
+    """Deterministic, partly repetitive bytes: per 64 KiB block, 35 % random bytes, 40 %
+    slices of a 1 MiB log-like text, 25 % one of 16 random 4 KiB blocks repeated."""
+
+    BLOCK = 64 * KiB
+
+    def __init__(self, seed: int) -> None:
+        rng = np.random.default_rng([seed, 5])
+        letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+        words = [bytes(rng.choice(letters, int(rng.integers(2, 10)))).decode()
+                 for _ in range(300)]
+        svcs = ["kernel", "systemd", "sshd", "kubelet", "containerd", "virt-launcher"]
+        lines = []
+        n = 0
+        t = 1700000000.0
+        while n < MiB + 4 * KiB:
+            t += float(rng.random()) * 3
+            ws = " ".join(words[int(i)] for i in rng.integers(0, len(words),
+                                                               int(rng.integers(4, 14))))
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+            node = int(rng.integers(0, 8))
+            svc = svcs[int(rng.integers(0, len(svcs)))]
+            line = (f"{stamp}.{int(t * 1e6) % 10**6:06d}Z node-{node} "
+                    f"{svc}[{int(rng.integers(1, 40000))}]: {ws} "
+                    f"id={int(rng.integers(0, 1 << 32)):08x}\n")
+            lines.append(line)
+            n += len(line)
+        text = "".join(lines).encode()[:MiB]
+        self.text = np.frombuffer(text + text, dtype=np.uint8)
+        tiles = np.frombuffer(rng.bytes(16 * ALIGN), dtype=np.uint8).reshape(16, ALIGN)
+        self.reps = [np.tile(tiles[i], self.BLOCK // ALIGN) for i in range(16)]
+        self.seed = seed
+
+    def extent(self, index: int, length: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, 6, index])
+        buf = np.empty(length, dtype=np.uint8)
+        nblk = -(-length // self.BLOCK)
+        kinds = rng.choice(3, size=nblk, p=[0.35, 0.4, 0.25])
+        rand = np.frombuffer(rng.bytes(int((kinds == 0).sum()) * self.BLOCK), dtype=np.uint8)
+        ri = 0
+        for b, k in enumerate(kinds):
+            s = b * self.BLOCK
+            e = min(length, s + self.BLOCK)
+            n = e - s
+            if k == 0:
+                buf[s:e] = rand[ri:ri + n]
+                ri += self.BLOCK
+            elif k == 1:
+                o = int(rng.integers(0, MiB))
+                buf[s:e] = self.text[o:o + n]
+            else:
+                buf[s:e] = self.reps[int(rng.integers(0, 16))][:n]
+        return buf
+
+
+def write_image(path: str | Path, layout: Layout, content: Content) -> None:
+    """Write LAYOUT to PATH (created sparse): data extents with CONTENT, zero extents as
+    written zeros, holes untouched; fsync once."""
+    zeros = bytes(CHUNK)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, layout.size)
+        data_i = 0
+        for off, ln, kind in layout.extents:
+            if kind == "data":
+                os.pwrite(fd, content.extent(data_i, ln).data, off)
+                data_i += 1
+            else:
+                done = 0
+                while done < ln:
+                    n = min(CHUNK, ln - done)
+                    os.pwrite(fd, memoryview(zeros)[:n], off + done)
+                    done += n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def compress_ratio(path: str | Path, layout: Layout, sample: int = 16 * MiB) -> float:
+    """zlib (level 6, 64 KiB clusters as in compressed QCOW2) ratio over a sample of data."""
+    raw = comp = 0
+    with open(path, "rb") as f:
+        for off, ln, kind in layout.extents:
+            if kind != "data":
+                continue
+            f.seek(off)
+            for s in range(0, ln, Content.BLOCK):
+                blk = f.read(min(Content.BLOCK, ln - s))
+                raw += len(blk)
+                comp += len(zlib.compress(blk, 6))
+            if raw >= sample:
+                break
+    return raw / comp if comp else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashing and verification
+
+_ZEROS = bytes(CHUNK)
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """Data ranges of FD within [0, SIZE) by SEEK_DATA/SEEK_HOLE."""
+    pos = 0
+    while pos < size:
+        try:
+            d = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return
+            raise
+        if d >= size:
+            return
+        h = min(os.lseek(fd, d, os.SEEK_HOLE), size)
+        yield d, h
+        pos = h
+
+
+def sha256_sparse(path: str | Path, size: int) -> str:
+    """sha256 of the first SIZE bytes of the regular file PATH (holes hashed as zeros without
+    being read).  A file shorter than SIZE gets a distinct marker instead of a hash."""
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    mv = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        real = os.fstat(fd).st_size
+        if real < size:
+            return f"short:{real}"
+        pos = 0
+
+        def zeros(n: int) -> None:
+            while n > 0:
+                k = min(n, CHUNK)
+                h.update(memoryview(_ZEROS)[:k])
+                n -= k
+
+        for d, e in data_extents(fd, size):
+            zeros(d - pos)
+            while d < e:
+                k = os.preadv(fd, [mv[:min(CHUNK, e - d)]], d)
+                if k <= 0:
+                    raise OSError(errno.EIO, f"short read at {d}", str(path))
+                h.update(mv[:k])
+                d += k
+            pos = e
+        zeros(size - pos)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def compare_sparse(a: str | Path, b: str | Path, size: int) -> bool:
+    """Byte equality of the first SIZE bytes of two regular files, reading only the union of
+    their data extents (a hole equals zeros)."""
+    fa = os.open(a, os.O_RDONLY | os.O_CLOEXEC)
+    fb = os.open(b, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(fa).st_size < size or os.fstat(fb).st_size < size:
+            return False
+        ranges = sorted(list(data_extents(fa, size)) + list(data_extents(fb, size)))
+        merged: list[list[int]] = []
+        for s, e in ranges:
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        for s, e in merged:
+            while s < e:
+                n = min(CHUNK, e - s)
+                if os.pread(fa, n, s) != os.pread(fb, n, s):
+                    return False
+                s += n
+        return True
+    finally:
+        for fd in (fa, fb):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def allocated(path: str | Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+# ---------------------------------------------------------------------------------------------
+# System helpers: caches, loop devices, filesystems, cgroups
+
+SETTLE = 0.5      # seconds of quiet after dropping caches (set from --settle)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    time.sleep(SETTLE)
+
+
+def prewarm(path: str | Path, size: int) -> None:
+    """Read PATH's data once and drop it again: in a VM the host may cache the guest's disk,
+    so the first read after writing the image is colder than every later one.  Reading it
+    here makes every measured run equally cold (guest cache dropped, host cache warm)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for d, e in data_extents(fd, size):
+            while d < e:
+                n = len(os.pread(fd, min(CHUNK, e - d), d))
+                if n <= 0:
+                    break
+                d += n
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+class Resources:
+    """Everything the benchmark attaches, mounts or creates, released in reverse order."""
+
+    def __init__(self) -> None:
+        self.stack = contextlib.ExitStack()
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def callback(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.stack.callback(fn, *args)
+
+    def loop(self, backing: str | Path, read_only: bool = False) -> str:
+        dev = run(["losetup", "--find", "--show"] + (["--read-only"] if read_only else [])
+                  + [str(backing)]).strip()
+        if not dev.startswith("/dev/loop"):
+            raise RuntimeError(f"losetup returned {dev!r}")
+        self.stack.callback(detach_loop, dev)
+        return dev
+
+    @contextlib.contextmanager
+    def scoped(self) -> Iterator[Resources]:
+        inner = Resources()
+        try:
+            yield inner
+        finally:
+            inner.close()
+
+
+def detach_loop(dev: str) -> None:
+    for i in range(20):
+        r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        time.sleep(0.1 * (i + 1))
+    log(f"WARNING: could not detach {dev}: {r.stderr.strip()}")
+
+
+def umount(path: str) -> None:
+    for i in range(20):
+        r = subprocess.run(["umount", path], capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        time.sleep(0.1 * (i + 1))
+    log(f"WARNING: could not unmount {path}: {r.stderr.strip()}")
+
+
+def make_fs(res: Resources, workdir: Path, fstype: str, size: int) -> Path:
+    """A fresh FSTYPE filesystem of SIZE bytes in a sparse loop file, mounted; returns the
+    mount point.  Unmounted, detached and removed by RES."""
+    img = workdir / f"{fstype}.fs"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    res.callback(lambda: img.unlink(missing_ok=True))
+    dev = res.loop(img)
+    if fstype == "ext4":
+        run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev])
+    elif fstype == "xfs":
+        run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", dev])
+    else:
+        raise ValueError(fstype)
+    mnt = workdir / f"mnt-{fstype}"
+    mnt.mkdir()
+    res.callback(lambda: mnt.rmdir() if mnt.exists() else None)
+    run(["mount", dev, str(mnt)])
+    res.callback(umount, str(mnt))
+    return mnt
+
+
+class MemCgroup:
+    """A child memory cgroup with a hard limit.  cgroup v2 when its memory controller is
+    available (child of the v2 root); otherwise cgroup v1, as a child of this process's own
+    memory cgroup so the benchmark never leaves the limits it was started under."""
+
+    def __init__(self, limit: int, name: str) -> None:
+        self.limit = limit
+        self.path: Path | None = None
+        mounts = [ln.split() for ln in Path("/proc/self/mounts").read_text().splitlines()]
+        v2 = next((m[1] for m in mounts if m[2] == "cgroup2"), None)
+        if v2 and "memory" in Path(v2, "cgroup.controllers").read_text().split():
+            self.version = 2
+            parent = Path(v2)
+            if "memory" not in Path(parent, "cgroup.subtree_control").read_text().split():
+                Path(parent, "cgroup.subtree_control").write_text("+memory")
+        else:
+            v1 = next((m[1] for m in mounts if m[2] == "cgroup" and "memory" in
+                       m[3].split(",")), None)
+            if v1 is None:
+                raise RuntimeError("no memory cgroup controller (v2 or v1) available")
+            own = next(ln.split(":", 2)[2] for ln in
+                       Path("/proc/self/cgroup").read_text().splitlines()
+                       if "memory" in ln.split(":", 2)[1].split(","))
+            self.version = 1
+            parent = Path(v1) / own.lstrip("/")
+        self.parent = parent
+        self.name = name
+
+    def create(self) -> None:
+        p = self.parent / self.name
+        p.mkdir()
+        self.path = p
+        if self.version == 2:
+            (p / "memory.max").write_text(str(self.limit))
+            if (p / "memory.swap.max").exists():
+                (p / "memory.swap.max").write_text("0")
+        else:
+            (p / "memory.limit_in_bytes").write_text(str(self.limit))
+            if (p / "memory.memsw.limit_in_bytes").exists():
+                (p / "memory.memsw.limit_in_bytes").write_text(str(self.limit))
+
+    def preexec(self) -> Callable[[], None]:
+        procs = str(self.path / "cgroup.procs")  # type: ignore[operator]
+
+        def enter() -> None:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        return enter
+
+    def peak(self) -> int:
+        assert self.path is not None
+        f = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
+        return int((self.path / f).read_text())
+
+    def oom_kills(self) -> int:
+        assert self.path is not None
+        f = "memory.events" if self.version == 2 else "memory.oom_control"
+        for ln in (self.path / f).read_text().splitlines():
+            k, _, v = ln.partition(" ")
+            if k == "oom_kill":
+                return int(v)
+        return 0
+
+    def remove(self) -> None:
+        if self.path is None:
+            return
+        for i in range(50):
+            try:
+                self.path.rmdir()
+                break
+            except OSError as e:
+                if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                    raise
+                time.sleep(0.1)
+        else:
+            log(f"WARNING: could not remove cgroup {self.path}")
+        self.path = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured runs
+
+@dataclass
+class Proc:
+    wall: float
+    utime: float
+    stime: float
+    maxrss: int          # bytes
+    rc: int
+    stdout: str
+    stderr: str
+
+
+SPAWN: str | None = None      # compiled bench/_spawn.c, set by main()
+
+
+def build_spawn(workdir: Path) -> str | None:
+    """Compile bench/_spawn.c into WORKDIR; None (with a warning) when there is no compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    exe = workdir / "_spawn"
+    if cc is not None:
+        r = subprocess.run([cc, "-O2", "-Wall", "-o", str(exe), str(HERE / "_spawn.c")],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            return str(exe)
+        log(f"WARNING: cannot compile _spawn.c: {r.stderr.strip()}")
+    log("WARNING: no C compiler: peak RSS includes the runner's own (os.wait4 from Python)")
+    return None
+
+
+def spawn_measured(argv: Sequence[str], preexec: Callable[[], None] | None = None) -> Proc:
+    """Run ARGV as a child and measure it with wait4: through the _spawn launcher when
+    available (exact ru_maxrss, see _spawn.c), else with os.wait4 here."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile(prefix="rusage-") as ruf:
+        cmd = [SPAWN, ruf.name, *argv] if SPAWN else list(argv)
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                             preexec_fn=preexec)
+        while True:
+            try:
+                _, status, ru = os.wait4(p.pid, 0)
+                break
+            except InterruptedError:
+                continue
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        utime, stime, maxrss = ru.ru_utime, ru.ru_stime, ru.ru_maxrss
+        if SPAWN:
+            fields = Path(ruf.name).read_text().split()
+            if len(fields) == 4:
+                utime, stime, maxrss = float(fields[1]), float(fields[2]), int(fields[3])
+        return Proc(wall=wall, utime=utime, stime=stime, maxrss=maxrss * KiB,
+                    rc=p.returncode, stdout=out.read().decode(errors="replace"),
+                    stderr=err.read().decode(errors="replace"))
+
+
+@dataclass
+class Tool:
+    name: str
+    argv: list[str]
+    sync: str | None = None           # path to `sync -d` after the command (peers)
+    is_cdm: bool = False
+    in_memcg: bool = False
+
+
+@dataclass
+class Sample:
+    scenario: str
+    case: str                          # tool name (or scaling case)
+    round: int
+    position: int
+    wall: float
+    cpu: float
+    utime: float
+    stime: float
+    maxrss: int
+    rc: int
+    allocated: int | None
+    verified: bool | None              # None: not checked this run
+    cdm: dict[str, Any] | None = None
+    sync_wall: float = 0.0             # part of WALL spent in the peer's `sync -d TARGET`
+    memcg_peak: int | None = None
+    memcg_oom_kills: int | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0 and self.verified is not False
+
+
+def timed(tool: Tool, memcg: MemCgroup | None = None) -> tuple[Proc, dict[str, Any]]:
+    """Run TOOL (and the sync of its target) as one timed unit."""
+    extra: dict[str, Any] = {}
+    if memcg is not None and tool.in_memcg:
+        memcg.create()
+    try:
+        pre = memcg.preexec() if memcg is not None and tool.in_memcg else None
+        t0 = time.perf_counter()
+        p = spawn_measured(tool.argv, pre)
+        extra["sync_wall"] = 0.0
+        if p.rc == 0 and tool.sync:
+            s = spawn_measured(["sync", "-d", tool.sync])
+            extra["sync_wall"] = s.wall
+            p.utime += s.utime
+            p.stime += s.stime
+            p.maxrss = max(p.maxrss, s.maxrss)
+            if s.rc != 0:
+                p.rc = s.rc
+                p.stderr += s.stderr
+        p.wall = time.perf_counter() - t0
+        if memcg is not None and tool.in_memcg:
+            extra["memcg_peak"] = memcg.peak()
+            extra["memcg_oom_kills"] = memcg.oom_kills()
+    finally:
+        if memcg is not None and tool.in_memcg:
+            memcg.remove()
+    return p, extra
+
+
+def cdm_tool(src: str, dst: str, *, scan: str = "auto", reflink: str = "auto",
+             target_is_zero: bool = False) -> Tool:
+    argv = [sys.executable, str(CDM_RUNNER), src, dst, "--scan", scan, "--reflink", reflink]
+    if target_is_zero:
+        argv.append("--target-is-zero")
+    return Tool("cdimover", argv, is_cdm=True)
+
+
+def peer_tools(src: str, dst: str, *, dst_is_dev: bool, fresh: bool) -> list[Tool]:
+    qemu = ["qemu-img", "convert", "-W", "-m", "16", "-f", "raw", "-O", "raw"]
+    if dst_is_dev:
+        qemu.append("-n")
+        if fresh:
+            qemu.append("--target-is-zero")
+    nbd = ["nbdcopy"] + (["--destination-is-zero"] if fresh else []) + [src, dst]
+    dd = ["dd", f"if={src}", f"of={dst}", "bs=1M", "status=none"]
+    if fresh:
+        dd.append("conv=sparse,notrunc" if dst_is_dev else "conv=sparse")
+    elif dst_is_dev:
+        dd.append("conv=notrunc")   # conv=sparse would leave the old bytes in place
+    return [Tool("qemu-img", qemu + [src, dst], sync=dst),
+            Tool("nbdcopy", nbd, sync=dst),
+            Tool("cp", ["cp", "--sparse=always", src, dst], sync=dst),
+            Tool("dd", dd, sync=dst)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    workdir: Path
+    content: Content
+    layout: Layout
+    image: Path | None = None
+    image_hash: str = ""
+    samples: list[Sample] = field(default_factory=list)
+    reports: list[str] = field(default_factory=list)
+    checks: list[tuple[str, str, bool | None, str]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def emit(self, text: str) -> None:
+        print(text, flush=True)
+        self.reports.append(text)
+
+    def check(self, scenario: str, what: str, ok: bool | None, detail: str) -> None:
+        self.checks.append((scenario, what, ok, detail))
+
+    def ensure_image(self) -> tuple[Path, str]:
+        if self.image is None:
+            self.image = self.workdir / "source.img"
+            t = time.perf_counter()
+            write_image(self.image, self.layout, self.content)
+            log(f"wrote {self.image} ({fmt_size(allocated(self.image))} allocated) in "
+                f"{time.perf_counter() - t:.1f}s; hashing")
+            self.image_hash = sha256_sparse(self.image, self.layout.size)
+            self.info["source_sha256"] = self.image_hash
+            self.info["source_allocated"] = allocated(self.image)
+            self.info["zlib_ratio"] = compress_ratio(self.image, self.layout)
+        return self.image, self.image_hash
+
+
+def run_rounds(b: Bench, scenario: str, tools: list[Tool], size: int, expect_hash: str,
+               prepare: Callable[[Resources], tuple[str, str]],
+               source_path: str | None = None, memcg: MemCgroup | None = None) -> list[Sample]:
+    """Run every tool ARGS.runs times in rotated order.  PREPARE(res) makes a fresh target
+    and returns (path given to the tool, file whose bytes/allocation are checked); TOOLS'
+    argv use the literal placeholder '{DST}' for the target path."""
+    out: list[Sample] = []
+    n = len(tools)
+    for r in range(-b.args.warmup, b.args.runs):
+        order = [tools[(i + r) % n] for i in range(n)]
+        for pos, tool in enumerate(order):
+            with Resources().scoped() as res:
+                dst, dst_file = prepare(res)
+                t = dataclasses.replace(tool, argv=[a.replace("{DST}", dst) for a in tool.argv],
+                                        sync=tool.sync.replace("{DST}", dst) if tool.sync else None)
+                if t.name == "nbdcopy" and not dst.startswith("/dev/") and not os.path.exists(dst):
+                    with open(dst, "wb") as f:
+                        f.truncate(size)
+                drop_caches()
+                p, extra = timed(t, memcg)
+                s = Sample(scenario=scenario, case=tool.name, round=r, position=pos,
+                           wall=p.wall, cpu=p.utime + p.stime, utime=p.utime, stime=p.stime,
+                           maxrss=p.maxrss, rc=p.rc, allocated=None, verified=None, **extra)
+                if p.rc != 0:
+                    s.error = (p.stderr.strip() or p.stdout.strip())[-2000:]
+                    log(f"  {scenario}/{tool.name} round {r}: exit {p.rc}: {s.error[-300:]}")
+                else:
+                    if tool.is_cdm:
+                        with contextlib.suppress(ValueError, IndexError):
+                            s.cdm = json.loads(p.stdout.strip().splitlines()[-1])
+                    s.allocated = allocated(dst_file)
+                    if r >= 0 and (tool.is_cdm or r == 0):
+                        if size > HASH_LIMIT and source_path is not None:
+                            s.verified = compare_sparse(source_path, dst_file, size)
+                        else:
+                            s.verified = sha256_sparse(dst_file, size) == expect_hash
+                        if not s.verified:
+                            log(f"  {scenario}/{tool.name} round {r}: OUTPUT MISMATCH")
+                            if not b.args.keep_going and tool.is_cdm:
+                                raise RuntimeError(f"{scenario}: cdimover output differs")
+                if r < 0:
+                    log(f"  {scenario} warm-up {tool.name:9s} {s.wall:7.2f}s (discarded)")
+                    continue
+                log(f"  {scenario} r{r} {tool.name:9s} {s.wall:7.2f}s (sync {s.sync_wall:5.2f}s) "
+                    f"cpu {s.cpu:6.2f}s "
+                    f"rss {s.maxrss / MiB:6.1f}MiB alloc "
+                    f"{fmt_size(s.allocated) if s.allocated is not None else '-':>10s} "
+                    f"verified={s.verified}"
+                    + (f" memcg_peak={fmt_size(s.memcg_peak)}" if s.memcg_peak else ""))
+                out.append(s)
+    b.samples.extend(out)
+    return out
+
+
+def med(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+@dataclass
+class Row:
+    case: str
+    wall: float
+    cpu: float
+    rss: float
+    alloc: float | None
+    n_ok: int
+    n: int
+    verified: str
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def summarize(samples: list[Sample]) -> list[Row]:
+    rows = []
+    for case in dict.fromkeys(s.case for s in samples):
+        ss = [s for s in samples if s.case == case]
+        ok = [s for s in ss if s.ok]
+        use = ok or ss
+        allocs = [s.allocated for s in ok if s.allocated is not None]
+        checked = [s.verified for s in ss if s.verified is not None]
+        if any(s.rc != 0 for s in ss):
+            v = "FAILED"
+        elif checked and all(checked):
+            v = f"ok({len(checked)})"
+        elif checked:
+            v = "MISMATCH"
+        else:
+            v = "-"
+        row = Row(case=case, wall=med([s.wall for s in use]), cpu=med([s.cpu for s in use]),
+                  rss=max(s.maxrss for s in use) / MiB,
+                  alloc=(med(allocs) / MiB) if allocs else None, n_ok=len(ok), n=len(ss),
+                  verified=v)
+        inner = [s.cdm["elapsed"] for s in ok if s.cdm]
+        if inner:
+            row.extra["api_s"] = med(inner)
+        peaks = [s.memcg_peak for s in ss if s.memcg_peak is not None]
+        if peaks:
+            row.extra["memcg_peak_mib"] = max(peaks) / MiB
+        rows.append(row)
+    return rows
+
+
+def table(b: Bench, title: str, rows: list[Row], best_peer: float | None,
+          memcg: bool = False) -> str:
+    head = (f"{'tool':<12} {'wall s':>8} {'CPU s':>7} {'RSS MiB':>8} {'alloc MiB':>10} "
+            f"{'ratio':>6} {'api s':>7} {'verified':>9} {'runs':>5}")
+    if memcg:
+        head += f" {'memcg peak MiB':>15}"
+    lines = [title, head, "-" * len(head)]
+    for r in rows:
+        ratio = f"{r.wall / best_peer:6.2f}" if best_peer else f"{'-':>6}"
+        api = f"{r.extra['api_s']:7.3f}" if "api_s" in r.extra else f"{'-':>7}"
+        alloc = f"{r.alloc:10.1f}" if r.alloc is not None else f"{'-':>10}"
+        ln = (f"{r.case:<12} {r.wall:8.3f} {r.cpu:7.3f} {r.rss:8.1f} {alloc} {ratio} {api} "
+              f"{r.verified:>9} {r.n_ok:>2}/{r.n:<2}")
+        if memcg:
+            pk = r.extra.get("memcg_peak_mib")
+            ln += f" {pk:15.1f}" if pk is not None else f" {'-':>15}"
+        lines.append(ln)
+    return "\n".join(lines)
+
+
+def common_checks(b: Bench, scenario: str, rows: list[Row], data_bytes: int,
+                  check_alloc: bool = True) -> None:
+    cdm = next(r for r in rows if r.case == "cdimover")
+    b.check(scenario, "cdimover peak RSS <= 64 MiB", cdm.rss <= RSS_LIMIT / MiB,
+            f"{cdm.rss:.1f} MiB")
+    if check_alloc:
+        lim = data_bytes * 1.01 / MiB
+        ok = cdm.alloc is not None and cdm.alloc <= lim
+        b.check(scenario, "allocated <= data + 1 %", ok,
+                f"{cdm.alloc if cdm.alloc is not None else float('nan'):.1f} MiB vs "
+                f"{lim:.1f} MiB")
+    b.check(scenario, "cdimover output verified every run", cdm.verified.startswith("ok")
+            and cdm.n_ok == cdm.n, f"{cdm.verified}, {cdm.n_ok}/{cdm.n} runs ok")
+
+
+def direction(b: Bench, scenario: str) -> None:
+    size = b.layout.size
+    image, h = b.ensure_image()
+    with Resources().scoped() as res:
+        src: str
+        fresh = True
+        dst_is_dev = scenario in ("file2blk", "blk2blk", "file2blk-dirty")
+        if scenario in ("blk2file", "blkfull2file", "blk2blk"):
+            src = res.loop(image, read_only=True)
+        else:
+            src = str(image)
+        if scenario == "file2blk-dirty":
+            fresh = False
+            filler = np.frombuffer(np.random.default_rng(99).bytes(CHUNK), dtype=np.uint8)
+
+        def prepare(r: Resources) -> tuple[str, str]:
+            if not dst_is_dev:
+                p = b.workdir / "target.img"
+                p.unlink(missing_ok=True)
+                r.callback(lambda: p.unlink(missing_ok=True))
+                return str(p), str(p)
+            back = b.workdir / "target.back"
+            back.unlink(missing_ok=True)
+            r.callback(lambda: back.unlink(missing_ok=True))
+            fd = os.open(back, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                os.ftruncate(fd, size)
+                if not fresh:
+                    for off in range(0, size, CHUNK):
+                        os.pwrite(fd, filler[:min(CHUNK, size - off)].data, off)
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            return r.loop(back), str(back)
+
+        scan = "full" if scenario == "blkfull2file" else "auto"
+        tools = [cdm_tool(src, "{DST}", scan=scan, target_is_zero=dst_is_dev and fresh)]
+        tools += peer_tools(src, "{DST}", dst_is_dev=dst_is_dev, fresh=fresh)
+        samples = run_rounds(b, scenario, tools, size, h, prepare)
+    report_direction(b, scenario, samples, src_desc=describe(scenario))
+
+
+def describe(scenario: str) -> str:
+    return {
+        "blk2file": "loop device -> file (cdimover: loop backing-file map)",
+        "blkfull2file": "loop device -> file (cdimover: scan=full, every byte read)",
+        "file2blk": "file -> fresh loop device (reads as zeros)",
+        "blk2blk": "loop device -> fresh loop device",
+        "file2blk-dirty": "file -> loop device over a pre-filled file",
+        "ext4": "file -> file on ext4 (loop-mounted)",
+        "xfs": "file -> file on xfs (reflink)",
+    }[scenario]
+
+
+def report_direction(b: Bench, scenario: str, samples: list[Sample], src_desc: str) -> None:
+    rows = summarize(samples)
+    peers = [r for r in rows if r.case != "cdimover" and r.n_ok > 0]
+    best = min(peers, key=lambda r: r.wall) if peers else None
+    cdm = next(r for r in rows if r.case == "cdimover")
+    b.emit("\n" + table(b, f"== {scenario}: {src_desc}", rows, best.wall if best else None))
+    if best:
+        b.emit(f"best peer: {best.case} {best.wall:.3f}s; cdimover/best = "
+               f"{cdm.wall / best.wall:.3f}")
+    if scenario in RATIO_TARGETS and best:
+        lim = RATIO_TARGETS[scenario]
+        ratio = cdm.wall / best.wall
+        b.check(scenario, f"time <= {lim} x best peer ({best.case})", ratio <= lim,
+                f"{ratio:.3f}")
+    if scenario == "blkfull2file":
+        q = next((r for r in rows if r.case == "qemu-img" and r.n_ok), None)
+        if q:
+            b.check(scenario, "CPU <= 0.7 x qemu-img's", cdm.cpu <= 0.7 * q.cpu,
+                    f"{cdm.cpu:.3f}s vs {q.cpu:.3f}s = {cdm.cpu / q.cpu:.3f}")
+    if scenario == "xfs":
+        api = cdm.extra.get("api_s", float("nan"))
+        b.check(scenario, "reflink copy << 0.1 s (copy call <= 0.01 s)", api <= 0.01,
+                f"copy call {api * 1000:.1f} ms, process {cdm.wall * 1000:.0f} ms")
+        refl = [s.cdm.get("reflinked") for s in samples if s.cdm]
+        b.check(scenario, "cdimover reflinked", bool(refl) and all(refl),
+                f"reflinked in {sum(bool(x) for x in refl)}/{len(refl)} runs")
+    common_checks(b, scenario, rows, b.layout.data_bytes, check_alloc=scenario != "xfs")
+    if scenario == "xfs":
+        b.check(scenario, "allocated <= data + 1 %", None,
+                "n/a: a reflinked file shares the source's extents (st_blocks counts them)")
+
+
+def in_fs(b: Bench, scenario: str) -> None:
+    fstype = scenario
+    size = b.layout.size
+    _, h = b.ensure_image()
+    with Resources().scoped() as res:
+        mnt = make_fs(res, b.workdir, fstype, size + max(GiB, size // 2))
+        src = mnt / "source.img"
+        res.callback(lambda: src.unlink(missing_ok=True))
+        write_image(src, b.layout, b.content)
+        if sha256_sparse(src, size) != h:
+            raise RuntimeError(f"{scenario}: regenerated source differs from {b.image}")
+        drop_caches()
+
+        def prepare(r: Resources) -> tuple[str, str]:
+            p = mnt / "target.img"
+            p.unlink(missing_ok=True)
+            r.callback(lambda: p.unlink(missing_ok=True))
+            return str(p), str(p)
+
+        tools = [cdm_tool(str(src), "{DST}", reflink="auto")]
+        if fstype == "xfs":
+            tools += [Tool("qemu-img -C", ["qemu-img", "convert", "-C", "-W", "-m", "16",
+                                           "-f", "raw", "-O", "raw", str(src), "{DST}"],
+                           sync="{DST}"),
+                      Tool("cp reflink", ["cp", "--reflink=always", str(src), "{DST}"],
+                           sync="{DST}")]
+        else:
+            tools += peer_tools(str(src), "{DST}", dst_is_dev=False, fresh=True)
+        samples = run_rounds(b, scenario, tools, size, h, prepare)
+    report_direction(b, scenario, samples, src_desc=describe(scenario))
+
+
+def scaling(b: Bench) -> None:
+    small = b.layout.size
+    big = small * 16
+    data = small // 4 // ALIGN * ALIGN
+    with Resources().scoped() as res:
+        imgs = {}
+        for label, sz in (("small", small), ("big", big)):
+            lay = make_layout(sz, b.args.seed, zero_frac=0.0, data_bytes=data)
+            p = b.workdir / f"scaling-{label}.img"
+            res.callback(lambda p=p: p.unlink(missing_ok=True))
+            write_image(p, lay, b.content)
+            hh = sha256_sparse(p, sz) if sz <= HASH_LIMIT else ""
+            if not hh:
+                prewarm(p, sz)     # sha256_sparse has read the others once already
+            imgs[label] = (p, sz, hh, lay)
+            log(f"scaling: {p} {fmt_size(sz)} with {fmt_size(lay.data_bytes)} data in "
+                f"{sum(1 for e in lay.extents if e[2] == 'data')} extents")
+        loops = {k: res.loop(v[0], read_only=True) for k, v in imgs.items()}
+        dst = b.workdir / "scaling-target.img"
+
+        samples: list[Sample] = []
+        cases = [("file", "small"), ("file", "big"), ("loop", "small"), ("loop", "big")]
+        for r in range(b.args.runs):
+            for pos in range(len(cases)):
+                kind, label = cases[(pos + r) % len(cases)]
+                p, sz, hh, _ = imgs[label]
+                src = str(p) if kind == "file" else loops[label]
+                name = f"{kind} {fmt_size(sz).replace('.00 ', '')}"
+                dst.unlink(missing_ok=True)
+                try:
+                    tool = cdm_tool(src, str(dst))
+                    drop_caches()
+                    pr, _ = timed(tool)
+                    s = Sample(scenario="scaling", case=name, round=r, position=pos,
+                               wall=pr.wall, cpu=pr.utime + pr.stime, utime=pr.utime,
+                               stime=pr.stime, maxrss=pr.maxrss, rc=pr.rc, allocated=None,
+                               verified=None)
+                    if pr.rc == 0:
+                        with contextlib.suppress(ValueError, IndexError):
+                            s.cdm = json.loads(pr.stdout.strip().splitlines()[-1])
+                        s.allocated = allocated(dst)
+                        s.verified = (sha256_sparse(dst, sz) == hh if hh
+                                      else compare_sparse(p, dst, sz))
+                    else:
+                        s.error = pr.stderr.strip()[-2000:]
+                    log(f"  scaling r{r} {name:12s} {s.wall:7.3f}s api "
+                        f"{(s.cdm or {}).get('elapsed', float('nan')):.3f}s verified={s.verified}")
+                    samples.append(s)
+                finally:
+                    dst.unlink(missing_ok=True)
+    b.samples.extend(samples)
+    rows = summarize(samples)
+    b.emit("\n" + table(b, f"== scaling: {fmt_size(data)} of data in {fmt_size(small)} and "
+                           f"{fmt_size(big)} sparse disks -> file (cdimover only)", rows, None))
+    by = {r.case: r for r in rows}
+    for kind in ("file", "loop"):
+        a = by[f"{kind} {fmt_size(small).replace('.00 ', '')}"]
+        z = by[f"{kind} {fmt_size(big).replace('.00 ', '')}"]
+        ok = z.wall <= a.wall * 1.2 or z.wall - a.wall <= 0.1
+        b.check("scaling", f"{kind} source: 16x disk time ~ 1x (<= 1.2x or +0.1 s)", ok,
+                f"{a.wall:.3f}s vs {z.wall:.3f}s = {z.wall / a.wall:.2f}x")
+    for row in rows:
+        b.check("scaling", f"{row.case}: verified, RSS <= 64 MiB",
+                row.verified.startswith("ok") and row.rss <= RSS_LIMIT / MiB,
+                f"{row.verified}, {row.rss:.1f} MiB")
+
+
+def memcg_scenario(b: Bench) -> None:
+    size = b.layout.size
+    lay = dense_layout(size, b.args.seed)
+    mc = MemCgroup(MEMCG_LIMIT, f"cdimover-bench-{os.getpid()}")
+    with Resources().scoped() as res:
+        src = b.workdir / "dense.img"
+        res.callback(lambda: src.unlink(missing_ok=True))
+        t = time.perf_counter()
+        write_image(src, lay, b.content)
+        h = sha256_sparse(src, size)
+        log(f"memcg: dense source {fmt_size(size)} written+hashed in "
+            f"{time.perf_counter() - t:.1f}s; cgroup v{mc.version} under {mc.parent}")
+
+        def prepare(r: Resources) -> tuple[str, str]:
+            p = b.workdir / "dense-target.img"
+            p.unlink(missing_ok=True)
+            r.callback(lambda: p.unlink(missing_ok=True))
+            return str(p), str(p)
+
+        tools = [cdm_tool(str(src), "{DST}")]
+        tools += [tl for tl in peer_tools(str(src), "{DST}", dst_is_dev=False, fresh=True)
+                  if tl.name in ("qemu-img", "cp")]
+        for tl in tools:
+            tl.in_memcg = True
+        samples = run_rounds(b, "memcg", tools, size, h, prepare, memcg=mc)
+    rows = summarize(samples)
+    b.emit("\n" + table(b, f"== memcg: dense {fmt_size(size)} file -> file inside a "
+                           f"{fmt_size(MEMCG_LIMIT)} memory cgroup (v{mc.version})", rows,
+                        None, memcg=True))
+    cdm = next(r for r in rows if r.case == "cdimover")
+    b.check("memcg", "cdimover succeeds in 256 MiB memcg", cdm.n_ok == cdm.n and cdm.n > 0,
+            f"{cdm.n_ok}/{cdm.n} runs ok, cgroup peak "
+            f"{cdm.extra.get('memcg_peak_mib', float('nan')):.1f} MiB")
+    b.check("memcg", "cdimover peak RSS <= 64 MiB", cdm.rss <= RSS_LIMIT / MiB,
+            f"{cdm.rss:.1f} MiB")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def snapshot_package(workdir: Path, wait: float) -> dict[str, str]:
+    """Copy the installed cdimover package (Python files and the built extension) into
+    WORKDIR/pkg and point PYTHONPATH there, so one consistent build serves the whole run even
+    while the working tree is being edited and rebuilt.  Retries for WAIT seconds until the
+    copy imports."""
+    import importlib.util
+    spec = importlib.util.find_spec("cdimover")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("cdimover is not installed")
+    src = Path(list(spec.submodule_search_locations)[0])
+    dst = workdir / "pkg" / "cdimover"
+    env = dict(os.environ, PYTHONPATH=str(dst.parent))
+    deadline = time.monotonic() + wait
+    while True:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        r = subprocess.run([sys.executable, "-c", "import cdimover; print(cdimover.__file__)"],
+                           env=env, capture_output=True, text=True, cwd="/")
+        if r.returncode == 0 and r.stdout.strip().startswith(str(dst)):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cdimover from {src} does not import: {r.stderr.strip()[-500:]}")
+        log(f"cdimover does not import yet ({r.stderr.strip().splitlines()[-1:]}); retrying")
+        time.sleep(15)
+    os.environ["PYTHONPATH"] = str(dst.parent)
+    h = hashlib.sha256()
+    for f in sorted(dst.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    head = subprocess.run(["git", "-C", str(src.parent), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(src.parent), "status", "--porcelain", "--",
+                            "cdimover", "csrc"], capture_output=True, text=True).stdout.strip()
+    return {"cdimover_from": str(src), "cdimover_snapshot_sha256": h.hexdigest()[:16],
+            "cdimover_git": (head or "?") + (" + uncommitted changes" if dirty else "")}
+
+
+def versions() -> dict[str, str]:
+    def first(argv: list[str]) -> str:
+        try:
+            return run(argv).splitlines()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            return "?"
+    cpu = next((ln.split(":", 1)[1].strip() for ln in
+                Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+               "?")
+    return {"kernel": platform.release(), "cpu": cpu, "ncpu": str(os.cpu_count()),
+            "python": platform.python_version(), "qemu-img": first(["qemu-img", "--version"]),
+            "nbdcopy": first(["nbdcopy", "--version"]), "cp": first(["cp", "--version"]),
+            "dd": first(["dd", "--version"])}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("--size", type=parse_size, default=4 * GiB, help="virtual disk size (4G)")
+    ap.add_argument("--runs", type=int, default=5, help="rounds per scenario (5)")
+    ap.add_argument("--scenarios", nargs="+", default=DEFAULT_SCENARIOS,
+                    choices=ALL_SCENARIOS, metavar="NAME", help=" ".join(ALL_SCENARIOS))
+    ap.add_argument("--json", type=Path, help="write every sample here")
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                    help="parent of the scratch directory (on the host filesystem)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--wait-import", type=float, default=600,
+                    help="seconds to wait for a cdimover build that imports (600)")
+    ap.add_argument("--warmup", type=int, default=0,
+                    help="untimed rounds before the measured ones, per scenario (0)")
+    ap.add_argument("--settle", type=float, default=0.5,
+                    help="seconds to wait after dropping caches before each run (0.5)")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="continue after a cdimover output mismatch")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        ap.error("needs root (loop devices, mounts, drop_caches, cgroups)")
+    for tool in ("losetup", "qemu-img", "nbdcopy", "mkfs.ext4", "mkfs.xfs"):
+        if shutil.which(tool) is None:
+            ap.error(f"{tool} not found")
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
+
+    workdir = Path(tempfile.mkdtemp(prefix="cdimover-bench-", dir=args.workdir))
+    global SPAWN, SETTLE
+    SETTLE = args.settle
+    SPAWN = build_spawn(workdir)
+    try:
+        pkg = snapshot_package(workdir, args.wait_import)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    t_start = time.perf_counter()
+    content = Content(args.seed)
+    layout = make_layout(args.size, args.seed)
+    b = Bench(args=args, workdir=workdir, content=content, layout=layout)
+    b.info.update(versions())
+    b.info.update(pkg)
+    status = 0
+    try:
+        n_data = sum(1 for e in layout.extents if e[2] == "data")
+        b.emit(f"cdimover bench: size {fmt_size(args.size)}, {args.runs} runs "
+               f"(+{args.warmup} warm-up), seed {args.seed}, "
+               f"scenarios {' '.join(args.scenarios)}")
+        b.emit(f"host: {b.info['cpu']} x{b.info['ncpu']}, kernel {b.info['kernel']}; "
+               f"{b.info['qemu-img']}; {b.info['nbdcopy']}; {b.info['cp']}")
+        b.emit(f"cdimover: snapshot {pkg['cdimover_snapshot_sha256']} of {pkg['cdimover_from']} "
+               f"(git {pkg['cdimover_git']})")
+        b.emit(f"source: {fmt_size(layout.data_bytes)} data in {n_data} extents of 1-8 MiB, "
+               f"{fmt_size(layout.zero_bytes)} zeros written as data, rest holes")
+        for sc in args.scenarios:
+            log(f"scenario {sc}")
+            t = time.perf_counter()
+            try:
+                if sc in ("ext4", "xfs"):
+                    in_fs(b, sc)
+                elif sc == "scaling":
+                    scaling(b)
+                elif sc == "memcg":
+                    memcg_scenario(b)
+                else:
+                    direction(b, sc)
+            except (subprocess.CalledProcessError, OSError, RuntimeError) as e:
+                msg = e.stderr if isinstance(e, subprocess.CalledProcessError) else ""
+                log(f"scenario {sc} failed: {e} {msg}")
+                b.emit(f"\n== {sc}: ERROR {e} {msg}".rstrip())
+                b.check(sc, "scenario ran", False, str(e))
+                status = 1
+            log(f"scenario {sc} took {time.perf_counter() - t:.0f}s")
+            if "source_allocated" in b.info and "zlib_ratio" in b.info and not b.info.get("_shown"):
+                b.info["_shown"] = True
+                b.emit(f"source image: allocated {fmt_size(b.info['source_allocated'])}, "
+                       f"zlib ratio of data {b.info['zlib_ratio']:.2f}:1")
+        b.emit("\n== targets")
+        for sc, what, ok, detail in b.checks:
+            mark = {True: "PASS", False: "FAIL", None: "n/a "}[ok]
+            b.emit(f"{mark}  {sc:<14} {what:<48} {detail}")
+            if ok is False:
+                status = 1
+        b.emit(f"\ntotal bench time {time.perf_counter() - t_start:.0f}s")
+    finally:
+        if b.image is not None:
+            b.image.unlink(missing_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+        if args.json:
+            doc = {"args": {k: str(v) if isinstance(v, Path) else v
+                            for k, v in vars(args).items()},
+                   "info": {k: v for k, v in b.info.items() if not k.startswith("_")},
+                   "layout": {"size": layout.size, "data_bytes": layout.data_bytes,
+                              "zero_bytes": layout.zero_bytes,
+                              "extents": layout.extents},
+                   "samples": [dataclasses.asdict(s) for s in b.samples],
+                   "checks": [{"scenario": sc, "target": w, "pass": ok, "detail": d}
+                              for sc, w, ok, d in b.checks]}
+            args.json.write_text(json.dumps(doc, indent=1))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

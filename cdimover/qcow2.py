@@ -1,0 +1,283 @@
+"""QCOW2 images: inspection and conversion to RAW by the native core.
+
+``inspect()`` reports what ``qemu-img info`` reports, from a header the core has validated;
+``info_json()`` renders it in qemu-img's JSON shape.  ``convert()`` writes the guest disk of a
+QCOW2 image straight onto a file or block device, sparse and durable, through the same target
+writer as ``copy()``.  The image is untrusted: a malformed one raises ImageFormatError, one
+that refers to other files (backing file, external data file) raises UnsafeImageError, and one
+using an unsupported feature (encryption, a compression type this build lacks) raises
+UnsupportedImageError -- all before the target is opened, so a refused image never truncates
+an existing target.  No file but the source and the target is ever opened.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from . import _native
+from ._native import Context, ProgressFn, ffi, lib
+from .copy import Source, Tuning, copy_opts, final_target_size, grow_target, make_result
+from .copy import copy as copy_raw
+from .copy import open_source, open_target
+from .errors import ImageFormatError, UnsafeImageError, UnsupportedImageError
+from .prealloc import preallocation_mode
+from .types import CopyResult, ScanMethod
+
+__all__ = ["ImageInfo", "inspect", "convert", "info_json", "refusal", "QCOW2_MAGIC"]
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+Format = Literal["auto", "raw", "qcow2"]
+
+_COMPRESSION = {lib.CDM_QCOW2_COMPRESSION_ZLIB: "zlib", lib.CDM_QCOW2_COMPRESSION_ZSTD: "zstd"}
+_CRYPT = {lib.CDM_QCOW2_CRYPT_AES: "aes", lib.CDM_QCOW2_CRYPT_LUKS: "luks"}
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """What an image is, as far as a validated header tells (no data is read).
+
+    For RAW images only ``filename``, ``format``, ``virtual_size``, ``actual_size`` and
+    ``file_size`` carry information.  ``backing_file`` and ``data_file`` are the names stored
+    in the image (None when absent); they are reported, never opened.
+    """
+
+    filename: str
+    format: str                        # "raw" | "qcow2"
+    virtual_size: int
+    actual_size: int                   # bytes allocated to the image file
+    file_size: int                     # bytes of the image file or device
+    cluster_size: int | None = None
+    version: int | None = None         # 2 or 3
+    compat: str | None = None          # "0.10" (v2) | "1.1" (v3)
+    backing_file: str | None = None
+    backing_format: str | None = None
+    data_file: str | None = None
+    data_file_raw: bool = False
+    encrypted: bool = False
+    encryption_format: str | None = None   # "aes" | "luks" | "unknown(N)"
+    compression_type: str | None = None    # "zlib" | "zstd"
+    compression_supported: bool = True
+    extended_l2: bool = False
+    lazy_refcounts: bool = False
+    refcount_bits: int | None = None
+    dirty: bool = False
+    corrupt: bool = False
+    bitmaps: bool = False
+    nb_snapshots: int = 0
+    l1_size: int = 0
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+
+
+def _string(field: Any) -> str:
+    return str(ffi.string(field).decode("utf-8", errors="surrogateescape"))
+
+
+def _qcow2_info(out: Any, path: str, actual_size: int) -> ImageInfo:
+    version = int(out.version)
+    crypt = int(out.crypt_method)
+    return ImageInfo(
+        filename=path, format="qcow2", virtual_size=int(out.virtual_size),
+        actual_size=actual_size, file_size=int(out.file_size),
+        cluster_size=1 << int(out.cluster_bits), version=version,
+        compat="0.10" if version == 2 else "1.1",
+        backing_file=_string(out.backing_name) if out.has_backing else None,
+        backing_format=_string(out.backing_format) or None,
+        data_file=_string(out.data_file_name) if out.has_data_file else None,
+        data_file_raw=bool(out.data_file_raw),
+        encrypted=crypt != lib.CDM_QCOW2_CRYPT_NONE,
+        encryption_format=_CRYPT.get(crypt, f"unknown({crypt})") if crypt else None,
+        compression_type=_COMPRESSION[int(out.compression_type)],
+        compression_supported=bool(out.compression_supported),
+        extended_l2=bool(out.extended_l2), lazy_refcounts=bool(out.lazy_refcounts),
+        refcount_bits=1 << int(out.refcount_order), dirty=bool(out.dirty),
+        corrupt=bool(out.corrupt), bitmaps=bool(out.has_bitmaps),
+        nb_snapshots=int(out.nb_snapshots), l1_size=int(out.l1_size),
+        incompatible_features=int(out.incompatible_features),
+        compatible_features=int(out.compatible_features),
+        autoclear_features=int(out.autoclear_features))
+
+
+def _choose_format(fd: int, requested: str, path: str) -> str:
+    """The format to read FD as: RAW is never probed; "qcow2" needs the magic; "auto" picks
+    QCOW2 exactly when the magic is there."""
+    if requested not in ("auto", "raw", "qcow2"):
+        raise ValueError(f"format={requested!r}: expected 'auto', 'raw' or 'qcow2'")
+    if requested == "raw":
+        return "raw"
+    if os.pread(fd, 4, 0) == QCOW2_MAGIC:
+        return "qcow2"
+    if requested == "qcow2":
+        raise ImageFormatError(f"{path}: not a QCOW2 image (no QFI\\xfb magic at offset 0)")
+    return "raw"
+
+
+def _inspect_fd(ctx: Context, fd: int, path: str, fmt: str, probe: _native.Probe) -> ImageInfo:
+    actual = os.fstat(fd).st_blocks * 512 if probe.is_regular else 0
+    if fmt == "raw":
+        return ImageInfo(filename=path, format="raw", virtual_size=probe.size,
+                         actual_size=actual, file_size=probe.size)
+    out = ffi.new("struct cdm_qcow2_info *")
+    try:
+        ctx.call(lib.cdm_qcow2_inspect, fd, out, paths=(path, path))
+    except ImageFormatError as e:
+        raise type(e)(f"{path}: {e}") from None
+    return _qcow2_info(out, path, actual)
+
+
+def inspect(path: str | os.PathLike[str], *, format: Format = "auto") -> ImageInfo:
+    """Describe the image at PATH (a file or block device) without reading its data.
+
+    FORMAT "raw" takes the bytes as they are, even when they start with a QCOW2 header;
+    "qcow2" requires the QCOW2 magic (ImageFormatError otherwise); "auto" chooses QCOW2 when
+    the magic is present.  Images with backing files, external data files or encryption are
+    described, not refused; malformed headers raise ImageFormatError, unknown incompatible
+    features UnsupportedImageError.
+    """
+    p = os.fspath(path)
+    with Context() as ctx:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            probe = _native.probe(ctx, fd, p)
+            return _inspect_fd(ctx, fd, p, _choose_format(fd, format, p), probe)
+        finally:
+            os.close(fd)
+
+
+def refusal(info: ImageInfo) -> Exception | None:
+    """The error convert() raises for INFO before touching the target, or None when the image
+    may be converted.  The core applies the same rules again when converting."""
+    name = info.filename
+    if info.format != "qcow2":
+        return None
+    if info.backing_file is not None:
+        return UnsafeImageError(
+            f"{name}: the image has a backing file {info.backing_file!r}; backing files are "
+            f"never opened")
+    if info.data_file is not None:
+        return UnsafeImageError(
+            f"{name}: the image keeps its data in an external data file {info.data_file!r}; "
+            f"data files are never opened")
+    if info.encrypted:
+        return UnsupportedImageError(
+            f"{name}: the image is encrypted ({info.encryption_format}); encrypted images are "
+            f"not supported")
+    if info.corrupt:
+        return ImageFormatError(
+            f"{name}: the image is marked corrupt; repair it with qemu-img check -r all")
+    if not info.compression_supported:
+        return UnsupportedImageError(
+            f"{name}: compression type {info.compression_type} is not supported by this build")
+    return None
+
+
+def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
+            source_format: Format = "auto", preallocation: str | bool = "off",
+            target_is_zero: bool = False, progress: ProgressFn | None = None,
+            target_size: int | None = None, threads: int = 0, request_size: int = 0,
+            context: Context | None = None) -> CopyResult:
+    """Write the guest disk of SOURCE (QCOW2 or RAW) to TARGET as RAW, bit-exact, sparse and
+    durable.
+
+    - SOURCE_FORMAT: "auto" converts QCOW2 when the magic is present and copies RAW otherwise;
+      "raw" copies byte for byte even when the data starts with a QCOW2 header; "qcow2"
+      requires the magic.  RAW sources go through cdimover.copy.copy().
+    - TARGET: a missing or regular file is (re)created with the virtual size; a block device
+      must hold it (TargetTooSmallError) and keeps its bytes past it.
+    - PREALLOCATION: "off", "falloc" or "full", as for copy(): the image's unallocated and
+      zero clusters are allocated on the target, data is written once.
+    - TARGET_SIZE: grow a file target to this size (never below the virtual size).
+    - TARGET_IS_ZERO: an existing block-device target is known to read as zeros.
+    - PROGRESS: progress(done, total) in guest bytes, as for copy().
+
+    Raises ImageFormatError for malformed images and the corrupt bit, UnsafeImageError for
+    backing and external data files, UnsupportedImageError for encryption, unknown features
+    and compression types this build lacks -- all before TARGET is opened.
+    """
+    if source_format not in ("auto", "raw", "qcow2"):
+        raise ValueError(f"source_format={source_format!r}: expected 'auto', 'raw' or 'qcow2'")
+    prealloc = preallocation_mode(preallocation)
+    tuning = Tuning(threads=threads, request_size=request_size)
+    start = time.monotonic()
+    ctx = context or Context()
+    try:
+        with open_source(source, scan="full", ctx=ctx) as src:
+            fmt = _choose_format(src.fd, source_format, src.path)
+            if fmt == "qcow2":
+                return _convert_qcow2(ctx, src, target, target_is_zero=target_is_zero,
+                                      progress=progress, start=start, preallocation=prealloc,
+                                      target_size=target_size, tuning=tuning)
+        return copy_raw(source, target, target_is_zero=target_is_zero, progress=progress,
+                        preallocation=prealloc, target_size=target_size, threads=threads,
+                        request_size=request_size, context=ctx)
+    finally:
+        if context is None:
+            ctx.close()
+
+
+def _convert_qcow2(ctx: Context, src: Source, target: str | os.PathLike[str], *,
+                   target_is_zero: bool, progress: ProgressFn | None, start: float,
+                   preallocation: str, target_size: int | None, tuning: Tuning) -> CopyResult:
+    info = _inspect_fd(ctx, src.fd, src.path, "qcow2", src.probe)
+    refused = refusal(info)
+    if refused is not None:
+        raise refused
+    with open_target(target, info.virtual_size, source=src, ctx=ctx) as dst:
+        paths = (src.path, dst.path)
+        final_size = final_target_size(dst, info.virtual_size, target_size, preallocation)
+        opts = copy_opts(src, dst, scan_method=ScanMethod.QCOW2, target_is_zero=target_is_zero,
+                         preallocation=preallocation, tuning=tuning)
+        opts.size = info.virtual_size
+        opts.map_fd = -1
+        stats = _native.new_stats()
+        try:
+            ctx.call(lib.cdm_qcow2_convert, src.fd, dst.fd, opts, stats, progress=progress,
+                     paths=paths)
+        except (ImageFormatError, UnsafeImageError) as e:
+            raise type(e)(f"{src.path}: {e}") from None
+        grow_target(ctx, dst, info.virtual_size, final_size, preallocation, stats, paths)
+        return make_result(
+            src.path, dst, stats, source_format="qcow2", virtual_size=info.virtual_size,
+            start=start, scan_method=ScanMethod.QCOW2, preallocation=preallocation,
+            final_size=final_size,
+            scan_note=f"qcow2 v{info.version}, {info.cluster_size}-byte clusters"
+                      f"{', extended L2' if info.extended_l2 else ''}")
+
+
+def info_json(info: ImageInfo) -> dict[str, Any]:
+    """INFO in the shape of ``qemu-img info --output=json`` (the keys cdimover knows: no
+    snapshot list, no full-backing-filename, encryption parameters reduced to the format)."""
+    out: dict[str, Any] = {
+        "virtual-size": info.virtual_size,
+        "filename": info.filename,
+        "format": info.format,
+        "actual-size": info.actual_size,
+        "dirty-flag": info.dirty,
+    }
+    if info.format != "qcow2":
+        return out
+    out["cluster-size"] = info.cluster_size
+    data: dict[str, Any] = {"compat": info.compat, "compression-type": info.compression_type}
+    if info.version != 2:
+        data["lazy-refcounts"] = info.lazy_refcounts
+    data["refcount-bits"] = info.refcount_bits
+    if info.encrypted:
+        data["encrypt"] = {"format": info.encryption_format}
+        out["encrypted"] = True
+    if info.data_file is not None:
+        data["data-file"] = info.data_file
+        data["data-file-raw"] = info.data_file_raw
+    if info.version != 2:
+        data["corrupt"] = info.corrupt
+        data["extended-l2"] = info.extended_l2
+    out["format-specific"] = {"type": "qcow2", "data": data}
+    if info.backing_file is not None:
+        out["backing-filename"] = info.backing_file
+        if info.backing_format:
+            out["backing-filename-format"] = info.backing_format
+    return out
