@@ -79,7 +79,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from .errors import (
     CdimoverError,
@@ -88,7 +88,12 @@ from .errors import (
     TargetTooSmallError,
     UnsupportedImageError,
 )
-from .metrics import DEFAULT_ADDRESS, MetricsServer, ProgressCounter, new_registry
+if TYPE_CHECKING:
+    from .metrics import MetricsServer, ProgressCounter
+
+# Where progress is served by default, as CDI's pods do; the metrics module (and with it
+# prometheus_client and http.server) is loaded only when a pod command runs.
+DEFAULT_ADDRESS: Final = ":8443"
 from .sizing import DEFAULT_OVERHEAD, format_size, parse_overhead, parse_quantity
 
 __all__ = [
@@ -805,6 +810,8 @@ def _cmd_pod(args: argparse.Namespace) -> int:
             cfg = clone_config(env, mount_point=args.mount_point, destination=args.destination)
         else:
             cfg = import_config(env, endpoint=args.endpoint, destination=args.destination)
+        from .metrics import MetricsServer, ProgressCounter, new_registry
+
         counter = ProgressCounter(kind, cfg.owner_uid)
         certfile = args.tls_cert or _get(env, "METRICS_TLS_CERT_FILE")
         keyfile = args.tls_key or _get(env, "METRICS_TLS_KEY_FILE")

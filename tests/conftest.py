@@ -17,6 +17,10 @@ from hypothesis import HealthCheck, settings
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# The environment for outside tools (qemu-img, qemu-io, openssl, ...): without the sanitizer
+# runtime that the ASan run of the suite preloads, which would hang or fail them.
+TOOL_ENV = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
 settings.register_profile(
     "default", deadline=None, max_examples=25,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

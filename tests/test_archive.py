@@ -23,7 +23,7 @@ import pytest
 import cdimover
 from cdimover import CloneValidationError, SourceInUseError, TargetTooSmallError, loopdev
 from cdimover.volume import check_not_in_use, clone
-from conftest import need_loop, need_root, need_tool
+from conftest import TOOL_ENV, need_loop, need_root, need_tool
 from layouts import Layout, Segment, allocated_blocks, nonzero_blocks, write_layout
 
 MiB = 1 << 20
@@ -366,9 +366,8 @@ def test_archive_source_in_use(tmp_path: Path) -> None:
     qemu_io = need_tool("qemu-io")
     src, tgt = volume_dir(tmp_path, "src"), volume_dir(tmp_path, "tgt")
     write_layout(src / "disk.img", DISK)
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     proc = subprocess.Popen([qemu_io, "-f", "raw", str(src / "disk.img")], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=TOOL_ENV)
     try:
         deadline = time.monotonic() + 10
         while True:

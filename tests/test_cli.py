@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cdimover.cli import main
+from conftest import TOOL_ENV
 from layouts import Layout, Segment, sha256_prefix, write_layout
 
 
@@ -189,11 +190,10 @@ def _qcow2_image(tmp_path: Path) -> Path:
 
     qemu_img, qemu_io = need_tool("qemu-img"), need_tool("qemu-io")
     img = tmp_path / "disk.qcow2"
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(img), "16M"], check=True,
-                   env=env)
+                   env=TOOL_ENV)
     subprocess.run([qemu_io, "-c", "write -P 7 1M 1M", "-c", "write -c -P 9 4M 64k", str(img)],
-                   check=True, capture_output=True, env=env)
+                   check=True, capture_output=True, env=TOOL_ENV)
     return img
 
 
@@ -202,9 +202,9 @@ def test_info_json_matches_qemu_img_keys(tmp_path: Path,
     img = _qcow2_image(tmp_path)
     assert main(["info", "--json", str(img)]) == 0
     ours = json.loads(capsys.readouterr().out)
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     ref = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(img)],
-                                    check=True, capture_output=True, text=True, env=env).stdout)
+                                    check=True, capture_output=True, text=True,
+                                    env=TOOL_ENV).stdout)
     for key in ("virtual-size", "format", "cluster-size", "dirty-flag"):
         assert ours[key] == ref[key], key
     assert ours["format-specific"]["data"]["compat"] == ref["format-specific"]["data"]["compat"]
@@ -229,9 +229,8 @@ def test_convert_refuses_backing_file_in_one_line(tmp_path: Path,
 
     need_tool("qemu-img")
     img = tmp_path / "child.qcow2"
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/passwd",
-                    "-F", "raw", str(img), "1M"], check=True, env=env)
+                    "-F", "raw", str(img), "1M"], check=True, env=TOOL_ENV)
     assert main(["convert", str(img), str(tmp_path / "out.raw")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "backing" in err

@@ -29,7 +29,7 @@ from cdimover.errors import TargetTooSmallError
 from cdimover.metrics import ProgressCounter, new_registry, parse_address
 from cdimover.pod import MAX_MESSAGE, failure_message, success_message
 from cdimover.sizing import usable_space
-from conftest import need, need_root, need_tool
+from conftest import TOOL_ENV, need, need_root, need_tool
 from layouts import Layout, Segment, nonzero_blocks, sha256_prefix, write_layout
 
 MiB = 1 << 20
@@ -195,7 +195,7 @@ def qcow2_of(raw: Path, tmp_path: Path) -> Path:
     qemu_img = need_tool("qemu-img")
     out = tmp_path / (raw.stem + ".qcow2")
     subprocess.run([qemu_img, "convert", "-f", "raw", "-O", "qcow2", str(raw), str(out)],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=TOOL_ENV)
     return out
 
 
@@ -432,7 +432,7 @@ def test_import_refuses_qcow2_with_backing_file(tmp_path: Path) -> None:
     write_layout(base, SMALL)
     overlay = tmp_path / "overlay.qcow2"
     subprocess.run([qemu_img, "create", "-f", "qcow2", "-b", str(base), "-F", "raw",
-                    str(overlay)], check=True, capture_output=True)
+                    str(overlay)], check=True, capture_output=True, env=TOOL_ENV)
     dst = tmp_path / "data"
     dst.mkdir()
     p, message = run_pod("import", tmp_path, dict(IMPORTER_ENDPOINT=str(overlay),
@@ -603,7 +603,8 @@ def test_metrics_over_tls(tmp_path: Path, popen: Callable[..., subprocess.Popen[
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
+                   env=TOOL_ENV)
     image = tmp_path / "image.raw"
     write_layout(image, SMALL)
     dst = tmp_path / "data"

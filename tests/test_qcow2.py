@@ -26,11 +26,10 @@ from hypothesis import strategies as st
 from cdimover import ImageFormatError, ScanMethod, TargetTooSmallError, UnsafeImageError
 from cdimover import UnsupportedImageError
 from cdimover.qcow2 import ImageInfo, convert, info_json, inspect
-from conftest import need_tool
+from conftest import TOOL_ENV, need_tool
 
 MiB = 1 << 20
 # qemu tools must not inherit a sanitizer runtime preloaded for the extension (they hang).
-TOOL_ENV = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
 
 
 # ---- helpers ------------------------------------------------------------------------------

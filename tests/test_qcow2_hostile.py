@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from conftest import need_tool
+from conftest import TOOL_ENV, need_tool
 
 FORMAT = "ImageFormatError"
 UNSUPPORTED = "UnsupportedImageError"
@@ -40,7 +40,6 @@ ANY_REFUSAL = FORMAT_FAMILY | {UNSAFE, OK}
 
 PER_IMAGE_SECONDS = 30
 # qemu tools must not inherit a sanitizer runtime preloaded for the extension (they hang).
-TOOL_ENV = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
 ADDRESS_SPACE = 1 << 30
 SANITIZED = "asan" in os.environ.get("LD_PRELOAD", "") or bool(os.environ.get("CDIMOVER_SANITIZE"))
 

@@ -25,7 +25,7 @@ from cdimover import CloneValidationError, SourceInUseError, TargetTooSmallError
 from cdimover import volume as volume_mod
 from cdimover.sizing import format_size, parse_quantity, required_space, usable_space
 from cdimover.volume import CloneResult, Volume, check_not_in_use, clone
-from conftest import need_loop, need_tool
+from conftest import TOOL_ENV, need_loop, need_tool
 from layouts import Layout, Segment, allocated_blocks, nonzero_blocks, sha256_prefix, \
     write_layout
 
@@ -84,18 +84,13 @@ def device_of(mount_point: Path) -> str:
     raise AssertionError(f"no DEVNAME in {uevent}")
 
 
-def tool_env() -> dict[str, str]:
-    """The environment for external tools: without a sanitizer LD_PRELOAD meant for us."""
-    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-
-
 @contextmanager
 def running(args: list[str], ready: Callable[[], bool], what: str) -> Iterator[
         subprocess.Popen[bytes]]:
     """Run ARGS with a stdin pipe until READY() holds (10 s at most); on exit end exactly that
     process (stdin closed, then SIGTERM, then SIGKILL)."""
     proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=tool_env())
+                            stderr=subprocess.PIPE, env=TOOL_ENV)
     try:
         deadline = time.monotonic() + 10
         while not ready():
