@@ -2,6 +2,7 @@
 
     python3 bench/_cdm_copy.py SRC DST [--scan auto|seek|loop|full] [--reflink auto|never|always]
                                [--target-is-zero] [--threads N] [--request-size BYTES]
+                               [--preallocation off|falloc|full]
 
 A subprocess of its own so the runner can take wall time, CPU time and peak RSS of the whole
 copy (interpreter start-up included, as a CLI would pay it) with os.wait4, like any peer.
@@ -28,10 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-is-zero", action="store_true")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--request-size", type=int, default=0)
+    p.add_argument("--preallocation", default="off", choices=["off", "falloc", "full"])
     a = p.parse_args(argv)
     t_import = time.monotonic() - T0
     r = cdimover.copy(a.source, a.target, target_is_zero=a.target_is_zero, reflink=a.reflink,
-                      scan=a.scan, threads=a.threads, request_size=a.request_size)
+                      scan=a.scan, threads=a.threads, request_size=a.request_size,
+                      preallocation=a.preallocation)
     out = {
         "import_s": t_import,
         "elapsed": r.elapsed,
@@ -48,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         "direct_write": r.direct_write,
         "reflinked": r.reflinked,
         "target_allocated": r.target_allocated,
+        "preallocation": r.preallocation,
+        "alloc_methods": [m.label for m in r.alloc_methods],
         "module": cdimover.__file__,
     }
     json.dump(out, sys.stdout)

@@ -32,8 +32,8 @@ Command-line flags override the paths: ``--mount-point``, ``--destination``, ``-
 (``HOST:PORT``, default ``:8443``; ``none`` serves nothing).  ``--tls-cert`` and
 ``--tls-key`` (or ``METRICS_TLS_CERT_FILE`` and ``METRICS_TLS_KEY_FILE``), PEM files, make
 the endpoint HTTPS.  ``--metrics-linger SECONDS`` keeps serving the final value after the
-work is done, for a last scrape.  ``pod import`` takes ``--threads`` and ``--request-size``
-for RAW sources.
+work is done, for a last scrape.  Both take ``--threads`` and ``--request-size``
+to tune the copy (RAW sources, for an import).
 
 **Sizes.**  Before writing, an import compares the image's virtual size with the target's
 capacity: CDI's usable space (free space after ``FILESYSTEM_OVERHEAD``) for a Filesystem
@@ -528,7 +528,8 @@ def _sync_quietly(path: str) -> None:
 # Clone
 
 
-def run_clone(cfg: CloneConfig, counter: ProgressCounter) -> bool:
+def run_clone(cfg: CloneConfig, counter: ProgressCounter, *, threads: int = 0,
+              request_size: int = 0) -> bool:
     """Clone the volume at CFG.mount_point into CFG.destination through volume.clone, feeding
     COUNTER; return whether preallocation was applied."""
     from .volume import FILESYSTEM, Volume, clone
@@ -549,7 +550,7 @@ def run_clone(cfg: CloneConfig, counter: ProgressCounter) -> bool:
     try:
         result = clone(src, dst, content_type="kubevirt", preallocation=cfg.preallocation,
                        filesystem_overhead=cfg.filesystem_overhead, target_size=target_size,
-                       progress=progress.copied)
+                       progress=progress.copied, threads=threads, request_size=request_size)
     except BaseException:
         _sync_quietly(dst.disk_path)
         raise
@@ -820,7 +821,8 @@ def _cmd_pod(args: argparse.Namespace) -> int:
                                    certfile=certfile, keyfile=keyfile).start()
         start = time.monotonic()
         if isinstance(cfg, CloneConfig):
-            applied = run_clone(cfg, counter)
+            applied = run_clone(cfg, counter, threads=args.threads,
+                                request_size=args.request_size)
             source, target = cfg.mount_point, cfg.destination
         else:
             applied = run_import(cfg, counter, threads=args.threads,
@@ -872,6 +874,10 @@ def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
                         "(default 0)")
     shared.add_argument("--destination", metavar="PATH",
                         help="the target volume (overrides DESTINATION)")
+    shared.add_argument("--threads", type=_count, default=0,
+                        help="worker threads of the copy (default: the copy's)")
+    shared.add_argument("--request-size", type=_request_size, default=0, metavar="SIZE",
+                        help="bytes per I/O request (default: the copy's)")
 
     c = pods.add_parser(
         "clone", parents=[common, shared], help="clone a volume (VOLUME_MODE, MOUNT_POINT, "
@@ -883,7 +889,7 @@ def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
         "FILESYSTEM_OVERHEAD (0.06), UPLOAD_IMAGE_SIZE (grow disk.img to this quantity).")
     c.add_argument("--mount-point", metavar="PATH",
                    help="the source volume (overrides MOUNT_POINT)")
-    c.set_defaults(func=_cmd_pod, endpoint=None, threads=0, request_size=0)
+    c.set_defaults(func=_cmd_pod, endpoint=None)
 
     i = pods.add_parser(
         "import", parents=[common, shared], help="import an image (IMPORTER_ENDPOINT, "
@@ -896,8 +902,4 @@ def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
         "DESTINATION (default /dev/cdi-block-volume or /data).")
     i.add_argument("--endpoint", metavar="PATH_OR_URL",
                    help="the image (overrides IMPORTER_ENDPOINT)")
-    i.add_argument("--threads", type=_count, default=0,
-                   help="worker threads for RAW sources (default: the copy's)")
-    i.add_argument("--request-size", type=_request_size, default=0, metavar="SIZE",
-                   help="bytes per I/O request for RAW sources (default: the copy's)")
     i.set_defaults(func=_cmd_pod, mount_point=None)

@@ -401,7 +401,8 @@ def _as_volume(v: PathOrVolume, overhead: Overhead) -> Volume:
 def clone(source: PathOrVolume, target: PathOrVolume, *, content_type: str = KUBEVIRT,
           preallocation: bool = False, filesystem_overhead: Overhead = 0.06,
           target_size: int | str | None = None, force: bool = False,
-          progress: ProgressFn | None = None) -> CloneResult:
+          progress: ProgressFn | None = None, threads: int = 0,
+          request_size: int = 0) -> CloneResult:
     """Clone volume SOURCE into volume TARGET (each a path or a :class:`Volume`).
 
     - CONTENT_TYPE ``"kubevirt"`` copies the disk (``disk.img`` or the device) between any two
@@ -415,6 +416,7 @@ def clone(source: PathOrVolume, target: PathOrVolume, *, content_type: str = KUB
     - FORCE: skip the in-use checks of the source.
     - PROGRESS: ``progress(done, total)`` in bytes, as for :func:`cdimover.copy.copy`; a true
       return value cancels (CopyCancelled).
+    - THREADS, REQUEST_SIZE: the copy's worker threads and bytes per request (0: defaults).
 
     Raises, before writing anything: CloneValidationError for a broken rule (content type,
     volume modes, archive with a Block volume, missing source disk, bad TARGET_SIZE, source and
@@ -453,7 +455,8 @@ def clone(source: PathOrVolume, target: PathOrVolume, *, content_type: str = KUB
         _prepare_disk_image(dst.disk_path)
     result = copy_disk(src.disk_path, dst.disk_path,
                        preallocation=_preallocation_arg(preallocation), progress=progress,
-                       target_size=grow_to if dst.mode == FILESYSTEM else None)
+                       target_size=grow_to if dst.mode == FILESYSTEM else None,
+                       threads=threads, request_size=request_size)
     disk_size = result.target_size if dst.mode == FILESYSTEM else None
     return CloneResult(
         source_mode=src.mode, target_mode=dst.mode, source_path=src.path, target_path=dst.path,

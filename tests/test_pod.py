@@ -721,3 +721,27 @@ def test_parse_address(text: str, expected: tuple[str, int]) -> None:
 def test_parse_address_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="--metrics-address"):
         parse_address(text)
+
+
+def test_sigterm_mid_clone_then_rerun_succeeds(
+        tmp_path: Path, loopdev: Callable[..., str],
+        popen: Callable[..., subprocess.Popen[str]]) -> None:
+    src = volume(tmp_path, "src", "block", DENSE, loopdev)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    port = free_port()
+    proc = popen(pod_args("clone", tmp_path, "--threads", "1", "--request-size", "4Ki",
+                          metrics=f"127.0.0.1:{port}"), clone_env(src, str(dst)))
+    values = watch(proc, f"http://127.0.0.1:{port}/metrics",
+                   "kubevirt_cdi_clone_progress_total", until=lambda v: v >= 5)
+    assert values[-1] < 100, "the clone finished before the signal could be sent"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert (tmp_path / "termination-log").read_text() == (
+        "Unable to process data: clone " + CANCEL_TEXT.format(sig="SIGTERM", kind="clone"))
+    assert sha256_prefix(dst / "disk.img", DENSE.size) != sha256_prefix(src, DENSE.size)
+    p, message = run_pod("clone", tmp_path, clone_env(src, str(dst)))
+    assert p.returncode == 0, p.stderr
+    assert message == '{"message":"Clone Complete","preallocationApplied":false}'
+    assert sha256_prefix(dst / "disk.img", DENSE.size) == sha256_prefix(src, DENSE.size)
