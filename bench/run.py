@@ -16,6 +16,14 @@ Scenarios (default: all but file2blk-dirty):
     scaling         the same data in a SIZE and a 16xSIZE sparse disk, file and loop sources
     memcg           a dense (all data) SIZE copy file -> file in a 256 MiB memory cgroup
     file2blk-dirty  file -> loop device over a pre-filled (non-zero) file  (optional)
+    qcow2           the source as QCOW2 (64 KiB clusters) -> file and -> fresh loop device,
+                    cdimover.convert vs `qemu-img convert -f qcow2 -O raw`  (optional)
+    qcow2-compressed  the source as compressed QCOW2 (zlib; zstd as an extra row) -> file
+                    (optional)
+    prealloc        a SIZE blank target preallocated: falloc on a fresh file (vs fallocate),
+                    falloc and full on a fresh loop device (vs dd from /dev/zero,
+                    oflag=direct), and a copy with preallocation="full" (vs
+                    `qemu-img convert -o preallocation=full`)  (optional)
 
 The source is a virtual disk of SIZE bytes: 25 % data in scattered 1-8 MiB extents (random,
 log-like text and repeated blocks mixed, about 2:1 for zlib), 10 % zeros written as data, the
@@ -42,6 +50,16 @@ The issue's targets, checked per scenario: blk2file <= 0.5 x the best peer; blkf
 reflink << 0.1 s (the copy call inside cdimover <= 0.01 s); cdimover's peak RSS <= 64 MiB;
 allocated <= data bytes + 1 %; scaling: 16xSIZE within 20 % (or 0.1 s) of SIZE; memcg:
 cdimover succeeds.
+
+Targets of the optional scenarios: qcow2 -> file and -> device <= 0.7 x qemu-img's time,
+peak RSS <= 64 MiB (qemu-img's shown beside it), output sha256 = the RAW source's;
+qcow2-compressed (zlib) <= 0.5 x qemu-img's, same checks (the zstd rows have no time target);
+prealloc: file falloc <= 1.0 x fallocate's time, or both <= 0.2 s (both are near-instant, so
+the process start-up of an interpreter dominates; the rule passes when either holds); device
+falloc and full <= 0.5 x dd's, the backing file >= SIZE allocated after cdimover (really
+provisioned) and reading as zeros; copy with preallocation="full" <= 0.8 x qemu-img's,
+bytes verified and the target >= SIZE allocated.  cdimover's QCOW2 conversions run through
+bench/_cdm_convert.py, its blank disks through bench/_cdm_prealloc.py.
 """
 
 from __future__ import annotations
@@ -72,6 +90,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 CDM_RUNNER = HERE / "_cdm_copy.py"
+CDM_CONVERT = HERE / "_cdm_convert.py"
+CDM_PREALLOC = HERE / "_cdm_prealloc.py"
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 ALIGN = 4096
@@ -80,13 +100,16 @@ MEMCG_LIMIT = 256 * MiB
 RSS_LIMIT = 64 * MiB
 HASH_LIMIT = 16 * GiB          # beyond this, verify by sparse-aware comparison, not sha256
 
-ALL_SCENARIOS = ["blk2file", "blkfull2file", "file2blk", "blk2blk", "ext4", "xfs",
-                 "scaling", "memcg", "file2blk-dirty"]
-DEFAULT_SCENARIOS = ALL_SCENARIOS[:-1]
+DEFAULT_SCENARIOS = ["blk2file", "blkfull2file", "file2blk", "blk2blk", "ext4", "xfs",
+                     "scaling", "memcg"]
+ALL_SCENARIOS = DEFAULT_SCENARIOS + ["file2blk-dirty", "qcow2", "qcow2-compressed", "prealloc"]
 
 # Targets from the issue: scenario -> max ratio of cdimover's median wall time to the best peer's.
 RATIO_TARGETS = {"blk2file": 0.5, "blkfull2file": 0.9, "file2blk": 0.8, "blk2blk": 0.5,
-                 "ext4": 0.8}
+                 "ext4": 0.8, "qcow2": 0.7, "qcow2-blk": 0.7, "qcow2-compressed": 0.5}
+PREALLOC_FILE_FLOOR = 0.2      # s: prealloc-file passes when both tools take at most this
+PREALLOC_BLK_TARGET = 0.5      # x dd's time, falloc and full on a loop device
+PREALLOC_COPY_TARGET = 0.8     # x qemu-img -o preallocation=full
 
 
 def log(msg: str) -> None:
@@ -367,6 +390,66 @@ def compare_sparse(a: str | Path, b: str | Path, size: int) -> bool:
             os.close(fd)
 
 
+def reads_as_zeros(path: str | Path, size: int) -> bool:
+    """PATH (a regular file) is at least SIZE bytes long and its first SIZE bytes read as
+    zeros (holes and unwritten extents skipped by SEEK_DATA, data extents compared)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size < size:
+            return False
+        buf = bytearray(CHUNK)
+        mv = memoryview(buf)
+        for d, e in data_extents(fd, size):
+            while d < e:
+                k = os.preadv(fd, [mv[:min(CHUNK, e - d)]], d)
+                if k <= 0:
+                    raise OSError(errno.EIO, f"short read at {d}", str(path))
+                if np.count_nonzero(np.frombuffer(buf, dtype=np.uint8, count=k)):
+                    return False
+                d += k
+        return True
+    finally:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_FLAG_SYNC = 0x1
+FIEMAP_EXTENT_LAST = 0x1
+FIEMAP_EXTENT_UNWRITTEN = 0x800
+
+
+def extent_kinds(path: str | Path) -> dict[str, int]:
+    """Bytes of PATH's extents by FIEMAP: "written" and "unwritten" (allocated but not yet
+    written: reads as zeros without data on disk), "extents" their count."""
+    import fcntl
+    import struct
+    out = {"written": 0, "unwritten": 0, "extents": 0}
+    batch = 512
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        start = 0
+        while True:
+            buf = bytearray(struct.pack("=QQIIII", start, 2**64 - 1 - start, FIEMAP_FLAG_SYNC,
+                                        0, batch, 0) + bytes(56 * batch))
+            fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
+            n = struct.unpack_from("=I", buf, 20)[0]
+            if n == 0:
+                break
+            last = False
+            for i in range(n):
+                lg, _, ln, _, _, fl = struct.unpack_from("=QQQQQI", buf, 32 + 56 * i)
+                out["unwritten" if fl & FIEMAP_EXTENT_UNWRITTEN else "written"] += ln
+                out["extents"] += 1
+                start = lg + ln
+                last = last or bool(fl & FIEMAP_EXTENT_LAST)
+            if last:
+                break
+    finally:
+        os.close(fd)
+    return out
+
+
 def allocated(path: str | Path) -> int:
     return os.stat(path).st_blocks * 512
 
@@ -637,6 +720,7 @@ class Sample:
     memcg_peak: int | None = None
     memcg_oom_kills: int | None = None
     error: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)    # from run_rounds' PROBE
 
     @property
     def ok(self) -> bool:
@@ -737,10 +821,13 @@ class Bench:
 
 def run_rounds(b: Bench, scenario: str, tools: list[Tool], size: int, expect_hash: str,
                prepare: Callable[[Resources], tuple[str, str]],
-               source_path: str | None = None, memcg: MemCgroup | None = None) -> list[Sample]:
+               source_path: str | None = None, memcg: MemCgroup | None = None,
+               verify: Callable[[str], bool] | None = None,
+               probe: Callable[[str], dict[str, Any]] | None = None) -> list[Sample]:
     """Run every tool ARGS.runs times in rotated order.  PREPARE(res) makes a fresh target
     and returns (path given to the tool, file whose bytes/allocation are checked); TOOLS'
-    argv use the literal placeholder '{DST}' for the target path."""
+    argv use the literal placeholder '{DST}' for the target path.  VERIFY(file), when given,
+    replaces the comparison with EXPECT_HASH; PROBE(file) fills Sample.stats."""
     out: list[Sample] = []
     n = len(tools)
     for r in range(-b.args.warmup, b.args.runs):
@@ -766,8 +853,12 @@ def run_rounds(b: Bench, scenario: str, tools: list[Tool], size: int, expect_has
                         with contextlib.suppress(ValueError, IndexError):
                             s.cdm = json.loads(p.stdout.strip().splitlines()[-1])
                     s.allocated = allocated(dst_file)
+                    if probe is not None:
+                        s.stats = probe(dst_file)
                     if r >= 0 and (tool.is_cdm or r == 0):
-                        if size > HASH_LIMIT and source_path is not None:
+                        if verify is not None:
+                            s.verified = verify(dst_file)
+                        elif size > HASH_LIMIT and source_path is not None:
                             s.verified = compare_sparse(source_path, dst_file, size)
                         else:
                             s.verified = sha256_sparse(dst_file, size) == expect_hash
@@ -837,17 +928,20 @@ def summarize(samples: list[Sample]) -> list[Row]:
 
 
 def table(b: Bench, title: str, rows: list[Row], best_peer: float | None,
-          memcg: bool = False) -> str:
-    head = (f"{'tool':<12} {'wall s':>8} {'CPU s':>7} {'RSS MiB':>8} {'alloc MiB':>10} "
+          memcg: bool = False, ratio_to: dict[str, float] | None = None) -> str:
+    """RATIO_TO: per-case denominators of the ratio column (cases not in it use BEST_PEER)."""
+    w = max([12] + [len(r.case) for r in rows])
+    head = (f"{'tool':<{w}} {'wall s':>8} {'CPU s':>7} {'RSS MiB':>8} {'alloc MiB':>10} "
             f"{'ratio':>6} {'api s':>7} {'verified':>9} {'runs':>5}")
     if memcg:
         head += f" {'memcg peak MiB':>15}"
     lines = [title, head, "-" * len(head)]
     for r in rows:
-        ratio = f"{r.wall / best_peer:6.2f}" if best_peer else f"{'-':>6}"
+        den = (ratio_to or {}).get(r.case, best_peer)
+        ratio = f"{r.wall / den:6.2f}" if den else f"{'-':>6}"
         api = f"{r.extra['api_s']:7.3f}" if "api_s" in r.extra else f"{'-':>7}"
         alloc = f"{r.alloc:10.1f}" if r.alloc is not None else f"{'-':>10}"
-        ln = (f"{r.case:<12} {r.wall:8.3f} {r.cpu:7.3f} {r.rss:8.1f} {alloc} {ratio} {api} "
+        ln = (f"{r.case:<{w}} {r.wall:8.3f} {r.cpu:7.3f} {r.rss:8.1f} {alloc} {ratio} {api} "
               f"{r.verified:>9} {r.n_ok:>2}/{r.n:<2}")
         if memcg:
             pk = r.extra.get("memcg_peak_mib")
@@ -857,10 +951,12 @@ def table(b: Bench, title: str, rows: list[Row], best_peer: float | None,
 
 
 def common_checks(b: Bench, scenario: str, rows: list[Row], data_bytes: int,
-                  check_alloc: bool = True) -> None:
+                  check_alloc: bool = True, rss_beside: str | None = None) -> None:
+    """RSS_BESIDE: a peer whose peak RSS is shown next to cdimover's."""
     cdm = next(r for r in rows if r.case == "cdimover")
+    peer = next((r for r in rows if r.case == rss_beside), None) if rss_beside else None
     b.check(scenario, "cdimover peak RSS <= 64 MiB", cdm.rss <= RSS_LIMIT / MiB,
-            f"{cdm.rss:.1f} MiB")
+            f"{cdm.rss:.1f} MiB" + (f" ({peer.case} {peer.rss:.1f} MiB)" if peer else ""))
     if check_alloc:
         lim = data_bytes * 1.01 / MiB
         ok = cdm.alloc is not None and cdm.alloc <= lim
@@ -922,10 +1018,14 @@ def describe(scenario: str) -> str:
         "file2blk-dirty": "file -> loop device over a pre-filled file",
         "ext4": "file -> file on ext4 (loop-mounted)",
         "xfs": "file -> file on xfs (reflink)",
+        "qcow2": "QCOW2 (64 KiB clusters) -> file",
+        "qcow2-blk": "QCOW2 (64 KiB clusters) -> fresh loop device (reads as zeros)",
+        "qcow2-compressed": "compressed QCOW2 (64 KiB clusters) -> file",
     }[scenario]
 
 
-def report_direction(b: Bench, scenario: str, samples: list[Sample], src_desc: str) -> None:
+def report_direction(b: Bench, scenario: str, samples: list[Sample], src_desc: str,
+                     rss_beside: str | None = None) -> None:
     rows = summarize(samples)
     peers = [r for r in rows if r.case != "cdimover" and r.n_ok > 0]
     best = min(peers, key=lambda r: r.wall) if peers else None
@@ -951,7 +1051,8 @@ def report_direction(b: Bench, scenario: str, samples: list[Sample], src_desc: s
         refl = [s.cdm.get("reflinked") for s in samples if s.cdm]
         b.check(scenario, "cdimover reflinked", bool(refl) and all(refl),
                 f"reflinked in {sum(bool(x) for x in refl)}/{len(refl)} runs")
-    common_checks(b, scenario, rows, b.layout.data_bytes, check_alloc=scenario != "xfs")
+    common_checks(b, scenario, rows, b.layout.data_bytes, check_alloc=scenario != "xfs",
+                  rss_beside=rss_beside)
     if scenario == "xfs":
         b.check(scenario, "allocated <= data + 1 %", None,
                 "n/a: a reflinked file shares the source's extents (st_blocks counts them)")
@@ -1094,6 +1195,248 @@ def memcg_scenario(b: Bench) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# QCOW2 conversion and preallocation scenarios
+
+def file_target(b: Bench, name: str = "target.img") -> Callable[[Resources], tuple[str, str]]:
+    """A PREPARE for run_rounds: a path in the scratch directory, no file yet."""
+    def prepare(r: Resources) -> tuple[str, str]:
+        p = b.workdir / name
+        p.unlink(missing_ok=True)
+        r.callback(lambda: p.unlink(missing_ok=True))
+        return str(p), str(p)
+    return prepare
+
+
+def loop_target(b: Bench, size: int,
+                name: str = "target.back") -> Callable[[Resources], tuple[str, str]]:
+    """A PREPARE for run_rounds: a fresh loop device over a new sparse SIZE file (reads as
+    zeros); the tool gets the device, the checks look at the backing file."""
+    def prepare(r: Resources) -> tuple[str, str]:
+        back = b.workdir / name
+        back.unlink(missing_ok=True)
+        r.callback(lambda: back.unlink(missing_ok=True))
+        with open(back, "wb") as f:
+            f.truncate(size)
+        return r.loop(back), str(back)
+    return prepare
+
+
+def convert_tool(src: str, dst: str, *, name: str = "cdimover", target_is_zero: bool = False,
+                 preallocation: str = "off") -> Tool:
+    argv = [sys.executable, str(CDM_CONVERT), src, dst, "--source-format", "qcow2",
+            "--preallocation", preallocation]
+    if target_is_zero:
+        argv.append("--target-is-zero")
+    return Tool(name, argv, is_cdm=True)
+
+
+def qemu_to_raw(src: str, dst: str, *, name: str = "qemu-img", dst_is_dev: bool = False) -> Tool:
+    argv = ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", "-W", "-m", "16"]
+    if dst_is_dev:
+        argv += ["-n", "--target-is-zero"]
+    return Tool(name, argv + [src, dst], sync=dst)
+
+
+def make_qcow2(b: Bench, res: Resources, raw: Path, name: str, opts: list[str]) -> Path:
+    """RAW converted to QCOW2 with qemu-img (64 KiB clusters plus OPTS), verified to read back
+    as RAW with qemu-img compare, prewarmed; removed by RES."""
+    out = b.workdir / name
+    res.callback(lambda: out.unlink(missing_ok=True))
+    t = time.perf_counter()
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *opts, str(raw), str(out)])
+    took = time.perf_counter() - t
+    run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(raw), str(out)])
+    info = json.loads(run(["qemu-img", "info", "--output=json", str(out)]))
+    data = info.get("format-specific", {}).get("data", {})
+    st = os.stat(out)
+    desc = (f"{name}: {' '.join(opts)}; file {fmt_size(st.st_size)}, allocated "
+            f"{fmt_size(st.st_blocks * 512)}, cluster {info.get('cluster-size')}, "
+            f"compression {data.get('compression-type', '?')}; written in {took:.1f}s")
+    log(desc)
+    b.emit(f"image {desc}")
+    b.info.setdefault("qcow2_images", {})[name] = {
+        "opts": opts, "file_size": st.st_size, "allocated": st.st_blocks * 512,
+        "cluster_size": info.get("cluster-size"),
+        "compression_type": data.get("compression-type"), "convert_s": took}
+    prewarm(out, st.st_size)
+    return out
+
+
+def qcow2_scenario(b: Bench, scenario: str) -> None:
+    size = b.layout.size
+    image, h = b.ensure_image()
+    with Resources().scoped() as res:
+        if scenario == "qcow2":
+            q = str(make_qcow2(b, res, image, "source.qcow2", ["-o", "cluster_size=65536"]))
+            tools = [convert_tool(q, "{DST}"), qemu_to_raw(q, "{DST}")]
+            samples = run_rounds(b, "qcow2", tools, size, h, file_target(b))
+            report_direction(b, "qcow2", samples, describe("qcow2"), rss_beside="qemu-img")
+            b.emit(api_line(samples))
+            tools = [convert_tool(q, "{DST}", target_is_zero=True),
+                     qemu_to_raw(q, "{DST}", dst_is_dev=True)]
+            samples = run_rounds(b, "qcow2-blk", tools, size, h, loop_target(b, size))
+            report_direction(b, "qcow2-blk", samples, describe("qcow2-blk"),
+                             rss_beside="qemu-img")
+            b.emit(api_line(samples))
+            return
+        zl = str(make_qcow2(b, res, image, "source-zlib.qcow2",
+                            ["-c", "-o", "cluster_size=65536,compression_type=zlib"]))
+        zs = str(make_qcow2(b, res, image, "source-zstd.qcow2",
+                            ["-c", "-o", "cluster_size=65536,compression_type=zstd"]))
+        tools = [convert_tool(zl, "{DST}"), qemu_to_raw(zl, "{DST}"),
+                 convert_tool(zs, "{DST}", name="cdimover zstd"),
+                 qemu_to_raw(zs, "{DST}", name="qemu-img zstd")]
+        samples = run_rounds(b, scenario, tools, size, h, file_target(b))
+    rows = summarize(samples)
+    by = {r.case: r for r in rows}
+    den = {"cdimover": by["qemu-img"].wall, "qemu-img": by["qemu-img"].wall,
+           "cdimover zstd": by["qemu-img zstd"].wall, "qemu-img zstd": by["qemu-img zstd"].wall}
+    b.emit("\n" + table(b, f"== {scenario}: {describe(scenario)}; zlib, and zstd as extra rows",
+                        rows, None, ratio_to=den))
+    b.emit("ratio: each row against qemu-img on the same image (zlib rows vs qemu-img, zstd "
+           "rows vs qemu-img zstd)")
+    b.emit(api_line(samples))
+    cdm, qz = by["cdimover"], by["qemu-img"]
+    if qz.n_ok:
+        r = cdm.wall / qz.wall
+        b.check(scenario, f"time <= {RATIO_TARGETS[scenario]} x qemu-img's (zlib)",
+                r <= RATIO_TARGETS[scenario], f"{r:.3f}")
+    common_checks(b, scenario, [r for r in rows if r.case in ("cdimover", "qemu-img")],
+                  b.layout.data_bytes, rss_beside="qemu-img")
+    cz, qzs = by["cdimover zstd"], by["qemu-img zstd"]
+    b.check(scenario, "zstd: time vs qemu-img zstd (no target)", None,
+            f"{cz.wall:.3f}s vs {qzs.wall:.3f}s = {cz.wall / qzs.wall:.3f}"
+            if qzs.n_ok else "qemu-img zstd failed")
+    b.check(scenario, "zstd: cdimover verified every run, RSS <= 64 MiB",
+            cz.verified.startswith("ok") and cz.n_ok == cz.n and cz.rss <= RSS_LIMIT / MiB,
+            f"{cz.verified}, {cz.n_ok}/{cz.n} runs ok, {cz.rss:.1f} MiB "
+            f"(qemu-img zstd {qzs.rss:.1f} MiB)")
+
+
+def api_line(samples: list[Sample]) -> str:
+    """Where cdimover's wall time goes (medians): the import of the package, the API call,
+    the rest (interpreter start-up and exit, the runner, the peer-less sync); and the
+    allocation methods it reported."""
+    parts = []
+    for case in dict.fromkeys(s.case for s in samples if s.cdm):
+        ss = [s for s in samples if s.case == case and s.cdm and s.ok]
+        cs = [s.cdm for s in ss if s.cdm]
+        imp = med([c.get("import_s", float("nan")) for c in cs])
+        api = med([c.get("elapsed", float("nan")) for c in cs])
+        wall = med([s.wall for s in ss])
+        meth = sorted({m for c in cs for m in c.get("alloc_methods", [])})
+        parts.append(f"{case}: import {imp:.3f}s + call {api:.3f}s + rest "
+                     f"{wall - imp - api:.3f}s" + (f", alloc {','.join(meth)}" if meth else ""))
+    return "cdimover time: " + "; ".join(parts)
+
+
+def blank_tool(dst: str, size: int, mode: str, name: str) -> Tool:
+    return Tool(name, [sys.executable, str(CDM_PREALLOC), "blank", dst, str(size),
+                       "--preallocation", mode], is_cdm=True)
+
+
+def prealloc_scenario(b: Bench) -> None:
+    size = b.layout.size
+
+    def zeros(path: str) -> bool:
+        return reads_as_zeros(path, size)
+
+    def alloc_stats(samples: list[Sample], case: str) -> tuple[int, int, int]:
+        al = [s.allocated for s in samples if s.case == case and s.ok and s.allocated is not None]
+        return (min(al) if al else -1), (max(al) if al else -1), len(al)
+
+    def alloc_check(sc: str, samples: list[Sample], case: str, peers: Sequence[str]) -> None:
+        lo, hi, n = alloc_stats(samples, case)
+        other = "; ".join(f"{p} {fmt_size(alloc_stats(samples, p)[0])}" for p in peers)
+        b.check(sc, f"{case}: allocated >= {fmt_size(size)} every run", n > 0 and lo >= size,
+                f"min {fmt_size(lo)} over {n} runs ({other})")
+
+    def rss_verify_checks(sc: str, rows: list[Row], cases: Sequence[str]) -> None:
+        for r in rows:
+            if r.case in cases:
+                b.check(sc, f"{r.case}: verified every run, RSS <= 64 MiB",
+                        r.verified.startswith("ok") and r.n_ok == r.n
+                        and r.rss <= RSS_LIMIT / MiB,
+                        f"{r.verified}, {r.n_ok}/{r.n} runs ok, {r.rss:.1f} MiB")
+
+    def extents_line(samples: list[Sample]) -> str:
+        parts = []
+        for case in dict.fromkeys(s.case for s in samples):
+            ss = [s.stats for s in samples if s.case == case and s.ok and s.stats]
+            if ss:
+                parts.append(f"{case} {fmt_size(med([x['written'] for x in ss]))} written + "
+                             f"{fmt_size(med([x['unwritten'] for x in ss]))} unwritten")
+        return "extents (FIEMAP, median): " + "; ".join(parts)
+
+    # (a) falloc on a fresh file vs fallocate
+    sc = "prealloc-file"
+    tools = [blank_tool("{DST}", size, "falloc", "cdimover"),
+             Tool("fallocate", ["fallocate", "-l", str(size), "{DST}"], sync="{DST}")]
+    samples = run_rounds(b, sc, tools, size, "", file_target(b), verify=zeros,
+                         probe=extent_kinds)
+    rows = summarize(samples)
+    by = {r.case: r for r in rows}
+    cdm, fa = by["cdimover"], by["fallocate"]
+    b.emit("\n" + table(b, f"== {sc}: {fmt_size(size)} blank file, preallocation=falloc "
+                           "(cdimover.create_blank vs fallocate -l)", rows, fa.wall))
+    b.emit(api_line(samples))
+    b.emit(extents_line(samples))
+    ratio = cdm.wall / fa.wall
+    ok = ratio <= 1.0 or (cdm.wall <= PREALLOC_FILE_FLOOR and fa.wall <= PREALLOC_FILE_FLOOR)
+    b.check(sc, f"time <= 1.0 x fallocate's, or both <= {PREALLOC_FILE_FLOOR} s", ok,
+            f"{cdm.wall:.3f}s vs {fa.wall:.3f}s = {ratio:.2f}x")
+    alloc_check(sc, samples, "cdimover", ["fallocate"])
+    rss_verify_checks(sc, rows, ["cdimover"])
+
+    # (b), (c) falloc and full on a fresh loop device vs dd from /dev/zero
+    sc = "prealloc-blk"
+    tools = [blank_tool("{DST}", size, "falloc", "cdimover falloc"),
+             blank_tool("{DST}", size, "full", "cdimover full"),
+             Tool("dd", ["dd", "if=/dev/zero", "of={DST}", "bs=1M", f"count={size // MiB}",
+                         "oflag=direct", "status=none"], sync="{DST}")]
+    samples = run_rounds(b, sc, tools, size, "", loop_target(b, size), verify=zeros,
+                         probe=extent_kinds)
+    rows = summarize(samples)
+    by = {r.case: r for r in rows}
+    dd = by["dd"]
+    b.emit("\n" + table(b, f"== {sc}: {fmt_size(size)} blank loop device (fresh sparse "
+                           "backing file); alloc = backing file", rows, dd.wall))
+    b.emit(api_line(samples))
+    b.emit(extents_line(samples))
+    for case in ("cdimover falloc", "cdimover full"):
+        r = by[case]
+        ratio = r.wall / dd.wall
+        b.check(sc, f"{case}: time <= {PREALLOC_BLK_TARGET} x dd's", ratio <= PREALLOC_BLK_TARGET,
+                f"{r.wall:.3f}s vs {dd.wall:.3f}s = {ratio:.3f}")
+        alloc_check(sc, samples, case, ["dd"])
+    rss_verify_checks(sc, rows, ["cdimover falloc", "cdimover full"])
+
+    # (d) copy onto a file with preallocation=full vs qemu-img -o preallocation=full
+    sc = "prealloc-copy"
+    image, h = b.ensure_image()
+    src = str(image)
+    tools = [Tool("cdimover", [sys.executable, str(CDM_RUNNER), src, "{DST}",
+                               "--preallocation", "full"], is_cdm=True),
+             Tool("qemu-img", ["qemu-img", "convert", "-W", "-m", "16", "-f", "raw", "-O", "raw",
+                               "-o", "preallocation=full", src, "{DST}"], sync="{DST}")]
+    samples = run_rounds(b, sc, tools, size, h, file_target(b), probe=extent_kinds)
+    rows = summarize(samples)
+    by = {r.case: r for r in rows}
+    cdm, q = by["cdimover"], by["qemu-img"]
+    b.emit("\n" + table(b, f"== {sc}: file -> file, preallocation=full", rows, q.wall))
+    b.emit(api_line(samples))
+    b.emit(extents_line(samples))
+    ratio = cdm.wall / q.wall
+    b.check(sc, f"time <= {PREALLOC_COPY_TARGET} x qemu-img's", ratio <= PREALLOC_COPY_TARGET,
+            f"{cdm.wall:.3f}s vs {q.wall:.3f}s = {ratio:.3f}")
+    alloc_check(sc, samples, "cdimover", ["qemu-img"])
+    b.check(sc, "cdimover peak RSS <= 64 MiB", cdm.rss <= RSS_LIMIT / MiB,
+            f"{cdm.rss:.1f} MiB (qemu-img {q.rss:.1f} MiB)")
+    b.check(sc, "cdimover output verified every run", cdm.verified.startswith("ok")
+            and cdm.n_ok == cdm.n, f"{cdm.verified}, {cdm.n_ok}/{cdm.n} runs ok")
+
+
+# ---------------------------------------------------------------------------------------------
 
 def snapshot_package(workdir: Path, wait: float) -> dict[str, str]:
     """Copy the installed cdimover package (Python files and the built extension) into
@@ -1215,6 +1558,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     scaling(b)
                 elif sc == "memcg":
                     memcg_scenario(b)
+                elif sc in ("qcow2", "qcow2-compressed"):
+                    qcow2_scenario(b, sc)
+                elif sc == "prealloc":
+                    prealloc_scenario(b)
                 else:
                     direction(b, sc)
             except (subprocess.CalledProcessError, OSError, RuntimeError) as e:
@@ -1229,9 +1576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 b.emit(f"source image: allocated {fmt_size(b.info['source_allocated'])}, "
                        f"zlib ratio of data {b.info['zlib_ratio']:.2f}:1")
         b.emit("\n== targets")
+        scw = max([14] + [len(c[0]) for c in b.checks])
         for sc, what, ok, detail in b.checks:
             mark = {True: "PASS", False: "FAIL", None: "n/a "}[ok]
-            b.emit(f"{mark}  {sc:<14} {what:<48} {detail}")
+            b.emit(f"{mark}  {sc:<{scw}} {what:<48} {detail}")
             if ok is False:
                 status = 1
         b.emit(f"\ntotal bench time {time.perf_counter() - t_start:.0f}s")

@@ -38,7 +38,7 @@ from .errors import ConfigurationError
 __all__ = [
     "CLONE_PROGRESS",
     "IMPORT_PROGRESS",
-    "DEFAULT_ADDRESS",
+    "self_signed_certificate",
     "ProgressCounter",
     "MetricsServer",
     "parse_address",
@@ -53,8 +53,6 @@ CLONE_PROGRESS: Final = "kubevirt_cdi_clone_progress"
 """The clone progress counter's name; the exposed sample adds ``_total``."""
 IMPORT_PROGRESS: Final = "kubevirt_cdi_import_progress"
 """The import progress counter's name; the exposed sample adds ``_total``."""
-DEFAULT_ADDRESS: Final = ":8443"
-"""Where CDI's controllers scrape a pod: port 8443 on every address of the pod."""
 
 _NAMES: Final = {"clone": CLONE_PROGRESS, "import": IMPORT_PROGRESS}
 _HELP: Final = {"clone": "The clone progress in percentage",
@@ -200,6 +198,45 @@ def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
                              f"{keyfile}: {reason}")
 
 
+def self_signed_certificate(directory: str, *, days: int = 365) -> tuple[str, str]:
+    """Make a self-signed certificate and its key (EC P-256, PEM, mode 0600) in DIRECTORY:
+    (certfile, keyfile).  CDI's pods serve their metrics over HTTPS with such a certificate,
+    and its controllers scrape them without verifying it."""
+    import datetime
+    import ipaddress
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cdimover-metrics")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"),
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.IPAddress(ipaddress.ip_address("::1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    certfile = os.path.join(directory, "tls.crt")
+    keyfile = os.path.join(directory, "tls.key")
+    for path, data in ((certfile, cert.public_bytes(serialization.Encoding.PEM)),
+                       (keyfile, key.private_bytes(serialization.Encoding.PEM,
+                                                   serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    return certfile, keyfile
+
+
 class MetricsServer:
     """Serve REGISTRY's Prometheus text exposition at ADDRESS (``HOST:PORT``).
 
@@ -208,7 +245,7 @@ class MetricsServer:
     (useful with port 0).
     """
 
-    def __init__(self, registry: CollectorRegistry, address: str = DEFAULT_ADDRESS, *,
+    def __init__(self, registry: CollectorRegistry, address: str, *,
                  certfile: str | None = None, keyfile: str | None = None) -> None:
         if (certfile is None) != (keyfile is None):
             raise ConfigurationError("metrics TLS: a certificate needs its key and a key its "

@@ -74,6 +74,7 @@ import re
 import shutil
 import stat
 import tarfile
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -91,8 +92,8 @@ from .errors import (
 if TYPE_CHECKING:
     from .metrics import MetricsServer, ProgressCounter
 
-# Where progress is served by default, as CDI's pods do; the metrics module (and with it
-# prometheus_client and http.server) is loaded only when a pod command runs.
+# Where CDI's controllers scrape a pod: port 8443 on every address of the pod.  (The metrics
+# module, and with it prometheus_client and http.server, loads only when a pod command runs.)
 DEFAULT_ADDRESS: Final = ":8443"
 from .sizing import DEFAULT_OVERHEAD, format_size, parse_overhead, parse_quantity
 
@@ -817,8 +818,19 @@ def _cmd_pod(args: argparse.Namespace) -> int:
         certfile = args.tls_cert or _get(env, "METRICS_TLS_CERT_FILE")
         keyfile = args.tls_key or _get(env, "METRICS_TLS_KEY_FILE")
         if args.metrics_address.lower() != "none":
-            server = MetricsServer(new_registry(counter), args.metrics_address,
-                                   certfile=certfile, keyfile=keyfile).start()
+            if certfile or keyfile or args.metrics_http:
+                server = MetricsServer(new_registry(counter), args.metrics_address,
+                                       certfile=certfile, keyfile=keyfile)
+            else:
+                # HTTPS with a certificate of our own, as CDI's pods serve it; the files are
+                # loaded into the TLS context and removed at once.
+                from .metrics import self_signed_certificate
+
+                with tempfile.TemporaryDirectory(prefix="cdimover-metrics-") as tls_dir:
+                    certfile, keyfile = self_signed_certificate(tls_dir)
+                    server = MetricsServer(new_registry(counter), args.metrics_address,
+                                           certfile=certfile, keyfile=keyfile)
+            server.start()
         start = time.monotonic()
         if isinstance(cfg, CloneConfig):
             applied = run_clone(cfg, counter, threads=args.threads,
@@ -866,9 +878,12 @@ def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
                         help=f"serve progress metrics here (default {DEFAULT_ADDRESS}: every "
                         "address; port 0: any free port; 'none': no endpoint)")
     shared.add_argument("--tls-cert", metavar="PEM", help="serve metrics over HTTPS with this "
-                        "certificate (or METRICS_TLS_CERT_FILE); needs --tls-key")
+                        "certificate (or METRICS_TLS_CERT_FILE); needs --tls-key.  Without "
+                        "one, a self-signed certificate is made at start, as CDI's pods do")
     shared.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (or "
                         "METRICS_TLS_KEY_FILE)")
+    shared.add_argument("--metrics-http", action="store_true",
+                        help="serve metrics over plain HTTP instead of HTTPS")
     shared.add_argument("--metrics-linger", type=_seconds, default=0.0, metavar="SECONDS",
                         help="keep serving the final metrics this long after success "
                         "(default 0)")

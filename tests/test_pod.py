@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import ssl
+import tempfile
 import subprocess
 import sys
 import tarfile
@@ -56,10 +57,11 @@ def pod_env(**variables: str) -> dict[str, str]:
     return env
 
 
-def pod_args(kind: str, tmp_path: Path, *extra: str, metrics: str = "127.0.0.1:0") -> list[str]:
+def pod_args(kind: str, tmp_path: Path, *extra: str, metrics: str = "127.0.0.1:0",
+             http: bool = True) -> list[str]:
     return [sys.executable, "-m", "cdimover", "pod", kind,
             "--termination-log", str(tmp_path / "termination-log"),
-            "--metrics-address", metrics, *extra]
+            "--metrics-address", metrics, *(["--metrics-http"] if http else []), *extra]
 
 
 def run_pod(kind: str, tmp_path: Path, env: dict[str, str], *extra: str,
@@ -745,3 +747,32 @@ def test_sigterm_mid_clone_then_rerun_succeeds(
     assert p.returncode == 0, p.stderr
     assert message == '{"message":"Clone Complete","preallocationApplied":false}'
     assert sha256_prefix(dst / "disk.img", DENSE.size) == sha256_prefix(src, DENSE.size)
+
+
+def test_metrics_default_to_https_with_a_self_signed_certificate(
+        tmp_path: Path, popen: Callable[..., subprocess.Popen[str]]) -> None:
+    # CDI's controllers scrape https://POD:8443/metrics without verifying the certificate.
+    image = tmp_path / "image.raw"
+    write_layout(image, SMALL)
+    dst = tmp_path / "data"
+    dst.mkdir()
+    port = free_port()
+    proc = popen(pod_args("import", tmp_path, "--metrics-linger", "10",
+                          metrics=f"127.0.0.1:{port}", http=False),
+                 dict(IMPORTER_ENDPOINT=str(image), DESTINATION=str(dst), OWNER_UID=UID))
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    values = watch(proc, f"https://127.0.0.1:{port}/metrics",
+                   "kubevirt_cdi_import_progress_total", context=context,
+                   until=lambda v: v >= 100)
+    assert values[-1] == 100.0
+    assert scrape(f"http://127.0.0.1:{port}/metrics", "x") is None  # no plain HTTP
+    pem = ssl.get_server_certificate(("127.0.0.1", port))
+    assert "BEGIN CERTIFICATE" in pem
+    assert not list(Path(tempfile.gettempdir()).glob("cdimover-metrics-*/tls.key")), \
+        "the generated key must not stay on disk"
+    wait_for_termination_log(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
