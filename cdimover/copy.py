@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from . import _native
 from ._native import Context, LoopStatus, Probe, ProgressFn, lib
+from ._os import open_direct
 from .errors import TargetTooSmallError
 from .prealloc import check_capacity, preallocation_mode
 from .types import PREALLOCATION_MODES, AllocMethod, CopyResult, ScanMethod, ZeroMethod
@@ -32,16 +33,6 @@ _REFLINK_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EINV
 
 def _fspath(p: str | os.PathLike[str]) -> str:
     return os.fspath(p)
-
-
-def _open_direct(path: str, flags: int) -> int:
-    """An O_DIRECT twin of PATH, or -1 where the filesystem refuses O_DIRECT."""
-    try:
-        return os.open(path, flags | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-            return -1
-        raise
 
 
 @dataclass
@@ -138,7 +129,7 @@ def open_source(path: str | os.PathLike[str], *, scan: Scan = "auto",
     try:
         pr = _native.probe(c, fd, p)
         src = Source(path=p, fd=fd, probe=pr)
-        src.direct_fd = _open_direct(p, os.O_RDONLY)
+        src.direct_fd = open_direct(p, os.O_RDONLY)
         if pr.is_regular:
             if scan == "full":
                 src.scan_method = ScanMethod.FULL_READ
@@ -219,7 +210,7 @@ def open_target(path: str | os.PathLike[str], size: int, *, source: Source | Non
                         f"image needs {format_size(size)} ({size} bytes)",
                         required=size, available=pr.size)
                 return Target(path=p, fd=fd, probe=pr,
-                              direct_fd=_open_direct(p, os.O_WRONLY), fresh=False)
+                              direct_fd=open_direct(p, os.O_WRONLY), fresh=False)
             except BaseException:
                 os.close(fd)
                 raise
@@ -231,7 +222,7 @@ def open_target(path: str | os.PathLike[str], size: int, *, source: Source | Non
             os.ftruncate(fd, 0)
             os.ftruncate(fd, size)
             pr = _native.probe(c, fd, p)
-            return Target(path=p, fd=fd, probe=pr, direct_fd=_open_direct(p, os.O_WRONLY),
+            return Target(path=p, fd=fd, probe=pr, direct_fd=open_direct(p, os.O_WRONLY),
                           fresh=True, created=created)
         except BaseException:
             os.close(fd)

@@ -83,7 +83,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
 from .errors import (
-    CdimoverError,
     ChecksumMismatchError,
     ConfigurationError,
     TargetTooSmallError,

@@ -16,6 +16,7 @@ import time
 
 from . import _native
 from ._native import Context, lib
+from ._os import open_direct
 from .errors import TargetTooSmallError
 from .sizing import format_size
 from .types import PREALLOCATION_MODES, AllocMethod, PreallocResult
@@ -55,15 +56,6 @@ def _preallocate_fd(ctx: Context, path: str, fd: int, direct_fd: int, probe: _na
     return int(stats.alloc_methods), int(stats.bytes_allocated)
 
 
-def _open_direct(path: str, flags: int) -> int:
-    try:
-        return os.open(path, flags | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-            return -1
-        raise
-
-
 def preallocate(path: str | os.PathLike[str], *, mode: str = "falloc",
                 size: int | None = None) -> PreallocResult:
     """Preallocate the existing file or block device PATH over [0, SIZE).
@@ -94,7 +86,7 @@ def preallocate(path: str | os.PathLike[str], *, mode: str = "falloc",
                     os.ftruncate(fd, want)
             mask, allocated = 0, 0
             if mode != "off" and want > 0:
-                direct = _open_direct(p, os.O_WRONLY)
+                direct = open_direct(p, os.O_WRONLY)
                 if pr.is_blockdev:
                     mask, allocated = _preallocate_fd(ctx, p, fd, direct, pr, 0, want, mode)
                 elif mode == "falloc":
@@ -138,7 +130,7 @@ def create_blank(path: str | os.PathLike[str], size: int, *, preallocation: str 
     if st is not None and stat.S_ISBLK(st.st_mode):
         start = time.monotonic()
         fd = os.open(p, os.O_WRONLY | os.O_CLOEXEC)
-        direct = _open_direct(p, os.O_WRONLY)
+        direct = open_direct(p, os.O_WRONLY)
         try:
             with Context() as ctx:
                 pr = _native.probe(ctx, fd, p)

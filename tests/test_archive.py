@@ -143,21 +143,6 @@ def volume_dir(parent: Path, name: str) -> Path:
     return d
 
 
-def prealloc_supported(tmp_path: Path) -> bool:
-    src, dst = tmp_path / "prealloc-probe.src", tmp_path / "prealloc-probe.dst"
-    src.write_bytes(b"x" * 4096)
-    try:
-        cdimover.copy(src, dst, preallocation="falloc")
-    except ValueError as e:
-        if "preallocation" in str(e):
-            return False
-        raise
-    finally:
-        for p in (src, dst):
-            p.unlink(missing_ok=True)
-    return True
-
-
 # ---------------------------------------------------------------------------------------------
 # The tree
 
@@ -284,8 +269,6 @@ def test_archive_progress_covers_the_tree(tmp_path: Path) -> None:
 
 
 def test_archive_preallocation(tmp_path: Path) -> None:
-    if not prealloc_supported(tmp_path):
-        pytest.skip("copy() does not take preallocation='falloc' yet")
     src, tgt = volume_dir(tmp_path, "src"), volume_dir(tmp_path, "tgt")
     write_layout(src / "disk.img", DISK)
     r = clone(src, tgt, content_type="archive", preallocation=True)

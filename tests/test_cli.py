@@ -4,7 +4,6 @@ subprocess for exit codes and signals."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -126,22 +126,6 @@ def in_use(path: str | Path) -> bool:
     return False
 
 
-def prealloc_supported(tmp_path: Path) -> bool:
-    """Whether copy() accepts preallocation="falloc" yet (it lands with its own issue)."""
-    src, dst = tmp_path / "prealloc-probe.src", tmp_path / "prealloc-probe.dst"
-    src.write_bytes(b"x" * 4096)
-    try:
-        cdimover.copy(src, dst, preallocation="falloc")
-    except ValueError as e:
-        if "preallocation" in str(e):
-            return False
-        raise
-    finally:
-        for p in (src, dst):
-            p.unlink(missing_ok=True)
-    return True
-
-
 @pytest.fixture
 def fake_available(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
     """Set the free space Volume.open sees for every directory (statvfs f_bavail*f_frsize)."""
@@ -502,8 +486,6 @@ def test_disk_img_mode_is_0660(tmp_path: Path, source_disk: Path, umask: int) ->
 
 
 def test_preallocation(tmp_path: Path, source_disk: Path) -> None:
-    if not prealloc_supported(tmp_path):
-        pytest.skip("copy() does not take preallocation='falloc' yet")
     tgt = volume_dir(tmp_path, "tgt")
     r = clone(source_disk, tgt, preallocation=True, target_size=SIZE + MiB)
     disk = tgt / "disk.img"
