@@ -1550,6 +1550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"{fmt_size(layout.zero_bytes)} zeros written as data, rest holes")
         for sc in args.scenarios:
             log(f"scenario {sc}")
+            load0 = os.getloadavg()[0]
             t = time.perf_counter()
             try:
                 if sc in ("ext4", "xfs"):
@@ -1570,7 +1571,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 b.emit(f"\n== {sc}: ERROR {e} {msg}".rstrip())
                 b.check(sc, "scenario ran", False, str(e))
                 status = 1
+            load1 = os.getloadavg()[0]
             log(f"scenario {sc} took {time.perf_counter() - t:.0f}s")
+            b.emit(f"({sc}: {time.perf_counter() - t:.0f}s; 1-min load average {load0:.2f} "
+                   f"at start, {load1:.2f} at end, on {os.cpu_count()} CPUs)")
+            b.info.setdefault("loadavg", {})[sc] = [load0, load1]
             if "source_allocated" in b.info and "zlib_ratio" in b.info and not b.info.get("_shown"):
                 b.info["_shown"] = True
                 b.emit(f"source image: allocated {fmt_size(b.info['source_allocated'])}, "
