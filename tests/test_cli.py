@@ -117,7 +117,7 @@ def test_sigterm_mid_copy_then_rerun(tmp_path: Path) -> None:
          "    k['progress'] = p\n"
          "    return orig(*a, **k)\n"
          "cp.copy = slow\n"
-         f"sys.exit(c.main(['copy', '--threads', '1', '--request-size', '65536', "
+         f"sys.exit(c.main(['copy', '--threads', '1', '--request-size', '4096', "
          f"'{src}', '{dst}']))\n"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -593,14 +593,15 @@ def test_no_exclusive_open_during_the_copy(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Failure and re-run
 
+# The progress callback runs beside the workers, not in their way: a slow copy (one thread,
+# 4 KiB requests) is what keeps the clone running until the kill.
 KILLED_CLONE = """
-import pathlib, sys, time
+import pathlib, sys
 from cdimover.volume import clone
 marker = pathlib.Path(sys.argv[3])
-def slow(done, total):
+def seen(done, total):
     marker.write_text(f"{done}/{total}")
-    time.sleep(0.5)
-clone(sys.argv[1], sys.argv[2], progress=slow)
+clone(sys.argv[1], sys.argv[2], progress=seen, threads=1, request_size=4096)
 """
 
 
