@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ._native import lib
 
@@ -14,7 +15,23 @@ PREALLOCATION_MODES = {"off": lib.CDM_PREALLOC_OFF, "falloc": lib.CDM_PREALLOC_F
                        "full": lib.CDM_PREALLOC_FULL}
 
 
-class ScanMethod(enum.IntEnum):
+_M = TypeVar("_M", bound="_Method")
+
+
+class _Method(enum.IntEnum):
+    """A C enum of strategies: a label for people and JSON, and the decoding of the core's
+    bit masks (bit 1 << value for each strategy used)."""
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+    @classmethod
+    def from_mask(cls: type[_M], mask: int) -> tuple[_M, ...]:
+        return tuple(m for m in cls if m.value != 0 and mask & (1 << m.value))
+
+
+class ScanMethod(_Method):
     """How the source's extents were found."""
 
     NONE = lib.CDM_SCAN_NONE
@@ -24,12 +41,8 @@ class ScanMethod(enum.IntEnum):
     REFLINK = lib.CDM_SCAN_REFLINK
     QCOW2 = lib.CDM_SCAN_QCOW2
 
-    @property
-    def label(self) -> str:
-        return self.name.lower().replace("_", "-")
 
-
-class ZeroMethod(enum.IntEnum):
+class ZeroMethod(_Method):
     """How zero ranges were made on the target."""
 
     NONE = lib.CDM_ZERO_NONE
@@ -38,16 +51,8 @@ class ZeroMethod(enum.IntEnum):
     BLKZEROOUT = lib.CDM_ZERO_BLKZEROOUT
     WRITE = lib.CDM_ZERO_WRITE
 
-    @property
-    def label(self) -> str:
-        return self.name.lower().replace("_", "-")
 
-    @classmethod
-    def from_mask(cls, mask: int) -> tuple[ZeroMethod, ...]:
-        return tuple(m for m in cls if m is not cls.NONE and mask & (1 << m))
-
-
-class AllocMethod(enum.IntEnum):
+class AllocMethod(_Method):
     """How preallocation reserved or wrote the target's blocks."""
 
     NONE = lib.CDM_ALLOC_NONE
@@ -56,14 +61,6 @@ class AllocMethod(enum.IntEnum):
     ZERO_RANGE = lib.CDM_ALLOC_ZERO_RANGE
     BLKZEROOUT = lib.CDM_ALLOC_BLKZEROOUT
     WRITE = lib.CDM_ALLOC_WRITE
-
-    @property
-    def label(self) -> str:
-        return self.name.lower().replace("_", "-")
-
-    @classmethod
-    def from_mask(cls, mask: int) -> tuple[AllocMethod, ...]:
-        return tuple(m for m in cls if m is not cls.NONE and mask & (1 << m))
 
 
 @dataclass(frozen=True, slots=True)
