@@ -331,36 +331,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cdimover {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    c = sub.add_parser("copy", parents=[common], help="copy a RAW disk (file or block device)",
+    # What copy and convert share: how the target is written and how the work is shown.
+    writing = argparse.ArgumentParser(add_help=False)
+    writing.add_argument("--target-is-zero", action="store_true",
+                         help="the target block device already reads as zeros (skip zeroing)")
+    writing.add_argument("--preallocation", choices=("off", "falloc", "full"), default="off",
+                         help="off: keep holes; falloc: reserve every block; full: write "
+                         "every block (default: off)")
+    writing.add_argument("--target-size", type=_quantity_arg, default=None,
+                         help="grow a file target to this size (bytes or a Kubernetes "
+                         "quantity such as 10Gi); never shrinks below the source")
+    writing.add_argument("--threads", type=int, default=0, help="worker threads (default 4)")
+    writing.add_argument("--progress", action="store_true",
+                         help="show a progress bar even when stderr is not a terminal")
+
+    c = sub.add_parser("copy", parents=[common, writing],
+                       help="copy a RAW disk (file or block device)",
                        description="Copy a RAW disk between regular files and block devices, "
                        "keeping holes as holes and turning zeros written as data into holes. "
                        "A missing target is created; an existing file is replaced; a block "
                        "device must be at least as large as the source.")
     c.add_argument("source", help="source file or block device")
     c.add_argument("target", help="target file or block device")
-    c.add_argument("--target-is-zero", action="store_true",
-                   help="the target block device already reads as zeros (skip zeroing)")
     c.add_argument("--reflink", choices=("auto", "never", "always"), default="auto",
                    help="share extents between files on one filesystem (default: auto)")
     c.add_argument("--scan", choices=("auto", "seek", "loop", "full"), default="auto",
                    help="how to find the source's data: SEEK_DATA, a loop device's backing "
                    "file, or a full read (default: auto)")
-    c.add_argument("--threads", type=int, default=0, help="worker threads (default 4)")
     c.add_argument("--request-size", type=_size_arg, default=0,
                    help="bytes per I/O request (default 4 MiB)")
     c.add_argument("--sparse-size", type=_size_arg, default=0,
                    help="zero-detection granularity in bytes (default 4096)")
-    c.add_argument("--preallocation", choices=("off", "falloc", "full"), default="off",
-                   help="off: keep holes; falloc: reserve every block; full: write every "
-                   "block (default: off)")
-    c.add_argument("--target-size", type=_quantity_arg, default=None,
-                   help="grow a file target to this size (bytes or a Kubernetes quantity "
-                   "such as 10Gi); never shrinks below the source")
-    c.add_argument("--progress", action="store_true",
-                   help="show a progress bar even when stderr is not a terminal")
     c.set_defaults(func=_cmd_copy)
 
-    cv = sub.add_parser("convert", parents=[common], help="convert a QCOW2 or RAW image to RAW",
+    cv = sub.add_parser("convert", parents=[common, writing], help="convert a QCOW2 or RAW image to RAW",
                         description="Write the guest disk of a QCOW2 (or RAW) image as RAW onto "
                         "a file or block device, sparse and bit-exact. Backing files, external "
                         "data files and encryption are refused; malformed images get a clear "
@@ -369,15 +373,6 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("target", help="target file or block device")
     cv.add_argument("-f", "--format", choices=("auto", "raw", "qcow2"), default="auto",
                     help="source format (default: auto, by the QCOW2 magic)")
-    cv.add_argument("--preallocation", choices=("off", "falloc", "full"), default="off",
-                    help="off: keep holes; falloc: reserve every block; full: write every block")
-    cv.add_argument("--target-size", type=_quantity_arg, default=None,
-                    help="grow a file target to this size (e.g. 10Gi)")
-    cv.add_argument("--target-is-zero", action="store_true",
-                    help="the target block device already reads as zeros")
-    cv.add_argument("--threads", type=int, default=0, help="worker threads (default 4)")
-    cv.add_argument("--progress", action="store_true",
-                    help="show a progress bar even when stderr is not a terminal")
     cv.set_defaults(func=_cmd_convert)
 
     inf = sub.add_parser("info", parents=[common], help="describe a QCOW2 or RAW image",
