@@ -32,7 +32,9 @@ rest holes; the layout and the bytes follow from --seed.  It is written once per
 cdimover is run from a snapshot of the installed package copied into the scratch directory at
 start (PYTHONPATH), so rebuilds of the working tree during a long run do not mix builds.
 
-Method: every round runs each tool once, in an order rotated per round (alternating A/B);
+Method: every round runs each tool once, in an order shuffled per round (seeded by --seed,
+the scenario and the round), so that no tool always follows the same neighbour -- a rotation
+would put, say, cdimover after dd in every round;
 `sync` and drop_caches before each run (cold cache); peers are followed by `sync -d TARGET`
 inside their timed interval (cdimover fdatasyncs itself); every tool, cdimover included
 (bench/_cdm_copy.py), is a child process measured with wait4 (wall, user+sys CPU, peak
@@ -824,14 +826,15 @@ def run_rounds(b: Bench, scenario: str, tools: list[Tool], size: int, expect_has
                source_path: str | None = None, memcg: MemCgroup | None = None,
                verify: Callable[[str], bool] | None = None,
                probe: Callable[[str], dict[str, Any]] | None = None) -> list[Sample]:
-    """Run every tool ARGS.runs times in rotated order.  PREPARE(res) makes a fresh target
+    """Run every tool ARGS.runs times, in an order shuffled per round.  PREPARE(res) makes a fresh target
     and returns (path given to the tool, file whose bytes/allocation are checked); TOOLS'
     argv use the literal placeholder '{DST}' for the target path.  VERIFY(file), when given,
     replaces the comparison with EXPECT_HASH; PROBE(file) fills Sample.stats."""
     out: list[Sample] = []
     n = len(tools)
     for r in range(-b.args.warmup, b.args.runs):
-        order = [tools[(i + r) % n] for i in range(n)]
+        key = [b.args.seed, 11, r + 1000] + list(scenario.encode())
+        order = [tools[int(i)] for i in np.random.default_rng(key).permutation(n)]
         for pos, tool in enumerate(order):
             with Resources().scoped() as res:
                 dst, dst_file = prepare(res)

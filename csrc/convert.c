@@ -5,9 +5,11 @@
  * is cut into request-sized items aligned to the request size.  Each worker maps its item
  * through the shared metadata cache into runs, assembles the item's bytes in its buffer --
  * host-contiguous data clusters with one pread each (O_DIRECT when aligned; holes of the
- * image file found with SEEK_DATA are not read), compressed clusters decompressed in place --
- * and writes them with the target writer's zero detection; zero and unallocated runs become
- * zeroed ranges.  Compressed clusters are therefore decompressed in parallel across workers.
+ * image file found with SEEK_DATA are not read); compressed clusters, and plain clusters lying
+ * between them, gathered into spans of up to 1 MiB of the image file, each span read with one
+ * pread and its clusters decompressed (or copied) into place -- and writes them with the
+ * target writer's zero detection; zero and unallocated runs become zeroed ranges.  Compressed
+ * clusters are therefore decompressed in parallel across workers.
  * The image is validated by qcow2.c; only the source and target descriptors are used.
  */
 #include <errno.h>
@@ -157,44 +159,134 @@ static int emit_data(struct emitter *e, uint64_t guest, uint64_t host, uint64_t 
     return 0;
 }
 
-/* Emit the compressed run RUN: read the compressed bytes into the scratch buffer and
- * decompress the cluster into the item buffer (or the scratch tail when the run does not
- * start the cluster). */
-static int emit_compressed(struct emitter *e, const struct qcow2_run *run)
+/* A span: compressed clusters (and the plain data clusters between them) that lie close
+ * together in the image file, read with one pread into the worker's scratch buffer and then
+ * decompressed or copied out one by one.  qemu-img writes compressed clusters back to back,
+ * so an item's clusters usually come in one or two reads instead of one each. */
+#define SPAN_RUNS 256u              /* members per span */
+#define SPAN_BYTES (1u << 20)       /* bytes read per span, before alignment slack */
+#define SPAN_GAP (64u << 10)        /* largest stretch of unrelated bytes read between members */
+
+struct span {
+    unsigned n;
+    uint64_t host_start;            /* host offset of the first member */
+    uint64_t host_end;              /* end of the last member */
+    struct qcow2_run runs[SPAN_RUNS];
+};
+
+/* Bytes of the scratch buffer that hold a span: room for SPAN_BYTES or one compressed cluster
+ * (at most two clusters of input), plus alignment slack at both ends. */
+static size_t span_capacity(uint64_t cluster_size)
+{
+    return (size_t)CDM_ALIGN_UP(CDM_MAX((uint64_t)SPAN_BYTES, 2 * cluster_size), CDM_ALIGN) +
+           2 * CDM_ALIGN;
+}
+
+static uint64_t member_bytes(const struct qcow2_run *r)
+{
+    return r->kind == QCOW2_COMPRESSED ? r->csize : r->length;
+}
+
+/* Whether R may join SP without exceeding the scratch buffer. */
+static bool span_fits(const struct conv_state *s, const struct span *sp, const struct qcow2_run *r)
+{
+    uint64_t h = r->host_off, end = h + member_bytes(r);
+    if (sp->n == 0)
+        return true;
+    /* Members come in host order; a compressed cluster's last sector may hold the start
+     * of the next one, so they may overlap. */
+    if (sp->n >= SPAN_RUNS || h < sp->runs[sp->n - 1].host_off || h > sp->host_end + SPAN_GAP)
+        return false;
+    return CDM_ALIGN_UP(end, CDM_ALIGN) - CDM_ALIGN_DOWN(sp->host_start, CDM_ALIGN) <=
+           span_capacity(s->img.cluster_size);
+}
+
+static void span_add(struct span *sp, const struct qcow2_run *r)
+{
+    if (sp->n == 0)
+        sp->host_start = sp->host_end = r->host_off;
+    sp->runs[sp->n++] = *r;
+    sp->host_end = CDM_MAX(sp->host_end, r->host_off + member_bytes(r));
+}
+
+/* Decompress the compressed cluster of run R, whose compressed bytes are at IN, into the
+ * item buffer (or the scratch tail when the run does not start the cluster or the cluster
+ * does not end inside the item). */
+static int emit_compressed(struct emitter *e, const struct qcow2_run *r, const uint8_t *in)
 {
     struct conv_state *s = e->s;
     struct cdm_worker *w = e->w;
     uint64_t cs = s->img.cluster_size;
-    uint8_t *in = w->scratch;
-    size_t got = 0;
-    int rc = cdm_pread_full(s->src_fd, in, (size_t)run->csize, run->host_off, &got);
-    if (rc < 0)
-        return cdm_worker_fail(w, CDM_SIDE_SOURCE, rc,
-                               "read of compressed data at host offset 0x%llx: %s",
-                               HX(run->host_off), strerror(-rc));
-    if (got < run->csize)
-        return cdm_worker_fail(w, CDM_SIDE_SOURCE, -EIO,
-                               "the image ended at host offset 0x%llx while reading compressed "
-                               "data (did it shrink during the conversion?)",
-                               HX(run->host_off + got));
-    w->stats.bytes_read += got;
-
-    bool direct = run->guest_off == run->cluster_guest &&
-                  run->cluster_guest + cs <= e->base + s->request;
-    uint8_t *out = direct ? w->buf + (run->cluster_guest - e->base) : w->scratch + 2 * cs;
+    bool direct = r->guest_off == r->cluster_guest &&
+                  r->cluster_guest + cs <= e->base + s->request;
+    uint8_t *out = direct ? w->buf + (r->cluster_guest - e->base)
+                          : w->scratch + span_capacity(cs);
     struct qcow2_decoder *d = qcow2_decoder_get(&s->decoders);
     if (d == NULL)
         return cdm_worker_fail(w, CDM_SIDE_NONE, -EAGAIN, "no free decompressor");
     char err[CDM_ERRMSG_MAX];
-    rc = qcow2_decompress(&s->img, d, in, (size_t)run->csize, out, (size_t)cs, run->cluster_guest,
-                          err);
+    int rc = qcow2_decompress(&s->img, d, in, (size_t)r->csize, out, (size_t)cs,
+                              r->cluster_guest, err);
     qcow2_decoder_put(&s->decoders, d);
     if (rc < 0)
         return cdm_worker_fail(w, CDM_SIDE_SOURCE, rc, "%s", err);
     if (!direct)
-        memcpy(w->buf + (run->guest_off - e->base), out + (run->guest_off - run->cluster_guest),
-               (size_t)run->length);
-    return emit_content(e, run->guest_off, run->length);
+        memcpy(w->buf + (r->guest_off - e->base), out + (r->guest_off - r->cluster_guest),
+               (size_t)r->length);
+    return emit_content(e, r->guest_off, r->length);
+}
+
+/* Read span SP in one go (O_DIRECT when possible) and emit its members in order. */
+static int flush_span(struct emitter *e, struct span *sp)
+{
+    if (sp->n == 0)
+        return 0;
+    struct conv_state *s = e->s;
+    struct cdm_worker *w = e->w;
+    unsigned n = sp->n;
+    sp->n = 0;
+    uint64_t lo = CDM_ALIGN_DOWN(sp->host_start, CDM_ALIGN);
+    uint64_t hi = CDM_ALIGN_UP(sp->host_end, CDM_ALIGN);
+    uint64_t need = sp->host_end - lo;      /* bytes that must arrive; HI may pass the end */
+    size_t got = 0;
+    int rc = -EINVAL;
+    if (s->src_dfd >= 0) {
+        rc = cdm_pread_full(s->src_dfd, w->scratch, (size_t)(hi - lo), lo, &got);
+        if (rc == 0 || got >= need)
+            w->stats.direct_read = 1;
+        else if (rc != -EINVAL)
+            goto fail;
+    }
+    if (got < need) {
+        /* No O_DIRECT twin, EINVAL (alignment the filesystem refuses), or a short read at
+         * an unaligned end of file: read the rest buffered. */
+        got = CDM_ALIGN_DOWN(got, CDM_ALIGN);
+        size_t more = 0;
+        rc = cdm_pread_full(s->src_fd, w->scratch + got, (size_t)(need - got), lo + got, &more);
+        if (rc < 0)
+            goto fail;
+        got += more;
+        if (got < need)
+            return cdm_worker_fail(w, CDM_SIDE_SOURCE, -EIO,
+                                   "the image ended at host offset 0x%llx while reading "
+                                   "clusters at 0x%llx (did it shrink during the conversion?)",
+                                   HX(lo + got), HX(sp->host_start));
+    }
+    w->stats.bytes_read += got;
+    for (unsigned i = 0; i < n && rc >= 0; i++) {
+        const struct qcow2_run *r = &sp->runs[i];
+        const uint8_t *in = w->scratch + (r->host_off - lo);
+        if (r->kind == QCOW2_COMPRESSED) {
+            rc = emit_compressed(e, r, in);
+        } else {
+            memcpy(w->buf + (r->guest_off - e->base), in, (size_t)r->length);
+            rc = emit_content(e, r->guest_off, r->length);
+        }
+    }
+    return rc < 0 ? rc : 0;
+fail:
+    return cdm_worker_fail(w, CDM_SIDE_SOURCE, rc, "read of %llu bytes at host offset 0x%llx: %s",
+                           HX(hi - lo), HX(lo), strerror(-rc));
 }
 
 static int conv_work(struct cdm_worker *w, const struct cdm_item *item)
@@ -204,6 +296,8 @@ static int conv_work(struct cdm_worker *w, const struct cdm_item *item)
         return cdm_target_zero(s->target, w, item->offset, item->length);
 
     struct emitter e = {.s = s, .w = w, .base = item->offset};
+    struct span sp;
+    sp.n = 0;
     uint64_t pos = item->offset, end = item->offset + item->length;
     uint64_t pg = 0, ph = 0, pl = 0;   /* pending data read: guest, host, length */
     char err[CDM_ERRMSG_MAX];
@@ -213,31 +307,47 @@ static int conv_work(struct cdm_worker *w, const struct cdm_item *item)
         rc = qcow2_map(&s->cache, pos, end - pos, &run, err);
         if (rc < 0)
             return cdm_worker_fail(w, CDM_SIDE_SOURCE, rc, "%s", err);
+        pos = run.guest_off + run.length;
+        if (run.kind == QCOW2_COMPRESSED || (run.kind == QCOW2_DATA && sp.n > 0)) {
+            /* Compressed clusters gather into spans, and plain clusters close behind them
+             * join in; anything else closes the span. */
+            if (span_fits(s, &sp, &run)) {
+                if (pl > 0)
+                    rc = emit_data(&e, pg, ph, pl);
+                pl = 0;
+                span_add(&sp, &run);
+                continue;
+            }
+            rc = flush_span(&e, &sp);
+            if (rc == 0 && run.kind == QCOW2_COMPRESSED) {
+                span_add(&sp, &run);
+                continue;
+            }
+        } else {
+            rc = flush_span(&e, &sp);
+        }
+        if (rc < 0)
+            break;
         if (run.kind == QCOW2_DATA && pl > 0 && pg + pl == run.guest_off &&
             ph + pl == run.host_off) {
             pl += run.length;           /* host-contiguous with the pending read */
-        } else {
-            if (pl > 0)
-                rc = emit_data(&e, pg, ph, pl);
-            pl = 0;
-            if (rc < 0)
-                break;
-            switch (run.kind) {
-            case QCOW2_DATA:
-                pg = run.guest_off;
-                ph = run.host_off;
-                pl = run.length;
-                break;
-            case QCOW2_COMPRESSED:
-                rc = emit_compressed(&e, &run);
-                break;
-            default:                    /* ZERO, UNALLOCATED */
-                rc = emit_zero(&e, run.guest_off, run.length);
-                break;
-            }
+            continue;
         }
-        pos = run.guest_off + run.length;
+        if (pl > 0)
+            rc = emit_data(&e, pg, ph, pl);
+        pl = 0;
+        if (rc < 0)
+            break;
+        if (run.kind == QCOW2_DATA) {
+            pg = run.guest_off;
+            ph = run.host_off;
+            pl = run.length;
+        } else {                        /* ZERO, UNALLOCATED */
+            rc = emit_zero(&e, run.guest_off, run.length);
+        }
     }
+    if (rc == 0)
+        rc = flush_span(&e, &sp);
     if (rc == 0 && pl > 0)
         rc = emit_data(&e, pg, ph, pl);
     if (rc == 0)
@@ -396,7 +506,7 @@ int cdm_qcow2_convert(cdm_ctx *ctx, int src_fd, int dst_fd, const struct cdm_cop
     job.next = conv_next;
     job.work = conv_work;
     job.buf_size = (size_t)s->request;
-    job.scratch_size = (size_t)(3 * s->img.cluster_size);  /* 2 clusters in, 1 out */
+    job.scratch_size = span_capacity(s->img.cluster_size) + (size_t)s->img.cluster_size;
     job.nthreads = opts->threads;
     job.total = s->size;
 
