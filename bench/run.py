@@ -486,6 +486,72 @@ def prewarm(path: str | Path, size: int) -> None:
         os.close(fd)
 
 
+
+FLOOR_READERS = 8
+FLOOR_REQUEST = 16 * MiB
+
+
+def read_floor(path: str | Path, size: int, runs: int) -> float:
+    """The disk's floor for a job that must read PATH's data: the median, over RUNS cold
+    reads, of the seconds to read every data extent of PATH (SEEK_DATA) with FLOOR_READERS
+    threads of FLOOR_REQUEST-byte O_DIRECT reads -- more in flight than any tool here uses, and
+    nothing else done with the bytes."""
+    import mmap
+    import threading
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pieces = [(off, min(FLOOR_REQUEST, e - off))
+                  for d, e in data_extents(fd, size) for off in range(d, e, FLOOR_REQUEST)]
+    finally:
+        os.close(fd)
+    times = []
+    for _ in range(max(1, runs)):
+        drop_caches()
+        work = iter(pieces)
+        lock = threading.Lock()
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+
+        def reader() -> None:
+            buf = mmap.mmap(-1, FLOOR_REQUEST)
+            view = memoryview(buf)
+            try:
+                while True:
+                    with lock:
+                        item = next(work, None)
+                    if item is None:
+                        return
+                    off, ln = item
+                    os.preadv(dfd, [view[:-(-ln // ALIGN) * ALIGN]], off)
+            finally:
+                view.release()
+                buf.close()
+
+        threads = [threading.Thread(target=reader) for _ in range(FLOOR_READERS)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        times.append(time.perf_counter() - t0)
+        os.close(dfd)
+    return med(times)
+
+
+def floor_line(b: Bench, scenario: str, path: str | Path, size: int,
+               samples: list[Sample]) -> None:
+    """Emit how close cdimover and the best peer came to the read floor of PATH."""
+    rows = summarize(samples)
+    floor = read_floor(path, size, b.args.runs)
+    b.info.setdefault("read_floor_s", {})[scenario] = floor
+    peers = [r for r in rows if r.case != "cdimover" and r.n_ok > 0]
+    best = min(peers, key=lambda r: r.wall) if peers else None
+    cdm = next(r for r in rows if r.case == "cdimover")
+    line = (f"read floor ({FLOOR_READERS} x {FLOOR_REQUEST // MiB} MiB O_DIRECT in flight, "
+            f"reading only): {floor:.3f}s; cdimover = {cdm.wall / floor:.2f} x floor")
+    if best:
+        line += f", best peer ({best.case}) = {best.wall / floor:.2f} x floor"
+    b.emit(line)
+
 class Resources:
     """Everything the benchmark attaches, mounts or creates, released in reverse order."""
 
@@ -1009,7 +1075,9 @@ def direction(b: Bench, scenario: str) -> None:
         tools = [cdm_tool(src, "{DST}", scan=scan, target_is_zero=dst_is_dev and fresh)]
         tools += peer_tools(src, "{DST}", dst_is_dev=dst_is_dev, fresh=fresh)
         samples = run_rounds(b, scenario, tools, size, h, prepare)
-    report_direction(b, scenario, samples, src_desc=describe(scenario))
+        report_direction(b, scenario, samples, src_desc=describe(scenario))
+        if scenario in ("file2blk", "file2blk-dirty"):
+            floor_line(b, scenario, src, size, samples)
 
 
 def describe(scenario: str) -> str:
@@ -1090,7 +1158,9 @@ def in_fs(b: Bench, scenario: str) -> None:
         else:
             tools += peer_tools(str(src), "{DST}", dst_is_dev=False, fresh=True)
         samples = run_rounds(b, scenario, tools, size, h, prepare)
-    report_direction(b, scenario, samples, src_desc=describe(scenario))
+        report_direction(b, scenario, samples, src_desc=describe(scenario))
+        if scenario in ("file2blk", "file2blk-dirty"):
+            floor_line(b, scenario, src, size, samples)
 
 
 def scaling(b: Bench) -> None:
@@ -1275,12 +1345,14 @@ def qcow2_scenario(b: Bench, scenario: str) -> None:
             samples = run_rounds(b, "qcow2", tools, size, h, file_target(b))
             report_direction(b, "qcow2", samples, describe("qcow2"), rss_beside="qemu-img")
             b.emit(api_line(samples))
+            floor_line(b, "qcow2", q, os.path.getsize(q), samples)
             tools = [convert_tool(q, "{DST}", target_is_zero=True),
                      qemu_to_raw(q, "{DST}", dst_is_dev=True)]
             samples = run_rounds(b, "qcow2-blk", tools, size, h, loop_target(b, size))
             report_direction(b, "qcow2-blk", samples, describe("qcow2-blk"),
                              rss_beside="qemu-img")
             b.emit(api_line(samples))
+            floor_line(b, "qcow2-blk", q, os.path.getsize(q), samples)
             return
         zl = str(make_qcow2(b, res, image, "source-zlib.qcow2",
                             ["-c", "-o", "cluster_size=65536,compression_type=zlib"]))

@@ -24,15 +24,16 @@ from .errors import (
 )
 from .prealloc import create_blank, preallocate
 from .qcow2 import ImageInfo, convert, inspect
-from .sizing import required_space, usable_space
 from .types import AllocMethod, CopyResult, Extent, PreallocResult, ScanMethod, ZeroMethod
 
 if TYPE_CHECKING:
+    from .sizing import required_space, usable_space
     from .volume import CloneResult, Volume, clone
 
-# The volume layer pulls in the manifest tooling (PyYAML); load it on first use so that a
-# copy or conversion pays no import time for it.
-_LAZY = {"CloneResult": "volume", "Volume": "volume", "clone": "volume"}
+# The volume layer pulls in the manifest tooling (PyYAML) and sizing pulls in decimal and
+# fractions; load them on first use so that a copy or conversion pays no import time for them.
+_LAZY = {"CloneResult": "volume", "Volume": "volume", "clone": "volume",
+         "required_space": "sizing", "usable_space": "sizing"}
 
 
 def __getattr__(name: str) -> Any:

@@ -18,10 +18,15 @@ from . import _native
 from ._native import Context, lib
 from ._os import open_direct
 from .errors import TargetTooSmallError
-from .sizing import format_size
 from .types import PREALLOCATION_MODES, AllocMethod, PreallocResult
 
 __all__ = ["preallocate", "create_blank", "check_capacity", "preallocation_mode"]
+
+
+def format_size(n: int) -> str:
+    """N bytes for an error message (sizing, and its decimal arithmetic, loads on demand)."""
+    from .sizing import format_size as fmt
+    return fmt(n)
 
 
 def preallocation_mode(mode: str | bool) -> str:

@@ -165,13 +165,15 @@ static int emit_data(struct emitter *e, uint64_t guest, uint64_t host, uint64_t 
  * so an item's clusters usually come in one or two reads instead of one each. */
 #define SPAN_RUNS 256u              /* members per span */
 #define SPAN_BYTES (1u << 20)       /* bytes read per span, before alignment slack */
-#define SPAN_GAP (64u << 10)        /* largest stretch of unrelated bytes read between members */
+#define SPAN_DIRECT_MIN (64u << 10) /* smaller spans are read through the page cache */
+#define SPAN_GAP (64u << 10)        /* unrelated bytes read between members: at most this, */
+                                    /* and at most one cluster */
 
 struct span {
     unsigned n;
-    uint64_t host_start;            /* host offset of the first member */
-    uint64_t host_end;              /* end of the last member */
-    struct qcow2_run runs[SPAN_RUNS];
+    uint64_t host_lo;               /* lowest host offset of a member */
+    uint64_t host_hi;               /* highest end of a member */
+    struct qcow2_run runs[SPAN_RUNS];   /* in guest order */
 };
 
 /* Bytes of the scratch buffer that hold a span: room for SPAN_BYTES or one compressed cluster
@@ -187,26 +189,34 @@ static uint64_t member_bytes(const struct qcow2_run *r)
     return r->kind == QCOW2_COMPRESSED ? r->csize : r->length;
 }
 
-/* Whether R may join SP without exceeding the scratch buffer. */
+/* Whether R may join SP: it lies within SPAN_GAP of the span's bytes and the span still fits
+ * the scratch buffer.  Members need not come in host order: qemu packs compressed clusters
+ * into a partly used host cluster while plain clusters take the next free ones, so a
+ * compressed cluster often sits before the plain cluster that precedes it in the guest. */
 static bool span_fits(const struct conv_state *s, const struct span *sp, const struct qcow2_run *r)
 {
     uint64_t h = r->host_off, end = h + member_bytes(r);
     if (sp->n == 0)
         return true;
-    /* Members come in host order; a compressed cluster's last sector may hold the start
-     * of the next one, so they may overlap. */
-    if (sp->n >= SPAN_RUNS || h < sp->runs[sp->n - 1].host_off || h > sp->host_end + SPAN_GAP)
+    uint64_t gap = CDM_MIN((uint64_t)SPAN_GAP, s->img.cluster_size);
+    if (sp->n >= SPAN_RUNS || h > sp->host_hi + gap || end + gap < sp->host_lo)
         return false;
-    return CDM_ALIGN_UP(end, CDM_ALIGN) - CDM_ALIGN_DOWN(sp->host_start, CDM_ALIGN) <=
+    uint64_t lo = CDM_MIN(sp->host_lo, h), hi = CDM_MAX(sp->host_hi, end);
+    return CDM_ALIGN_UP(hi, CDM_ALIGN) - CDM_ALIGN_DOWN(lo, CDM_ALIGN) <=
            span_capacity(s->img.cluster_size);
 }
 
 static void span_add(struct span *sp, const struct qcow2_run *r)
 {
-    if (sp->n == 0)
-        sp->host_start = sp->host_end = r->host_off;
+    uint64_t end = r->host_off + member_bytes(r);
+    if (sp->n == 0) {
+        sp->host_lo = r->host_off;
+        sp->host_hi = end;
+    } else {
+        sp->host_lo = CDM_MIN(sp->host_lo, r->host_off);
+        sp->host_hi = CDM_MAX(sp->host_hi, end);
+    }
     sp->runs[sp->n++] = *r;
-    sp->host_end = CDM_MAX(sp->host_end, r->host_off + member_bytes(r));
 }
 
 /* Decompress the compressed cluster of run R, whose compressed bytes are at IN, into the
@@ -245,12 +255,16 @@ static int flush_span(struct emitter *e, struct span *sp)
     struct cdm_worker *w = e->w;
     unsigned n = sp->n;
     sp->n = 0;
-    uint64_t lo = CDM_ALIGN_DOWN(sp->host_start, CDM_ALIGN);
-    uint64_t hi = CDM_ALIGN_UP(sp->host_end, CDM_ALIGN);
-    uint64_t need = sp->host_end - lo;      /* bytes that must arrive; HI may pass the end */
+    /* Large spans are read with O_DIRECT, widened to 4 KiB alignment; small ones (a few
+     * compressed clusters between zero runs) read just their bytes through the page cache,
+     * where neighbouring spans find the blocks they share. */
+    bool direct = s->src_dfd >= 0 && sp->host_hi - sp->host_lo >= SPAN_DIRECT_MIN;
+    uint64_t lo = direct ? CDM_ALIGN_DOWN(sp->host_lo, CDM_ALIGN) : sp->host_lo;
+    uint64_t hi = direct ? CDM_ALIGN_UP(sp->host_hi, CDM_ALIGN) : sp->host_hi;
+    uint64_t need = sp->host_hi - lo;       /* bytes that must arrive; HI may pass the end */
     size_t got = 0;
     int rc = -EINVAL;
-    if (s->src_dfd >= 0) {
+    if (direct) {
         rc = cdm_pread_full(s->src_dfd, w->scratch, (size_t)(hi - lo), lo, &got);
         if (rc == 0 || got >= need)
             w->stats.direct_read = 1;
@@ -270,9 +284,10 @@ static int flush_span(struct emitter *e, struct span *sp)
             return cdm_worker_fail(w, CDM_SIDE_SOURCE, -EIO,
                                    "the image ended at host offset 0x%llx while reading "
                                    "clusters at 0x%llx (did it shrink during the conversion?)",
-                                   HX(lo + got), HX(sp->host_start));
+                                   HX(lo + got), HX(sp->host_lo));
     }
     w->stats.bytes_read += got;
+    rc = 0;
     for (unsigned i = 0; i < n && rc >= 0; i++) {
         const struct qcow2_run *r = &sp->runs[i];
         const uint8_t *in = w->scratch + (r->host_off - lo);

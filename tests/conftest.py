@@ -30,6 +30,9 @@ settings.register_profile(
 settings.register_profile(
     "quick", deadline=None, max_examples=5,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile(   # for a deeper run by hand: HYPOTHESIS_PROFILE=thorough
+    "thorough", deadline=None, max_examples=300,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if IN_CI else "default"))
 
 
