@@ -486,7 +486,6 @@ def prewarm(path: str | Path, size: int) -> None:
         os.close(fd)
 
 
-
 # How the read floor reads: (name, readers, request bytes, O_DIRECT).  Direct reads with more
 # in flight than any tool uses, and buffered reads that let the kernel's readahead run ahead.
 FLOOR_METHODS = [("8 x 16 MiB O_DIRECT", 8, 16 * MiB, True),
@@ -566,6 +565,7 @@ def floor_line(b: Bench, scenario: str, path: str | Path, size: int,
     if best:
         line += f", best peer ({best.case}) = {best.wall / floor:.2f} x floor"
     b.emit(line)
+
 
 class Resources:
     """Everything the benchmark attaches, mounts or creates, released in reverse order."""
@@ -907,9 +907,9 @@ def run_rounds(b: Bench, scenario: str, tools: list[Tool], size: int, expect_has
                source_path: str | None = None, memcg: MemCgroup | None = None,
                verify: Callable[[str], bool] | None = None,
                probe: Callable[[str], dict[str, Any]] | None = None) -> list[Sample]:
-    """Run every tool ARGS.runs times, in an order shuffled per round.  PREPARE(res) makes a fresh target
-    and returns (path given to the tool, file whose bytes/allocation are checked); TOOLS'
-    argv use the literal placeholder '{DST}' for the target path.  VERIFY(file), when given,
+    """Run every tool ARGS.runs times, in an order shuffled per round.  PREPARE(res) makes a
+    fresh target and returns (path given to the tool, file whose bytes/allocation are checked);
+    TOOLS' argv use the literal placeholder '{DST}' for the target path.  VERIFY(file), when given,
     replaces the comparison with EXPECT_HASH; PROBE(file) fills Sample.stats."""
     out: list[Sample] = []
     n = len(tools)
@@ -1173,9 +1173,7 @@ def in_fs(b: Bench, scenario: str) -> None:
         else:
             tools += peer_tools(str(src), "{DST}", dst_is_dev=False, fresh=True)
         samples = run_rounds(b, scenario, tools, size, h, prepare)
-        report_direction(b, scenario, samples, src_desc=describe(scenario))
-        if scenario in ("file2blk", "file2blk-dirty"):
-            floor_line(b, scenario, src, size, samples)
+    report_direction(b, scenario, samples, src_desc=describe(scenario))
 
 
 def scaling(b: Bench) -> None:

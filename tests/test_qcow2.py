@@ -194,9 +194,10 @@ def test_compressed_spans_match_qemu(qemu: tuple[str, str], tmp_path: Path, kind
     """Compressed clusters are read in spans (one pread for many clusters, plain clusters
     between them included): any mix of compressed, plain, zero and unallocated clusters, a
     partial last cluster, and request sizes that cut spans at item ends or make them hit the
-    span limit, with one and with several threads, must give qemu-img's bytes."""
+    span limit, with one and with several threads, must give back the bytes of the raw disk
+    that qemu-img compressed."""
     c = 1 << bits
-    unit = max(c, 64 * 1024)                # kinds cover 64 KiB, or one 2^bits cluster
+    unit = 64 * 1024                        # each kind covers 64 KiB: 16 clusters or one
     size = len(kinds) * unit - tail * 512
     d = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
     d.mkdir()
