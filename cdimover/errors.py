@@ -13,7 +13,10 @@ __all__ = [
     "ImageFormatError",
     "UnsupportedImageError",
     "UnsafeImageError",
+    "InUseError",
     "SourceInUseError",
+    "TargetInUseError",
+    "UnsafeVolumeError",
     "CloneValidationError",
     "ConfigurationError",
     "ChecksumMismatchError",
@@ -50,8 +53,24 @@ class UnsafeImageError(CdimoverError):
     """The image refers to other files (backing file, external data file) and was refused."""
 
 
-class SourceInUseError(CdimoverError):
-    """The clone source is in use (mounted, held open exclusively, or locked by QEMU)."""
+class InUseError(CdimoverError):
+    """A disk is in use by someone else: mounted, claimed exclusively, locked by a running
+    QEMU, or used by another cdimover job."""
+
+
+class SourceInUseError(InUseError):
+    """The clone source is in use (mounted, held open exclusively, locked by QEMU, or being
+    written by another cdimover job)."""
+
+
+class TargetInUseError(InUseError):
+    """The target is in use (mounted, locked by QEMU, or written by another cdimover job);
+    nothing was written."""
+
+
+class UnsafeVolumeError(CdimoverError):
+    """A volume holds a symbolic link where a disk or directory must be, or changed between
+    inspection and use; nothing was read or written through it."""
 
 
 class CloneValidationError(CdimoverError, ValueError):

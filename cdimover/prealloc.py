@@ -91,7 +91,7 @@ def preallocate(path: str | os.PathLike[str], *, mode: str = "falloc",
                     os.ftruncate(fd, want)
             mask, allocated = 0, 0
             if mode != "off" and want > 0:
-                direct = open_direct(p, os.O_WRONLY)
+                direct = open_direct(fd, os.O_WRONLY)
                 if pr.is_blockdev:
                     mask, allocated = _preallocate_fd(ctx, p, fd, direct, pr, 0, want, mode)
                 elif mode == "falloc":
@@ -135,7 +135,7 @@ def create_blank(path: str | os.PathLike[str], size: int, *, preallocation: str 
     if st is not None and stat.S_ISBLK(st.st_mode):
         start = time.monotonic()
         fd = os.open(p, os.O_WRONLY | os.O_CLOEXEC)
-        direct = open_direct(p, os.O_WRONLY)
+        direct = open_direct(fd, os.O_WRONLY)
         try:
             with Context() as ctx:
                 pr = _native.probe(ctx, fd, p)

@@ -19,9 +19,8 @@ from typing import Any, Literal
 
 from . import _native
 from ._native import Context, ProgressFn, ffi, lib
-from .copy import Source, Tuning, copy_opts, final_target_size, grow_target, make_result
-from .copy import copy as copy_raw
-from .copy import open_source, open_target
+from .copy import Place, Source, Tuning, copy_endpoints, check_target_size, copy_opts, \
+    final_size_for, grow_target, make_result, open_source, open_target, room_needed
 from .errors import ImageFormatError, UnsafeImageError, UnsupportedImageError
 from .prealloc import preallocation_mode
 from .types import CopyResult, ScanMethod
@@ -176,7 +175,7 @@ def refusal(info: ImageInfo) -> Exception | None:
     return None
 
 
-def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
+def convert(source: str | os.PathLike[str] | Source, target: str | os.PathLike[str] | Place, *,
             source_format: Format = "auto", preallocation: str | bool = "off",
             target_is_zero: bool = False, progress: ProgressFn | None = None,
             target_size: int | None = None, threads: int = 0, request_size: int = 0,
@@ -184,11 +183,14 @@ def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
     """Write the guest disk of SOURCE (QCOW2 or RAW) to TARGET as RAW, bit-exact, sparse and
     durable.
 
+    - SOURCE: a path or an open :class:`~cdimover.copy.Source` (left open); it is opened
+      once, and its format decided on that descriptor.
     - SOURCE_FORMAT: "auto" converts QCOW2 when the magic is present and copies RAW otherwise;
       "raw" copies byte for byte even when the data starts with a QCOW2 header; "qcow2"
-      requires the magic.  RAW sources go through cdimover.copy.copy().
-    - TARGET: a missing or regular file is (re)created with the virtual size; a block device
-      must hold it (TargetTooSmallError) and keeps its bytes past it.
+      requires the magic.  RAW sources are copied as by cdimover.copy.copy().
+    - TARGET: a path or a :class:`~cdimover.copy.Place`, opened and locked as by
+      :func:`cdimover.copy.open_target` with the virtual size: a new file appears under its
+      name only once complete; a block device must hold the image (TargetTooSmallError).
     - PREALLOCATION: "off", "falloc" or "full", as for copy(): the image's unallocated and
       zero clusters are allocated on the target, data is written once.
     - TARGET_SIZE: grow a file target to this size (never below the virtual size).
@@ -197,7 +199,8 @@ def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
 
     Raises ImageFormatError for malformed images and the corrupt bit, UnsafeImageError for
     backing and external data files, UnsupportedImageError for encryption, unknown features
-    and compression types this build lacks -- all before TARGET is opened.
+    and compression types this build lacks -- all before TARGET is opened, so a refused image
+    never truncates an existing target.
     """
     if source_format not in ("auto", "raw", "qcow2"):
         raise ValueError(f"source_format={source_format!r}: expected 'auto', 'raw' or 'qcow2'")
@@ -206,30 +209,40 @@ def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
     start = time.monotonic()
     ctx = context or Context()
     try:
-        with open_source(source, scan="full", ctx=ctx) as src:
-            fmt = _choose_format(src.fd, source_format, src.path)
-            if fmt == "qcow2":
-                return _convert_qcow2(ctx, src, target, target_is_zero=target_is_zero,
-                                      progress=progress, start=start, preallocation=prealloc,
-                                      target_size=target_size, tuning=tuning)
-        return copy_raw(source, target, target_is_zero=target_is_zero, progress=progress,
-                        preallocation=prealloc, target_size=target_size, threads=threads,
-                        request_size=request_size, context=ctx)
+        if isinstance(source, Source):
+            return _convert_open(ctx, source, target, source_format=source_format,
+                                 target_is_zero=target_is_zero, progress=progress,
+                                 start=start, preallocation=prealloc, target_size=target_size,
+                                 tuning=tuning)
+        with open_source(source, ctx=ctx) as src:
+            return _convert_open(ctx, src, target, source_format=source_format,
+                                 target_is_zero=target_is_zero, progress=progress,
+                                 start=start, preallocation=prealloc, target_size=target_size,
+                                 tuning=tuning)
     finally:
         if context is None:
             ctx.close()
 
 
-def _convert_qcow2(ctx: Context, src: Source, target: str | os.PathLike[str], *,
-                   target_is_zero: bool, progress: ProgressFn | None, start: float,
-                   preallocation: str, target_size: int | None, tuning: Tuning) -> CopyResult:
+def _convert_open(ctx: Context, src: Source, target: str | os.PathLike[str] | Place, *,
+                  source_format: str, target_is_zero: bool, progress: ProgressFn | None,
+                  start: float, preallocation: str, target_size: int | None,
+                  tuning: Tuning) -> CopyResult:
+    """convert() once the source is open."""
+    if _choose_format(src.fd, source_format, src.path) == "raw":
+        return copy_endpoints(ctx, src, target, prealloc=preallocation, target_size=target_size,
+                          reflink="auto", target_is_zero=target_is_zero, progress=progress,
+                          tuning=tuning, start=start)
     info = _inspect_fd(ctx, src.fd, src.path, "qcow2", src.probe)
     refused = refusal(info)
     if refused is not None:
         raise refused
-    with open_target(target, info.virtual_size, source=src, ctx=ctx) as dst:
+    final_size = final_size_for(info.virtual_size, target_size)
+    # A QCOW2 image's clusters may expand (compression): its data may need the virtual size.
+    need = room_needed(final_size, preallocation, None)
+    with open_target(target, info.virtual_size, source=src, ctx=ctx, need=need) as dst:
+        check_target_size(dst, target_size)
         paths = (src.path, dst.path)
-        final_size = final_target_size(dst, info.virtual_size, target_size, preallocation)
         opts = copy_opts(src, dst, scan_method=ScanMethod.QCOW2, target_is_zero=target_is_zero,
                          preallocation=preallocation, tuning=tuning)
         opts.size = info.virtual_size
@@ -240,7 +253,10 @@ def _convert_qcow2(ctx: Context, src: Source, target: str | os.PathLike[str], *,
                      paths=paths)
         except (ImageFormatError, UnsafeImageError) as e:
             raise type(e)(f"{src.path}: {e}") from None
-        grow_target(ctx, dst, info.virtual_size, final_size, preallocation, stats, paths)
+        src.verify_unchanged(ctx)
+        if dst.probe.is_regular:
+            grow_target(ctx, dst, info.virtual_size, final_size, preallocation, stats, paths)
+        dst.commit()
         return make_result(
             src.path, dst, stats, source_format="qcow2", virtual_size=info.virtual_size,
             start=start, scan_method=ScanMethod.QCOW2, preallocation=preallocation,

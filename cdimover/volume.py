@@ -32,19 +32,21 @@ creates it.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import shutil
 import stat
-import struct
 import time
 from dataclasses import dataclass
 from typing import Final, Literal, Union
 
 from ._native import ProgressFn
+from ._os import check_name, fsync_dir, kind, open_beneath, open_dir, remove_beneath, reopen
+from .copy import PARTIAL_SUFFIX, Place, Source, incomplete_marker, open_source
 from .copy import copy as copy_disk
-from .errors import CloneValidationError, SourceInUseError, TargetTooSmallError
+from .errors import CloneValidationError, SourceInUseError, TargetTooSmallError, \
+    UnsafeVolumeError
+from .locks import qemu_lock_holder
 from .k8s import CloneRequest, SourceInfo, validate_clone
 from .sizing import DEFAULT_OVERHEAD, Overhead, format_size, parse_overhead, parse_quantity, \
     usable_space
@@ -77,54 +79,64 @@ DISK_IMAGE_MODE: Final = 0o660
 _LOST_FOUND: Final = "lost+found"
 _CONTENT_TYPES: Final = (KUBEVIRT, ARCHIVE)
 
-# QEMU's lock bytes (block/file-posix.c) and the width of each probe: one byte per permission
-# bit, and QEMU's permission mask fits in 64 bits.
-RAW_LOCK_PERM_BASE: Final = 100
-RAW_LOCK_SHARED_BASE: Final = 200
-_LOCK_SPAN: Final = 64
-# F_OFD_GETLK from <fcntl.h> on Linux (the fcntl module has it from Python 3.9 on some builds).
-_F_OFD_GETLK: Final = int(getattr(fcntl, "F_OFD_GETLK", 36))
-# struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid, padded
-# to the alignment of off_t ("0q").
-_FLOCK: Final = struct.Struct("@hhqqi0q")
-# Errors meaning "this filesystem or kernel cannot answer a lock query": no verdict, no refusal.
-_NO_LOCK_INFO: Final = frozenset({errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP,
-                                  errno.ENOSYS, errno.EBADF})
-
 VolumeMode = Literal["Filesystem", "Block"]
 
 
-def _available_bytes(path: str) -> int:
-    """Bytes free for an unprivileged writer on the filesystem holding PATH (CDI's
+def _available_bytes(fd: int) -> int:
+    """Bytes free for an unprivileged writer on the filesystem holding FD (CDI's
     ``GetAvailableSpace``: f_bavail blocks of the fragment size)."""
-    st = os.statvfs(path)
+    st = os.fstatvfs(fd)
     return st.f_bavail * st.f_frsize
 
 
-def _device_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _inspect_disk(dir_fd: int, disk: str) -> tuple[int | None, int, tuple[int, int] | None,
+                                                    str | None]:
+    """``disk.img`` of the volume open as DIR_FD, never followed: (virtual size or None,
+    bytes a clone would free by replacing it and a leftover partial file, identity or None,
+    the incomplete mark in words or None).  CloneValidationError when it is not a regular
+    file."""
+    freed = 0
     try:
-        return os.lseek(fd, 0, os.SEEK_END)
+        part = os.stat(DISK_IMAGE + PARTIAL_SUFFIX, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISREG(part.st_mode):
+            freed += part.st_blocks * 512
+    except FileNotFoundError:
+        pass
+    try:
+        st = os.stat(DISK_IMAGE, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None, freed, None, None
+    if not stat.S_ISREG(st.st_mode):
+        raise CloneValidationError(
+            f"{disk}: {kind(st.st_mode)}, not a regular file: not a CDI disk image")
+    fd = open_beneath(dir_fd, DISK_IMAGE, os.O_RDONLY, path=disk)
+    try:
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
+            raise UnsafeVolumeError(f"{disk}: changed while it was inspected")
+        mark = incomplete_marker(fd)
     finally:
         os.close(fd)
+    incomplete = None
+    if mark is not None:
+        who = f"process {mark.get('pid', '?')} on {mark.get('host', '?')}"
+        incomplete = f"a cdimover job ({who}) writing it did not finish"
+    return fst.st_size, freed + fst.st_blocks * 512, (fst.st_dev, fst.st_ino), incomplete
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISFIFO(mode):
-        return "a fifo"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a special file"
+def _device_size(fd: int) -> int:
+    """The size of the block device open as FD (an O_PATH descriptor is reopened)."""
+    dev = reopen(fd, os.O_RDONLY)
+    try:
+        return os.lseek(dev, 0, os.SEEK_END)
+    finally:
+        os.close(dev)
+
+
+def _open_volume_path(path: str, follow: bool) -> int:
+    """An O_PATH descriptor of volume PATH, its last component not followed unless FOLLOW."""
+    flags = os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    return os.open(path, flags)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,48 +165,104 @@ class Volume:
     virtual_size: int | None
     available: int
     filesystem_overhead: str | None = None
+    identity: tuple[int, int] | None = None
+    disk_identity: tuple[int, int] | None = None
+    incomplete: str | None = None
+    follow_symlinks: bool = False
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str],
-             filesystem_overhead: Overhead = 0.06) -> Volume:
+    def open(cls, path: str | os.PathLike[str], filesystem_overhead: Overhead = 0.06, *,
+             follow_symlinks: bool = False) -> Volume:
         """Inspect PATH: a directory is a Filesystem volume, a block device a Block volume.
 
+        PATH itself is not followed if it is a symbolic link (UnsafeVolumeError) unless
+        FOLLOW_SYMLINKS (a path the user typed, such as ``/dev/disk/by-id/...``); ``disk.img``
+        is never followed.  The identities (device and inode) of the volume and its disk are
+        recorded: :func:`clone` refuses a volume that changed in between.
+
         Raises CloneValidationError for anything else (a regular file, a fifo...), for a
-        ``disk.img`` that is not a regular file (a symlink is refused, never followed), and for
-        an invalid FILESYSTEM_OVERHEAD; OSError naming the path when it cannot be inspected
-        (FileNotFoundError, PermissionError...).
+        ``disk.img`` that is not a regular file, and for an invalid FILESYSTEM_OVERHEAD;
+        OSError naming the path when it cannot be inspected (FileNotFoundError,
+        PermissionError...).  ``incomplete`` describes the unfinished job that left the disk
+        marked incomplete, if any.
         """
         p = os.fspath(path)
-        st = os.stat(p)
-        if stat.S_ISBLK(st.st_mode):
-            size = _device_size(p)
-            return cls(mode=BLOCK, path=p, disk_path=p, capacity=size, virtual_size=size,
-                       available=size)
-        if not stat.S_ISDIR(st.st_mode):
-            raise CloneValidationError(
-                f"{p}: {_kind(st.st_mode)} is not a volume: expected a directory (Filesystem "
-                f"volume) or a block device (Block volume)")
+        fd = _open_volume_path(p, follow_symlinks)
         try:
-            overhead = parse_overhead(filesystem_overhead)
-        except ValueError as e:
-            raise CloneValidationError(f"{p}: {e}") from None
-        disk = os.path.join(p, DISK_IMAGE)
-        virtual_size: int | None = None
-        allocated = 0
-        try:
-            dst = os.lstat(disk)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISREG(dst.st_mode):
+            st = os.fstat(fd)
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafeVolumeError(f"{p}: a symbolic link; a volume path is never "
+                                        f"followed")
+            if stat.S_ISBLK(st.st_mode):
+                size = _device_size(fd)
+                return cls(mode=BLOCK, path=p, disk_path=p, capacity=size, virtual_size=size,
+                           available=size, identity=(st.st_rdev, 0),
+                           follow_symlinks=follow_symlinks)
+            if not stat.S_ISDIR(st.st_mode):
                 raise CloneValidationError(
-                    f"{disk}: {_kind(dst.st_mode)}, not a regular file: not a CDI disk image")
-            virtual_size = dst.st_size
-            allocated = dst.st_blocks * 512
-        available = _available_bytes(p) + allocated
-        return cls(mode=FILESYSTEM, path=p, disk_path=disk,
-                   capacity=usable_space(available, overhead), virtual_size=virtual_size,
-                   available=available, filesystem_overhead=str(filesystem_overhead))
+                    f"{p}: {kind(st.st_mode)} is not a volume: expected a directory "
+                    f"(Filesystem volume) or a block device (Block volume)")
+            try:
+                overhead = parse_overhead(filesystem_overhead)
+            except ValueError as e:
+                raise CloneValidationError(f"{p}: {e}") from None
+            disk = os.path.join(p, DISK_IMAGE)
+            virtual_size, allocated, disk_id, incomplete = _inspect_disk(fd, disk)
+            available = _available_bytes(fd) + allocated
+            return cls(mode=FILESYSTEM, path=p, disk_path=disk,
+                       capacity=usable_space(available, overhead), virtual_size=virtual_size,
+                       available=available, filesystem_overhead=str(filesystem_overhead),
+                       identity=(st.st_dev, st.st_ino), disk_identity=disk_id,
+                       incomplete=incomplete, follow_symlinks=follow_symlinks)
+        finally:
+            os.close(fd)
+
+    def open_dir(self) -> int:
+        """A directory descriptor of this Filesystem volume, checked to be the directory
+        inspected (UnsafeVolumeError otherwise); the caller closes it."""
+        fd = open_dir(self.path, follow=self.follow_symlinks)
+        st = os.fstat(fd)
+        if self.identity is not None and (st.st_dev, st.st_ino) != self.identity:
+            os.close(fd)
+            raise UnsafeVolumeError(f"{self.path}: the volume changed since it was inspected")
+        return fd
+
+    def open_disk(self) -> int:
+        """A read-only descriptor of this volume's disk (``disk.img`` reached without
+        following links, or the device), checked to be the disk inspected; the caller closes
+        it.  UnsafeVolumeError when it changed, CloneValidationError when there is none."""
+        if self.mode == BLOCK:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC |
+                         (0 if self.follow_symlinks else os.O_NOFOLLOW))
+            st = os.fstat(fd)
+            if not stat.S_ISBLK(st.st_mode) or (
+                    self.identity is not None and st.st_rdev != self.identity[0]):
+                os.close(fd)
+                raise UnsafeVolumeError(f"{self.path}: the device changed since it was "
+                                        f"inspected")
+            return fd
+        dir_fd = self.open_dir()
+        try:
+            try:
+                fd = open_beneath(dir_fd, DISK_IMAGE, os.O_RDONLY, path=self.disk_path)
+            except FileNotFoundError:
+                raise CloneValidationError(f"{self.disk_path}: no disk image (the Filesystem "
+                                           f"volume has no {DISK_IMAGE})") from None
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise UnsafeVolumeError(f"{self.disk_path}: a symbolic link, not a disk "
+                                            f"image; never followed") from None
+                raise
+        finally:
+            os.close(dir_fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (
+                self.disk_identity is not None
+                and (st.st_dev, st.st_ino) != self.disk_identity):
+            os.close(fd)
+            raise UnsafeVolumeError(f"{self.disk_path}: the disk image changed since it was "
+                                    f"inspected")
+        return fd
 
     def describe_capacity(self) -> str:
         """The capacity in words, for messages."""
@@ -243,31 +311,9 @@ PathOrVolume = Union[str, "os.PathLike[str]", Volume]
 # In-use detection
 
 
-def _lock_holder(fd: int) -> tuple[int, int] | None:
-    """Probe QEMU's lock bytes of open FD with F_OFD_GETLK: (first locked byte, l_pid) of a
-    conflicting lock, or None when none is found or the system cannot tell."""
-    for base in (RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE):
-        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, base, _LOCK_SPAN, 0)
-        try:
-            answer = fcntl.fcntl(fd, _F_OFD_GETLK, query)
-        except OSError as e:
-            if e.errno in _NO_LOCK_INFO:
-                return None
-            raise
-        l_type, _whence, l_start, _len, l_pid = _FLOCK.unpack(answer)
-        if l_type != fcntl.F_UNLCK:
-            return l_start, l_pid
-    return None
-
-
-def _check_unlocked(path: str, *, follow: bool = False) -> None:
-    """Raise SourceInUseError when another process holds a lock on QEMU's bytes of PATH (a
-    symlink is followed only when FOLLOW: device paths such as /dev/disk/by-id/... are links)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
-    try:
-        holder = _lock_holder(fd)
-    finally:
-        os.close(fd)
+def _check_unlocked(fd: int, path: str) -> None:
+    """Raise SourceInUseError when another process holds a lock on QEMU's bytes of open FD."""
+    holder = qemu_lock_holder(fd)
     if holder is None:
         return
     start, pid = holder
@@ -277,18 +323,25 @@ def _check_unlocked(path: str, *, follow: bool = False) -> None:
         f"first, or pass force=True")
 
 
-def _check_not_exclusive(device: str) -> None:
-    """Raise SourceInUseError when block DEVICE is mounted or held with O_EXCL. The O_EXCL
-    probe is closed at once: the copy never holds the device exclusively."""
+def _check_not_exclusive(fd: int, device: str) -> None:
+    """Raise SourceInUseError when block device FD (named DEVICE) is mounted or held with
+    O_EXCL.  The O_EXCL probe is closed at once: the copy never holds a source exclusively."""
     try:
-        fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+        probe = reopen(fd, os.O_RDONLY | os.O_EXCL)
     except OSError as e:
         if e.errno == errno.EBUSY:
             raise SourceInUseError(
                 f"{device}: the block device is in use (mounted, or held open exclusively by "
                 f"another process); power the VM off first, or pass force=True") from None
         raise
-    os.close(fd)
+    os.close(probe)
+
+
+def _check_disk_not_in_use(vol: Volume, fd: int) -> None:
+    """The in-use checks of VOL's disk, open as FD."""
+    if vol.mode == BLOCK:
+        _check_not_exclusive(fd, vol.disk_path)
+    _check_unlocked(fd, vol.disk_path)
 
 
 def check_not_in_use(volume: PathOrVolume) -> None:
@@ -300,11 +353,13 @@ def check_not_in_use(volume: PathOrVolume) -> None:
     path) when the check itself fails.
     """
     vol = volume if isinstance(volume, Volume) else Volume.open(volume)
-    if vol.mode == BLOCK:
-        _check_not_exclusive(vol.disk_path)
-        _check_unlocked(vol.disk_path, follow=True)
-    elif os.path.lexists(vol.disk_path):
-        _check_unlocked(vol.disk_path)
+    if vol.mode == FILESYSTEM and vol.virtual_size is None:
+        return
+    fd = vol.open_disk()
+    try:
+        _check_disk_not_in_use(vol, fd)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,17 +430,6 @@ def _resolve_target_size(target_size: int | str | None, source_size: int,
 # Target disk image
 
 
-def _prepare_disk_image(path: str) -> None:
-    """Create or take over ``disk.img`` at PATH with mode 0660 whatever the umask; copy()
-    replaces an existing file in place, keeping its mode. A leftover of a killed run is fine:
-    no O_EXCL, so never EEXIST. A symlink is refused (O_NOFOLLOW)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, DISK_IMAGE_MODE)
-    try:
-        os.fchmod(fd, DISK_IMAGE_MODE)
-    finally:
-        os.close(fd)
-
-
 def _preallocation_arg(preallocation: bool) -> str:
     return "falloc" if preallocation else "off"
 
@@ -444,19 +488,23 @@ def clone(source: PathOrVolume, target: PathOrVolume, *, content_type: str = KUB
     if src.virtual_size is None:
         raise CloneValidationError(f"{src.disk_path}: no disk image to clone (the Filesystem "
                                    f"volume has no {DISK_IMAGE})")
+    if src.incomplete is not None:
+        raise CloneValidationError(f"{src.disk_path}: incomplete: {src.incomplete}; run that "
+                                   f"job again before cloning the disk")
     size = src.virtual_size
     if size > dst.capacity:
         raise _too_small(dst, size, "the image", dst.disk_path)
     grow_to = _resolve_target_size(target_size, size, dst)
-    if not force:
-        check_not_in_use(src)
-
-    if dst.mode == FILESYSTEM:
-        _prepare_disk_image(dst.disk_path)
-    result = copy_disk(src.disk_path, dst.disk_path,
-                       preallocation=_preallocation_arg(preallocation), progress=progress,
-                       target_size=grow_to if dst.mode == FILESYSTEM else None,
-                       threads=threads, request_size=request_size)
+    src_fd = src.open_disk()
+    try:
+        if not force:
+            _check_disk_not_in_use(src, src_fd)
+        with open_source(src.disk_path, fd=src_fd) as opened:
+            result = _copy_to_volume(opened, dst, preallocation=preallocation,
+                                     progress=progress, grow_to=grow_to, threads=threads,
+                                     request_size=request_size)
+    finally:
+        os.close(src_fd)
     disk_size = result.target_size if dst.mode == FILESYSTEM else None
     return CloneResult(
         source_mode=src.mode, target_mode=dst.mode, source_path=src.path, target_path=dst.path,
@@ -464,6 +512,35 @@ def clone(source: PathOrVolume, target: PathOrVolume, *, content_type: str = KUB
         bytes_zeroed=result.bytes_zeroed, preallocation_applied=result.preallocation_applied,
         elapsed=time.monotonic() - start, copy=result, files=0, content_type=KUBEVIRT,
         disk_size=disk_size)
+
+
+def target_place(dst: Volume) -> tuple[Place, int]:
+    """Where a disk goes on volume DST: (place, directory descriptor to close).  On a
+    Filesystem volume ``disk.img`` in the volume's directory (checked to be the one
+    inspected), created with mode 0660 whatever the umask, never followed; on a Block volume
+    the device node, not followed unless the volume was opened following links."""
+    if dst.mode == FILESYSTEM:
+        dir_fd = dst.open_dir()
+        return Place(dir_fd=dir_fd, name=DISK_IMAGE, path=dst.disk_path, mode=DISK_IMAGE_MODE,
+                     exact_mode=True), dir_fd
+    path = os.path.realpath(dst.path) if dst.follow_symlinks else dst.path
+    parent, name = os.path.split(path)
+    dir_fd = open_dir(parent or "/", follow=True)
+    return Place(dir_fd=dir_fd, name=check_name(name), path=dst.path), dir_fd
+
+
+def _copy_to_volume(source: Source, dst: Volume, *, preallocation: bool,
+                    progress: ProgressFn | None, grow_to: int | None, threads: int,
+                    request_size: int) -> CopyResult:
+    """Copy the open SOURCE onto volume DST's disk."""
+    place, dir_fd = target_place(dst)
+    try:
+        return copy_disk(source, place, preallocation=_preallocation_arg(preallocation),
+                         progress=progress,
+                         target_size=grow_to if dst.mode == FILESYSTEM else None,
+                         threads=threads, request_size=request_size)
+    finally:
+        os.close(dir_fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,7 +665,7 @@ class _ArchiveCopier:
     def skip(self, path: str, st: os.stat_result) -> None:
         """Leave out the special file PATH (fifo, socket, device), with a warning."""
         log.warning("%s: skipped %s (an archive clone copies no special files)", path,
-                    _kind(st.st_mode))
+                    kind(st.st_mode))
         self.skipped.append(path)
 
     def copy_tree(self, src_root: str, dst_root: str, name: str) -> None:

@@ -172,15 +172,30 @@ def test_target_device_too_small(tmp_path: Path) -> None:
     assert tgt.read_bytes() == before, "nothing may be written before the size check"
 
 
-def test_enospc_on_a_tiny_filesystem(tmp_path: Path, mounted_fs) -> None:  # type: ignore[no-untyped-def]
+def test_a_copy_that_cannot_fit_fails_before_writing(tmp_path: Path, mounted_fs) -> None:  # type: ignore[no-untyped-def]
     mnt = mounted_fs("ext4", 16 << 20)
     src = tmp_path / "src.img"
     write_layout(src, Layout((Segment("data", 32 << 20),), 11))
-    with pytest.raises(OSError) as ei:
+    with pytest.raises(cdimover.TargetTooSmallError) as ei:
         cdimover.copy(src, mnt / "disk.img")
+    assert ei.value.required == 32 << 20
+    assert str(mnt / "disk.img") in str(ei.value)
+    assert sorted(os.listdir(mnt)) == ["lost+found"]
+
+
+def test_enospc_on_a_tiny_filesystem(tmp_path: Path, mounted_fs, loopdev) -> None:  # type: ignore[no-untyped-def]
+    mnt = mounted_fs("ext4", 16 << 20)
+    src = tmp_path / "src.img"
+    write_layout(src, Layout((Segment("data", 32 << 20),), 11))
+    dev = loopdev(src)
+    # A device read in full has no allocation to check up front: the copy meets ENOSPC.
+    with pytest.raises(OSError) as ei:
+        cdimover.copy(dev, mnt / "disk.img", scan="full")
     assert ei.value.errno == errno.ENOSPC
     assert ei.value.filename == str(mnt / "disk.img")
     assert "No space left on device" in str(ei.value)
+    # The partial file is gone: nothing that looks like a disk is left.
+    assert sorted(os.listdir(mnt)) == ["lost+found"]
 
 
 def test_file_to_file_on_xfs_reflinks(tmp_path: Path, mounted_fs) -> None:  # type: ignore[no-untyped-def]

@@ -4,6 +4,7 @@ subprocess for exit codes and signals."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -131,7 +132,9 @@ def test_sigterm_mid_copy_then_rerun(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 143, err
     assert "terminated" in err and "run the command again" in err
-    assert sha256_prefix(dst, 64 << 20) != sha256_prefix(src, 64 << 20)
+    # The new file was written under a partial name, removed when the copy stopped: nothing
+    # that looks like a finished disk is left.
+    assert sorted(os.listdir(tmp_path)) == ["s.img"]
     r = run_cli("copy", str(src), str(dst))
     assert r.returncode == 0, r.stderr
     assert sha256_prefix(dst, 64 << 20) == sha256_prefix(src, 64 << 20)

@@ -742,7 +742,8 @@ def test_sigterm_mid_clone_then_rerun_succeeds(
     assert proc.returncode == 143, err
     assert (tmp_path / "termination-log").read_text() == (
         "Unable to process data: clone " + CANCEL_TEXT.format(sig="SIGTERM", kind="clone"))
-    assert sha256_prefix(dst / "disk.img", DENSE.size) != sha256_prefix(src, DENSE.size)
+    # The new disk was written under a partial name and removed when the clone stopped.
+    assert sorted(os.listdir(dst)) == []
     p, message = run_pod("clone", tmp_path, clone_env(src, str(dst)))
     assert p.returncode == 0, p.stderr
     assert message == '{"message":"Clone Complete","preallocationApplied":false}'

@@ -531,7 +531,11 @@ def test_opens_no_file_but_source_and_target(qemu: tuple[str, str], tmp_path: Pa
                 pass
 
     result = convert(img, out, progress=progress)
-    assert seen and seen <= {str(img), str(out)}, seen
+    # The source, the target being written (under its partial name until complete) and the
+    # directory that holds the target; nothing else.
+    allowed = {str(img), f"{out}.cdimover-partial", str(tmp_path)}
+    assert seen and seen <= allowed, seen
+    assert not (tmp_path / "out.raw.cdimover-partial").exists()
     assert result.virtual_size == 64 * MiB
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
 import signal
 import stat
@@ -22,6 +23,7 @@ import pytest
 
 import cdimover
 from cdimover import CloneValidationError, SourceInUseError, TargetTooSmallError, loopdev
+from cdimover.errors import TargetInUseError
 from cdimover import volume as volume_mod
 from cdimover.sizing import format_size, parse_quantity, required_space, usable_space
 from cdimover.volume import CloneResult, Volume, check_not_in_use, clone
@@ -567,27 +569,44 @@ def test_block_device_locked_by_qemu_io(tmp_path: Path) -> None:
                 clone(dev, volume_dir(tmp_path, "tgt"))
 
 
-def test_no_exclusive_open_during_the_copy(tmp_path: Path) -> None:
-    # The O_EXCL probe of the source is closed before copying, and the target is never opened
-    # with O_EXCL: another exclusive opener of either can come and go during the copy.
+def test_source_not_claimed_target_claimed_during_the_copy(tmp_path: Path) -> None:
+    # The O_EXCL probe of the source is closed before copying (another exclusive opener of
+    # the source can come and go), while the target device is claimed for the whole copy:
+    # nobody can mount it or claim it meanwhile.
     need_loop()
     src_b, tgt_b = tmp_path / "src.img", tmp_path / "tgt.img"
     random_file(src_b, 12 * MiB)
     random_file(tgt_b, 12 * MiB)
     seen: list[int] = []
     with loopdev.attached(src_b) as sdev, loopdev.attached(tgt_b) as tdev:
-        tgt_excl = os.open(tdev, os.O_RDONLY | os.O_EXCL)   # another user of a shared volume
-        try:
-            def probe(done: int, total: int) -> None:
-                fd = os.open(sdev, os.O_RDONLY | os.O_EXCL)
-                os.close(fd)
-                seen.append(done)
+        def probe(done: int, total: int) -> None:
+            fd = os.open(sdev, os.O_RDONLY | os.O_EXCL)
+            os.close(fd)
+            with pytest.raises(OSError) as ei:
+                os.close(os.open(tdev, os.O_RDONLY | os.O_EXCL))
+            assert ei.value.errno == errno.EBUSY
+            seen.append(done)
 
-            clone(sdev, tdev, progress=probe)
-        finally:
-            os.close(tgt_excl)
+        clone(sdev, tdev, progress=probe)
+        os.close(os.open(tdev, os.O_RDONLY | os.O_EXCL))    # released after the clone
     assert seen, "the progress callback never ran"
     assert sha256_prefix(tgt_b, 12 * MiB) == sha256_prefix(src_b, 12 * MiB)
+
+
+def test_target_claimed_by_another_is_refused(tmp_path: Path) -> None:
+    need_loop()
+    src_b, tgt_b = tmp_path / "src.img", tmp_path / "tgt.img"
+    random_file(src_b, 4 * MiB)
+    random_file(tgt_b, 4 * MiB)
+    before = sha256_prefix(tgt_b, 4 * MiB)
+    with loopdev.attached(src_b) as sdev, loopdev.attached(tgt_b) as tdev:
+        held = os.open(tdev, os.O_RDONLY | os.O_EXCL)
+        try:
+            with pytest.raises(TargetInUseError, match="in use"):
+                clone(sdev, tdev)
+        finally:
+            os.close(held)
+    assert sha256_prefix(tgt_b, 4 * MiB) == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -625,15 +644,56 @@ def test_killed_clone_is_rerun(tmp_path: Path, mounted_fs: MountFs) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    partial = tgt / "disk.img"
-    assert partial.exists(), "the killed clone left its partial disk.img"
+    # The new disk was being written under a partial name: nothing named disk.img yet, and the
+    # partial file is not taken for a disk.
+    partial = tgt / "disk.img.cdimover-partial"
+    assert sorted(os.listdir(tgt)) == ["disk.img.cdimover-partial"]
     assert sha256_prefix(partial, size) != sha256_prefix(src / "disk.img", size), \
         "the clone was not killed mid-way"
+    assert Volume.open(tgt).virtual_size is None
     r = clone(src, tgt)
     assert r.virtual_size == size
-    assert partial.stat().st_size == size
-    assert sha256_prefix(partial, size) == sha256_prefix(src / "disk.img", size)
-    assert stat.S_IMODE(partial.stat().st_mode) == 0o660
+    assert sorted(os.listdir(tgt)) == ["disk.img"]
+    disk = tgt / "disk.img"
+    assert disk.stat().st_size == size
+    assert sha256_prefix(disk, size) == sha256_prefix(src / "disk.img", size)
+    assert stat.S_IMODE(disk.stat().st_mode) == 0o660
+
+
+def test_killed_clone_over_an_existing_disk_is_marked(tmp_path: Path,
+                                                      mounted_fs: MountFs) -> None:
+    need_loop()
+    src = volume_dir(tmp_path, "src")
+    size = 40 * MiB
+    random_file(src / "disk.img", size)
+    tgt = volume_dir(mounted_fs("ext4", 96 * MiB), "pvc")
+    random_file(tgt / "disk.img", 8 * MiB)            # an older disk, replaced in place
+    marker = tmp_path / "progress"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CLONE, str(src), str(tgt), str(marker)])
+    try:
+        deadline = time.monotonic() + 20
+        while not marker.exists():
+            assert proc.poll() is None, "the clone ended before it could be killed"
+            assert time.monotonic() < deadline, "no progress from the clone"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # The half-written disk says so: an xattr naming the job, and a clone from it is refused.
+    mark = json.loads(os.getxattr(tgt / "disk.img", "user.cdimover.incomplete"))
+    assert mark["pid"] == proc.pid
+    vol = Volume.open(tgt)
+    assert vol.incomplete is not None and str(proc.pid) in vol.incomplete
+    other = volume_dir(tmp_path, "other")
+    with pytest.raises(CloneValidationError, match="incomplete"):
+        clone(vol, other)
+    clone(src, tgt)
+    assert "user.cdimover.incomplete" not in os.listxattr(tgt / "disk.img")
+    assert Volume.open(tgt).incomplete is None
+    assert sha256_prefix(tgt / "disk.img", size) == sha256_prefix(src / "disk.img", size)
 
 
 def test_cancelled_clone_is_rerun(tmp_path: Path) -> None:
@@ -644,7 +704,7 @@ def test_cancelled_clone_is_rerun(tmp_path: Path) -> None:
     with loopdev.attached(backing) as dev:
         with pytest.raises(cdimover.CopyCancelled):
             clone(dev, tgt, progress=lambda done, total: True)
-        assert (tgt / "disk.img").exists()
+        assert sorted(os.listdir(tgt)) == []     # the partial disk was removed
         calls: list[tuple[int, int]] = []
         clone(dev, tgt, progress=lambda done, total: calls.append((done, total)))
     assert calls and all(total == 16 * MiB for _, total in calls)
@@ -653,8 +713,8 @@ def test_cancelled_clone_is_rerun(tmp_path: Path) -> None:
 
 
 def test_failed_clone_names_the_target(tmp_path: Path, mounted_fs: MountFs) -> None:
-    # A full filesystem (the size check passed on a stale Volume) fails with ENOSPC naming the
-    # target; once the room is there the same call succeeds over the partial file.
+    # A full filesystem (the size check passed on a stale Volume) fails before writing, naming
+    # the target; once the room is there the same call succeeds.
     need_loop()
     mnt = mounted_fs("ext4", 16 * MiB)
     tgt = volume_dir(mnt, "pvc")
@@ -663,9 +723,10 @@ def test_failed_clone_names_the_target(tmp_path: Path, mounted_fs: MountFs) -> N
     filler = mnt / "filler"
     random_file(filler, 8 * MiB)
     stale = dataclasses.replace(Volume.open(tgt), capacity=1 << 40)
-    with pytest.raises(OSError) as ei:
+    with pytest.raises(TargetTooSmallError) as ei:
         clone(src, stale)
-    assert ei.value.errno == errno.ENOSPC and ei.value.filename == str(tgt / "disk.img")
+    assert str(tgt / "disk.img") in str(ei.value) and ei.value.required == 10 * MiB
+    assert sorted(os.listdir(tgt)) == []
     filler.unlink()
     clone(src, tgt)
     assert sha256_prefix(tgt / "disk.img", 10 * MiB) == sha256_prefix(src / "disk.img", 10 * MiB)
