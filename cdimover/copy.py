@@ -16,6 +16,7 @@ import socket
 import stat
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Final, Literal
 
 from . import _native
@@ -631,7 +632,8 @@ def copy(source: str | os.PathLike[str] | Source, target: str | os.PathLike[str]
          progress: ProgressFn | None = None, reflink: Reflink = "auto", scan: Scan = "auto",
          threads: int = 0, request_size: int = 0, sparse_size: int = 0,
          detect_zeros: bool = True, target_size: int | None = None,
-         context: Context | None = None) -> CopyResult:
+         context: Context | None = None,
+         verify: Callable[[], object] | None = None) -> CopyResult:
     """Copy the RAW disk SOURCE to TARGET, bit-exact, sparse and durable.
 
     - SOURCE: a path, or an open :class:`Source` (left open; its scan method is used).
@@ -652,6 +654,8 @@ def copy(source: str | os.PathLike[str] | Source, target: str | os.PathLike[str]
       it, "never" always copies the bytes, "always" fails if it cannot share.
     - SCAN: "auto" picks SEEK_DATA/SEEK_HOLE for files, the backing file's map for loop
       devices, a full read for other devices; "seek", "loop" and "full" force one.
+    - VERIFY: called once the data is durable, before the target is declared complete (a
+      checksum comparison); if it raises, the copy fails as any other failure does.
 
     A source that changes size (or a loop source that changes its backing file) during the
     copy fails with OSError(EIO) naming it: what a concurrently written source gives is
@@ -669,11 +673,11 @@ def copy(source: str | os.PathLike[str] | Source, target: str | os.PathLike[str]
         if isinstance(source, Source):
             return copy_endpoints(ctx, source, target, prealloc=prealloc, target_size=target_size,
                               reflink=reflink, target_is_zero=target_is_zero,
-                              progress=progress, tuning=tuning, start=start)
+                              progress=progress, tuning=tuning, start=start, verify=verify)
         with open_source(source, scan=scan, ctx=ctx) as src:
             return copy_endpoints(ctx, src, target, prealloc=prealloc, target_size=target_size,
                               reflink=reflink, target_is_zero=target_is_zero,
-                              progress=progress, tuning=tuning, start=start)
+                              progress=progress, tuning=tuning, start=start, verify=verify)
     finally:
         if context is None:
             ctx.close()
@@ -682,7 +686,7 @@ def copy(source: str | os.PathLike[str] | Source, target: str | os.PathLike[str]
 def copy_endpoints(ctx: Context, src: Source, target: str | os.PathLike[str] | Place, *,
                prealloc: str, target_size: int | None, reflink: Reflink,
                target_is_zero: bool, progress: ProgressFn | None, tuning: Tuning,
-               start: float) -> CopyResult:
+               start: float, verify: Callable[[], object] | None = None) -> CopyResult:
     """copy() once the source is open: open, fill and commit the target."""
     final_size = final_size_for(src.size, target_size)
     need = room_needed(final_size, prealloc, src.allocated)
@@ -712,6 +716,8 @@ def copy_endpoints(ctx: Context, src: Source, target: str | os.PathLike[str] | P
         src.verify_unchanged(ctx)
         if dst.probe.is_regular:
             grow_target(ctx, dst, src.size, final_size, prealloc, stats, paths)
+        if verify is not None:
+            verify()
         dst.commit()
         return make_result(src.path, dst, stats, source_format="raw",
                            virtual_size=src.size, start=start, scan_method=scan_method,

@@ -254,16 +254,28 @@ def _default_destination() -> str:
 
 def _volume_path(path: str, name: str) -> str:
     """The volume PATH names (variable NAME): a directory or a block device; a path ending in
-    ``/disk.img`` whose directory exists names that directory."""
+    ``/disk.img`` whose directory exists names that directory.  No symbolic link is followed
+    at the end of PATH (nor at ``disk.img``): a tenant's link must not redirect the job."""
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except FileNotFoundError:
         st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise ConfigurationError(f"{name}: {path} is a symbolic link, which is never followed")
     if st is not None and (stat.S_ISDIR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         return path
     parent = os.path.dirname(path.rstrip("/"))
-    if os.path.basename(path.rstrip("/")) == "disk.img" and parent and os.path.isdir(parent):
-        return parent
+    if os.path.basename(path.rstrip("/")) == "disk.img" and parent and (
+            st is None or stat.S_ISREG(st.st_mode)):
+        try:
+            pst = os.lstat(parent)
+        except FileNotFoundError:
+            pst = None
+        if pst is not None and stat.S_ISLNK(pst.st_mode):
+            raise ConfigurationError(f"{name}: {parent} is a symbolic link, which is never "
+                                     f"followed")
+        if pst is not None and stat.S_ISDIR(pst.st_mode):
+            return parent
     what = "does not exist" if st is None else "is neither a directory nor a block device"
     raise ConfigurationError(f"{name}: {path} {what}")
 
@@ -282,9 +294,12 @@ def clone_config(env: Mapping[str, str], *, mount_point: str | None = None,
                                  hint="the source volume's path")
     assert source is not None
     try:
-        st = os.stat(source)
+        st = os.lstat(source)
     except FileNotFoundError:
         raise ConfigurationError(f"MOUNT_POINT: {source} does not exist") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigurationError(f"MOUNT_POINT: {source} is a symbolic link, which is never "
+                                 f"followed")
     if volume_mode == "block" and not stat.S_ISBLK(st.st_mode):
         raise ConfigurationError(f"MOUNT_POINT: {source} is not a block device, but "
                                  f"VOLUME_MODE is block")
@@ -455,8 +470,9 @@ class _Hasher:
     """Hash a file in a daemon thread, 4 MiB at a time, reporting progress; stoppable."""
 
     def __init__(self, path: str, checksum: Checksum,
-                 progress: Callable[[int, int], None]) -> None:
+                 progress: Callable[[int, int], None], *, fd: int | None = None) -> None:
         self.path = path
+        self.fd = fd
         self.checksum = checksum
         self.progress = progress
         self._stop = threading.Event()
@@ -472,7 +488,10 @@ class _Hasher:
     def _run(self) -> None:
         try:
             h = hashlib.new(self.checksum.algorithm, usedforsecurity=False)
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            # The image already open (a second open file description, so that its offset
+            # and readahead are the hasher's own), never the path again.
+            fd = os.open(f"/proc/self/fd/{self.fd}" if self.fd is not None else self.path,
+                         os.O_RDONLY | os.O_CLOEXEC)
             try:
                 total = os.lseek(fd, 0, os.SEEK_END)
                 os.lseek(fd, 0, os.SEEK_SET)
@@ -569,19 +588,18 @@ class _Image:
     virtual_size: int
 
 
-def _inspect_image(path: str) -> _Image:
-    """Identify the image at PATH: QCOW2 by its magic, RAW otherwise; formats not converted
-    yet (VMDK, VHDX, VDI, VHD, compressed images) are refused rather than copied as RAW."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        head = os.pread(fd, 512, 0)
-        size = os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
+def _inspect_image(fd: int, path: str) -> _Image:
+    """Identify the image open as FD (named PATH): QCOW2 by its magic, RAW otherwise; formats
+    not converted yet (VMDK, VHDX, VDI, VHD, compressed images) are refused rather than copied
+    as RAW."""
+    head = os.pread(fd, 512, 0)
+    size = os.lseek(fd, 0, os.SEEK_END)
     if head.startswith(_QCOW2_MAGIC):
-        from .qcow2 import inspect, refusal
+        from ._native import Context, probe
+        from .qcow2 import inspect_fd, refusal
 
-        info = inspect(path, format="qcow2")
+        with Context() as ctx:
+            info = inspect_fd(ctx, fd, path, "qcow2", probe(ctx, fd, path))
         refused = refusal(info)  # backing or data files, encryption: before any write
         if refused is not None:
             raise refused
@@ -593,93 +611,67 @@ def _inspect_image(path: str) -> _Image:
     return _Image("raw", size)
 
 
-def _write_image(source: str, image: _Image, target: str, *, block: bool, preallocation: bool,
-                 grow_to: int | None, progress: Callable[[int, int], None], threads: int,
-                 request_size: int) -> bool:
-    """Write IMAGE (at SOURCE) to TARGET as RAW -- the one place that calls the converters.
-    BLOCK: TARGET is a block device.  GROW_TO: a file target's final size.  Returns whether
-    preallocation was applied."""
-    from .qcow2 import convert
+def _wipe_device(path: str, length: int) -> None:
+    """Zero the first LENGTH bytes of the Block volume PATH after a rejected image (a file
+    target is never declared complete in that case: see _import_disk)."""
+    from .prealloc import create_blank
 
-    result = convert(source, target, source_format="qcow2" if image.format == "qcow2" else "raw",
-                     preallocation="falloc" if preallocation else "off", progress=progress,
-                     target_size=None if block else grow_to, threads=threads,
-                     request_size=request_size)
-    return result.preallocation_applied
-
-
-def _wipe(target: str, block: bool, length: int) -> None:
-    """Remove a rejected image: unlink a file target, zero a block target's first LENGTH
-    bytes."""
-    if block:
-        from .prealloc import create_blank
-
-        create_blank(target, length)
-    else:
-        try:
-            os.unlink(target)
-        except FileNotFoundError:
-            pass
-
-
-def _create_disk_image(path: str) -> None:
-    """Create or take over ``disk.img`` with CDI's mode 0660 whatever the umask; never follow
-    a symlink."""
-    from .volume import DISK_IMAGE_MODE
-
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, DISK_IMAGE_MODE)
-    try:
-        os.fchmod(fd, DISK_IMAGE_MODE)
-    finally:
-        os.close(fd)
+    create_blank(path, length)
 
 
 def _import_disk(cfg: ImportConfig, progress: _Progress, *, threads: int,
                  request_size: int) -> bool:
     """Import the RAW or QCOW2 image CFG.endpoint into the volume CFG.destination, checking
-    its virtual size against the volume's capacity first; whether preallocation was applied."""
-    from .volume import BLOCK, Volume
+    its virtual size against the volume's capacity first; whether preallocation was applied.
+    The image is opened once; its checksum, when asked for, is verified before the disk is
+    declared complete (a new disk.img is then never left behind)."""
+    from .copy import open_source
+    from .qcow2 import convert
+    from .volume import BLOCK, Volume, target_place
 
-    image = _inspect_image(cfg.endpoint)
-    vol = Volume.open(cfg.destination, cfg.filesystem_overhead)
-    if image.virtual_size > vol.capacity:
-        raise TargetTooSmallError(
-            f"{vol.disk_path}: the {image.format} image's virtual size "
-            f"{format_size(image.virtual_size)} does not fit the "
-            f"{vol.describe_capacity()}", required=image.virtual_size, available=vol.capacity)
-    block = vol.mode == BLOCK
-    grow_to: int | None = None
-    if cfg.image_size is not None and not block:
-        grow_to = min(cfg.image_size, vol.capacity)
-        if grow_to <= image.virtual_size:
-            grow_to = None
-    if not block:
-        _create_disk_image(vol.disk_path)
-    hasher = _start_hasher(cfg, progress)
-    try:
-        applied = _write_image(cfg.endpoint, image, vol.disk_path, block=block,
-                               preallocation=cfg.preallocation, grow_to=grow_to,
-                               progress=progress.copied, threads=threads,
-                               request_size=request_size)
-    except BaseException:
-        if hasher is not None:
-            hasher.stop()
-        _sync_quietly(vol.disk_path)
-        raise
-    if hasher is not None:
+    with open_source(cfg.endpoint) as src:
+        image = _inspect_image(src.fd, cfg.endpoint)
+        vol = Volume.open(cfg.destination, cfg.filesystem_overhead)
+        if image.virtual_size > vol.capacity:
+            raise TargetTooSmallError(
+                f"{vol.disk_path}: the {image.format} image's virtual size "
+                f"{format_size(image.virtual_size)} does not fit the "
+                f"{vol.describe_capacity()}", required=image.virtual_size,
+                available=vol.capacity)
+        block = vol.mode == BLOCK
+        grow_to: int | None = None
+        if cfg.image_size is not None and not block:
+            grow_to = min(cfg.image_size, vol.capacity)
+            if grow_to <= image.virtual_size:
+                grow_to = None
+        hasher = _start_hasher(cfg, progress, src.fd)
+        place, dir_fd = target_place(vol)
         try:
-            hasher.verify()
+            result = convert(src, place, source_format="qcow2" if image.format == "qcow2"
+                             else "raw",
+                             preallocation="falloc" if cfg.preallocation else "off",
+                             progress=progress.copied, target_size=grow_to, threads=threads,
+                             request_size=request_size,
+                             verify=hasher.verify if hasher is not None else None)
         except ChecksumMismatchError:
-            _wipe(vol.disk_path, block, image.virtual_size)
+            if block:
+                _wipe_device(vol.disk_path, image.virtual_size)
             raise
-    return applied
+        except BaseException:
+            if hasher is not None:
+                hasher.stop()
+            raise
+        finally:
+            os.close(dir_fd)
+    return result.preallocation_applied
 
 
-def _start_hasher(cfg: ImportConfig, progress: _Progress) -> _Hasher | None:
-    """Start hashing CFG.endpoint when CFG has a checksum; the hasher or None."""
+def _start_hasher(cfg: ImportConfig, progress: _Progress,
+                  fd: int | None = None) -> _Hasher | None:
+    """Start hashing the image open as FD when CFG has a checksum; the hasher or None."""
     if cfg.checksum is None:
         return None
-    return _Hasher(cfg.endpoint, cfg.checksum, progress.hashed).start()
+    return _Hasher(cfg.endpoint, cfg.checksum, progress.hashed, fd=fd).start()
 
 
 def _archive_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:

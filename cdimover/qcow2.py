@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
 from . import _native
@@ -116,7 +117,7 @@ def _choose_format(fd: int, requested: str, path: str) -> str:
     return "raw"
 
 
-def _inspect_fd(ctx: Context, fd: int, path: str, fmt: str, probe: _native.Probe) -> ImageInfo:
+def inspect_fd(ctx: Context, fd: int, path: str, fmt: str, probe: _native.Probe) -> ImageInfo:
     actual = os.fstat(fd).st_blocks * 512 if probe.is_regular else 0
     if fmt == "raw":
         return ImageInfo(filename=path, format="raw", virtual_size=probe.size,
@@ -143,7 +144,7 @@ def inspect(path: str | os.PathLike[str], *, format: Format = "auto") -> ImageIn
         fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
         try:
             probe = _native.probe(ctx, fd, p)
-            return _inspect_fd(ctx, fd, p, _choose_format(fd, format, p), probe)
+            return inspect_fd(ctx, fd, p, _choose_format(fd, format, p), probe)
         finally:
             os.close(fd)
 
@@ -179,7 +180,8 @@ def convert(source: str | os.PathLike[str] | Source, target: str | os.PathLike[s
             source_format: Format = "auto", preallocation: str | bool = "off",
             target_is_zero: bool = False, progress: ProgressFn | None = None,
             target_size: int | None = None, threads: int = 0, request_size: int = 0,
-            context: Context | None = None) -> CopyResult:
+            context: Context | None = None,
+            verify: Callable[[], object] | None = None) -> CopyResult:
     """Write the guest disk of SOURCE (QCOW2 or RAW) to TARGET as RAW, bit-exact, sparse and
     durable.
 
@@ -196,6 +198,7 @@ def convert(source: str | os.PathLike[str] | Source, target: str | os.PathLike[s
     - TARGET_SIZE: grow a file target to this size (never below the virtual size).
     - TARGET_IS_ZERO: an existing block-device target is known to read as zeros.
     - PROGRESS: progress(done, total) in guest bytes, as for copy().
+    - VERIFY: called once the data is durable, before the target is declared complete.
 
     Raises ImageFormatError for malformed images and the corrupt bit, UnsafeImageError for
     backing and external data files, UnsupportedImageError for encryption, unknown features
@@ -213,12 +216,12 @@ def convert(source: str | os.PathLike[str] | Source, target: str | os.PathLike[s
             return _convert_open(ctx, source, target, source_format=source_format,
                                  target_is_zero=target_is_zero, progress=progress,
                                  start=start, preallocation=prealloc, target_size=target_size,
-                                 tuning=tuning)
+                                 tuning=tuning, verify=verify)
         with open_source(source, ctx=ctx) as src:
             return _convert_open(ctx, src, target, source_format=source_format,
                                  target_is_zero=target_is_zero, progress=progress,
                                  start=start, preallocation=prealloc, target_size=target_size,
-                                 tuning=tuning)
+                                 tuning=tuning, verify=verify)
     finally:
         if context is None:
             ctx.close()
@@ -227,13 +230,13 @@ def convert(source: str | os.PathLike[str] | Source, target: str | os.PathLike[s
 def _convert_open(ctx: Context, src: Source, target: str | os.PathLike[str] | Place, *,
                   source_format: str, target_is_zero: bool, progress: ProgressFn | None,
                   start: float, preallocation: str, target_size: int | None,
-                  tuning: Tuning) -> CopyResult:
+                  tuning: Tuning, verify: Callable[[], object] | None) -> CopyResult:
     """convert() once the source is open."""
     if _choose_format(src.fd, source_format, src.path) == "raw":
         return copy_endpoints(ctx, src, target, prealloc=preallocation, target_size=target_size,
                           reflink="auto", target_is_zero=target_is_zero, progress=progress,
-                          tuning=tuning, start=start)
-    info = _inspect_fd(ctx, src.fd, src.path, "qcow2", src.probe)
+                          tuning=tuning, start=start, verify=verify)
+    info = inspect_fd(ctx, src.fd, src.path, "qcow2", src.probe)
     refused = refusal(info)
     if refused is not None:
         raise refused
@@ -256,6 +259,8 @@ def _convert_open(ctx: Context, src: Source, target: str | os.PathLike[str] | Pl
         src.verify_unchanged(ctx)
         if dst.probe.is_regular:
             grow_target(ctx, dst, info.virtual_size, final_size, preallocation, stats, paths)
+        if verify is not None:
+            verify()
         dst.commit()
         return make_result(
             src.path, dst, stats, source_format="qcow2", virtual_size=info.virtual_size,

@@ -16,17 +16,24 @@ filesystem overhead). :func:`clone` copies one volume into another for all four 
 Every rule is checked before a byte is written: CDI's volume-mode and content-type rules (the
 wording of :func:`cdimover.k8s.validate_clone`), the size rule (the target's usable capacity
 must hold the source's virtual size), and that the source is idle: a block device that is
-mounted or held open with ``O_EXCL``, or a disk locked by a running QEMU, is refused with
-:class:`~cdimover.errors.SourceInUseError` unless ``force=True``. QEMU's ``file-posix`` driver
-takes shared OFD locks on single bytes from ``RAW_LOCK_PERM_BASE`` (100, one byte per permission
-it holds) and ``RAW_LOCK_SHARED_BASE`` (200, one byte per permission it does not share) of the
-image (``raw_apply_lock_bytes`` in ``block/file-posix.c``); a write-lock probe with
-``F_OFD_GETLK`` over those bytes finds them without taking a lock. The target is never opened
-with ``O_EXCL``: shared ReadWriteMany block volumes stay usable.
+mounted or held open with ``O_EXCL``, or a disk locked by a running QEMU
+(:func:`cdimover.locks.qemu_lock_holder`), is refused with
+:class:`~cdimover.errors.SourceInUseError` unless ``force=True``.
 
-A clone may be re-run after a failure or a kill: a partial ``disk.img`` (or partial tree entry)
-is replaced, never refused. ``disk.img`` is created with mode 0660 whatever the umask, as CDI
-creates it.
+Volumes hold tenants' data, so nothing in them is trusted to stay put: :meth:`Volume.open`
+records the identity of the volume and of its disk, never following a symbolic link, and
+:func:`clone` reopens them by descriptor (``O_NOFOLLOW`` on every component), checks they are
+the ones inspected (:class:`~cdimover.errors.UnsafeVolumeError` otherwise) and hands
+descriptors, not paths, to the copy.  An archive clone walks both trees the same way.
+
+The target is locked for the job (:mod:`cdimover.locks`): a Block target is claimed with
+``O_EXCL`` (a mounted device, or one another job writes, is refused), a file target carries an
+exclusive OFD lock.  A new ``disk.img`` is written as ``disk.img.cdimover-partial`` and renamed
+once complete and durable; an existing one is replaced in place and carries the
+``user.cdimover.incomplete`` xattr until then.  So a failed or killed clone never leaves a disk
+that looks complete: a re-run takes the leftovers over, and a disk marked incomplete is refused
+as a clone source.  ``disk.img`` is created with mode 0660 whatever the umask, as CDI creates
+it.
 """
 
 from __future__ import annotations
@@ -34,7 +41,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import stat
 import time
 from dataclasses import dataclass
@@ -547,22 +553,39 @@ def _copy_to_volume(source: Source, dst: Volume, *, preallocation: bool,
 # Archive clones
 
 
-def _root_entries(root: str) -> list[str]:
-    """The names of ROOT's entries an archive clone copies: all but ``lost+found``, sorted."""
-    return sorted(n for n in os.listdir(root) if n != _LOST_FOUND)
+def _root_entries(root_fd: int) -> list[str]:
+    """The names of the entries of directory ROOT_FD an archive clone copies: all but
+    ``lost+found``, sorted."""
+    return sorted(n for n in os.listdir(root_fd) if n != _LOST_FOUND)
 
 
-def _walk_no_follow(paths: list[str]) -> list[tuple[str, os.stat_result]]:
-    """Every entry under PATHS (each included), never following a symlink: (path, lstat)
-    pairs in pre-order."""
+def _walk_at(dir_fd: int, names: list[str]) -> list[tuple[str, os.stat_result]]:
+    """Every entry under NAMES of directory DIR_FD (each included), never following a
+    symlink: (relative path, lstat) pairs in pre-order.  Directories are entered by
+    descriptor (``O_NOFOLLOW``), one open at a time per level."""
     out: list[tuple[str, os.stat_result]] = []
-    stack = list(reversed(paths))
-    while stack:
-        p = stack.pop()
-        st = os.lstat(p)
-        out.append((p, st))
-        if stat.S_ISDIR(st.st_mode):
-            stack.extend(os.path.join(p, n) for n in sorted(os.listdir(p), reverse=True))
+    # Each frame: the directory's descriptor (ours to close, or DIR_FD), its relative path,
+    # and the names still to visit, reversed.
+    stack: list[tuple[int, str, list[str]]] = [(dir_fd, "", list(reversed(names)))]
+    try:
+        while stack:
+            fd, rel, todo = stack[-1]
+            if not todo:
+                stack.pop()
+                if fd != dir_fd:
+                    os.close(fd)
+                continue
+            name = todo.pop()
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            path = os.path.join(rel, name)
+            out.append((path, st))
+            if stat.S_ISDIR(st.st_mode):
+                sub = open_dir(name, dir_fd=fd)
+                stack.append((sub, path, sorted(os.listdir(sub), reverse=True)))
+    finally:
+        for fd, _, _ in stack:
+            if fd != dir_fd:
+                os.close(fd)
     return out
 
 
@@ -586,18 +609,6 @@ def _freed_by_replacing(entries: list[tuple[str, os.stat_result]]) -> int:
                if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1))
 
 
-def _remove(path: str) -> None:
-    """Remove PATH whatever it is; a directory tree is removed without following symlinks."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
 def _file_mode(st: os.stat_result) -> int:
     """The mode bits to restore. Ownership is not restored (tar --no-same-owner), so a regular
     file loses set-user-ID and set-group-ID, as POSIX asks of pax in that case; directories keep
@@ -608,10 +619,30 @@ def _file_mode(st: os.stat_result) -> int:
     return mode
 
 
-class _ArchiveCopier:
-    """One archive clone's state: hard links seen, counters, progress accounting."""
+def _open_parent(root_fd: int, rel: str) -> tuple[int, str]:
+    """The directory holding relative path REL under ROOT_FD, each component opened without
+    following links: (descriptor to close, last component)."""
+    parts = rel.split("/")
+    fd = os.dup(root_fd)
+    try:
+        for part in parts[:-1]:
+            sub = open_dir(part, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, parts[-1]
 
-    def __init__(self, preallocation: bool, progress: ProgressFn | None) -> None:
+
+class _ArchiveCopier:
+    """One archive clone's state: the two roots, hard links seen, counters, progress."""
+
+    def __init__(self, src: Volume, src_root: int, dst_root: int, preallocation: bool,
+                 progress: ProgressFn | None) -> None:
+        self.src = src
+        self.src_root = src_root
+        self.dst_root = dst_root
         self.total = 0
         self.preallocation = preallocation
         self.progress = progress
@@ -635,87 +666,147 @@ class _ArchiveCopier:
 
         return report
 
-    def copy_file(self, src: str, dst: str, st: os.stat_result) -> None:
+    def _link(self, first: str, dfd: int, name: str) -> bool:
+        """Make NAME in DFD a hard link to the copy FIRST (relative to the target root)."""
+        pfd, pname = _open_parent(self.dst_root, first)
+        try:
+            os.link(pname, name, src_dir_fd=pfd, dst_dir_fd=dfd, follow_symlinks=False)
+            return True
+        except OSError as e:  # EMLINK, EPERM (protected hardlinks)...: copy instead
+            log.debug("%s: hard link to %s failed (%s); copying", name, first, e)
+            return False
+        finally:
+            os.close(pfd)
+
+    def copy_file(self, sfd: int, dfd: int, name: str, rel: str, st: os.stat_result) -> None:
         key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and key in self.links:
-            try:
-                os.link(self.links[key], dst, follow_symlinks=False)
-                self.files += 1
-                return
-            except OSError as e:  # EMLINK, EPERM (protected hardlinks)...: copy instead
-                log.debug("%s: hard link to %s failed (%s); copying", dst, self.links[key], e)
-        # Create the file ourselves, private and never through a symlink (O_EXCL|O_NOFOLLOW);
-        # copy() fills it in place and the final mode comes after the bytes.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        os.close(os.open(dst, flags, 0o600))
-        result = copy_disk(src, dst, reflink="auto",
-                           preallocation=_preallocation_arg(self.preallocation),
-                           progress=self._file_progress())
+        if st.st_nlink > 1 and key in self.links and self._link(self.links[key], dfd, name):
+            self.files += 1
+            return
+        where = os.path.join(self.src.path, rel)
+        fd = open_beneath(sfd, name, os.O_RDONLY, path=where)
+        try:
+            fst = os.fstat(fd)
+            if (fst.st_dev, fst.st_ino) != key or not stat.S_ISREG(fst.st_mode):
+                raise UnsafeVolumeError(f"{where}: changed during the clone")
+            with open_source(where, fd=fd) as opened:
+                result = copy_disk(
+                    opened, Place(dir_fd=dfd, name=name, path=rel, mode=_file_mode(st),
+                                  exact_mode=True),
+                    reflink="auto", preallocation=_preallocation_arg(self.preallocation),
+                    progress=self._file_progress())
+        finally:
+            os.close(fd)
+        os.utime(name, dir_fd=dfd, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
         self.bytes_written += result.bytes_written
         self.bytes_zeroed += result.bytes_zeroed
         self.prealloc_ok = self.prealloc_ok and result.preallocation_applied
         self.apparent += st.st_size
         self.done += st.st_size
-        os.chmod(dst, _file_mode(st))
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
         if st.st_nlink > 1:
-            self.links[key] = dst
+            self.links[key] = rel
         self.files += 1
 
-    def skip(self, path: str, st: os.stat_result) -> None:
-        """Leave out the special file PATH (fifo, socket, device), with a warning."""
+    def skip(self, rel: str, st: os.stat_result) -> None:
+        """Leave out the special file REL (fifo, socket, device), with a warning."""
+        path = os.path.join(self.src.path, rel)
         log.warning("%s: skipped %s (an archive clone copies no special files)", path,
                     kind(st.st_mode))
         self.skipped.append(path)
 
-    def copy_tree(self, src_root: str, dst_root: str, name: str) -> None:
-        """Copy entry NAME of SRC_ROOT to DST_ROOT, depth first, never following symlinks;
+    def _enter(self, sfd: int, dfd: int, name: str) -> tuple[int, int]:
+        """Create directory NAME in DFD (private until finished) and open both sides."""
+        os.mkdir(name, 0o700, dir_fd=dfd)
+        self.files += 1
+        sub_s = open_dir(name, dir_fd=sfd)
+        try:
+            return sub_s, open_dir(name, dir_fd=dfd)
+        except BaseException:
+            os.close(sub_s)
+            raise
+
+    def _one(self, sfd: int, dfd: int, name: str, rel: str,
+             st: os.stat_result) -> None:
+        """Copy the non-directory entry NAME (REL from the root) from SFD to DFD."""
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(name, dir_fd=sfd), name, dir_fd=dfd)
+            os.utime(name, dir_fd=dfd, ns=(st.st_atime_ns, st.st_mtime_ns),
+                     follow_symlinks=False)
+            self.files += 1
+        elif stat.S_ISREG(st.st_mode):
+            self.copy_file(sfd, dfd, name, rel, st)
+        else:
+            self.skip(rel, st)
+
+    def copy_tree(self, name: str) -> None:
+        """Copy root entry NAME, depth first, by descriptors, never following symlinks;
         directory modes and times are set after their children are in place."""
-        # (target path, source lstat) of the directories to finish, outermost first.
-        finish: list[tuple[str, os.stat_result]] = []
-        stack: list[tuple[str, str]] = [(os.path.join(src_root, name),
-                                         os.path.join(dst_root, name))]
-        while stack:
-            s, d = stack.pop()
-            st = os.lstat(s)
-            if stat.S_ISDIR(st.st_mode):
-                os.mkdir(d, 0o700)
-                self.files += 1
-                finish.append((d, st))
-                for n in sorted(os.listdir(s), reverse=True):
-                    stack.append((os.path.join(s, n), os.path.join(d, n)))
-            elif stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(s), d)
-                os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-                self.files += 1
-            elif stat.S_ISREG(st.st_mode):
-                self.copy_file(s, d, st)
-            else:
-                self.skip(s, st)
-        for d, st in reversed(finish):
-            os.chmod(d, _file_mode(st))
-            os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
+        st = os.stat(name, dir_fd=self.src_root, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            self._one(self.src_root, self.dst_root, name, name, st)
+            return
+        # Frames: (source fd, target fd, relative path, lstat, names left reversed).
+        sfd, dfd = self._enter(self.src_root, self.dst_root, name)
+        stack = [(sfd, dfd, name, st, sorted(os.listdir(sfd), reverse=True))]
+        try:
+            while stack:
+                sfd, dfd, rel, dst_st, todo = stack[-1]
+                if not todo:
+                    stack.pop()
+                    os.fchmod(dfd, _file_mode(dst_st))
+                    os.utime(dfd, ns=(dst_st.st_atime_ns, dst_st.st_mtime_ns))
+                    os.close(sfd)
+                    os.close(dfd)
+                    continue
+                child = todo.pop()
+                crel = os.path.join(rel, child)
+                cst = os.stat(child, dir_fd=sfd, follow_symlinks=False)
+                if stat.S_ISDIR(cst.st_mode):
+                    a, b = self._enter(sfd, dfd, child)
+                    stack.append((a, b, crel, cst, sorted(os.listdir(a), reverse=True)))
+                else:
+                    self._one(sfd, dfd, child, crel, cst)
+        finally:
+            for sfd, dfd, _, _, _ in stack:
+                os.close(sfd)
+                os.close(dfd)
 
 
 def _clone_archive(src: Volume, dst: Volume, *, preallocation: bool, force: bool,
                    progress: ProgressFn | None, start: float) -> CloneResult:
-    """The archive clone of Filesystem volume SRC into Filesystem volume DST."""
-    copier = _ArchiveCopier(preallocation, progress)
+    """The archive clone of Filesystem volume SRC into Filesystem volume DST, by
+    descriptors: both roots are opened once (and checked to be the volumes inspected) and
+    every entry is reached from them without following a link."""
+    src_root = src.open_dir()
+    try:
+        dst_root = dst.open_dir()
+        try:
+            return _clone_archive_at(src, dst, src_root, dst_root, preallocation=preallocation,
+                                     force=force, progress=progress, start=start)
+        finally:
+            os.close(dst_root)
+    finally:
+        os.close(src_root)
+
+
+def _clone_archive_at(src: Volume, dst: Volume, src_root: int, dst_root: int, *,
+                      preallocation: bool, force: bool, progress: ProgressFn | None,
+                      start: float) -> CloneResult:
+    copier = _ArchiveCopier(src, src_root, dst_root, preallocation, progress)
     names = []
-    for name in _root_entries(src.path):
-        st = os.lstat(os.path.join(src.path, name))
+    for name in _root_entries(src_root):
+        st = os.stat(name, dir_fd=src_root, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
             names.append(name)
         else:
-            copier.skip(os.path.join(src.path, name), st)   # and the target's entry stays
-    entries = _walk_no_follow([os.path.join(src.path, n) for n in names])
+            copier.skip(name, st)   # and the target's entry stays
+    entries = _walk_at(src_root, names)
     apparent, allocated = _tree_sizes(entries)
     needed = apparent if preallocation else allocated
-    replaced = [os.path.join(dst.path, n) for n in names
-                if os.path.lexists(os.path.join(dst.path, n))]
-    old = _walk_no_follow(replaced)
+    existing = set(os.listdir(dst_root))
+    old = _walk_at(dst_root, [n for n in names if n in existing])
     # Volume.capacity already counts an existing disk.img's allocation; count the rest.
-    freed = _freed_by_replacing([(p, st) for p, st in old if p != dst.disk_path])
+    freed = _freed_by_replacing([(p, st) for p, st in old if p != DISK_IMAGE])
     room = dst
     if freed:
         overhead = dst.filesystem_overhead or DEFAULT_OVERHEAD
@@ -730,8 +821,9 @@ def _clone_archive(src: Volume, dst: Volume, *, preallocation: bool, force: bool
 
     copier.total = apparent
     for name in names:
-        _remove(os.path.join(dst.path, name))
-        copier.copy_tree(src.path, dst.path, name)
+        remove_beneath(dst_root, name)
+        copier.copy_tree(name)
+    fsync_dir(dst_root)
     return CloneResult(
         source_mode=src.mode, target_mode=dst.mode, source_path=src.path, target_path=dst.path,
         virtual_size=copier.apparent, bytes_written=copier.bytes_written,
