@@ -43,6 +43,7 @@ INCOMPLETE_XATTR: Final = "user.cdimover.incomplete"
 
 _REFLINK_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EINVAL,
                         errno.ENOTTY, errno.ENOSYS}
+_NO_DEVICE: Final = "no such device (a new file is never created under /dev)"
 _NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES, errno.ENOSYS}
 
 
@@ -316,7 +317,12 @@ def _place_of(target: str | os.PathLike[str] | Place, mode: int) -> tuple[Place,
     parent, name = os.path.split(real)
     if not name:
         raise IsADirectoryError(errno.EISDIR, "target is a directory", p)
-    dir_fd = open_dir(parent or "/", follow=True)
+    try:
+        dir_fd = open_dir(parent or "/", follow=True)
+    except FileNotFoundError:
+        if real.startswith("/dev/"):
+            raise FileNotFoundError(errno.ENOENT, _NO_DEVICE, p) from None
+        raise
     return Place(dir_fd=dir_fd, name=name, path=p, mode=mode), True
 
 
@@ -451,8 +457,7 @@ def _create_file_target(c: Context, t: Target, place: Place, size: int,
     a partial file a killed job left, once its lock is free)."""
     p = t.path
     if os.path.realpath(p).startswith("/dev/"):
-        raise FileNotFoundError(errno.ENOENT, "no such device (a new file is never created "
-                                "under /dev)", p)
+        raise FileNotFoundError(errno.ENOENT, _NO_DEVICE, p)
     partial = place.name + PARTIAL_SUFFIX
     where = os.path.join(os.path.dirname(p), partial)
     try:
@@ -514,6 +519,12 @@ def open_target(target: str | os.PathLike[str] | Place, size: int, *,
             return _create_file_target(c, t, place, size, need)
         except IsADirectoryError:
             raise IsADirectoryError(errno.EISDIR, "target is a directory", place.path) from None
+        except OSError as e:
+            if e.errno == errno.ENXIO:      # a FIFO without a reader, a socket
+                st = os.stat(place.name, dir_fd=place.dir_fd, follow_symlinks=False)
+                raise OSError(errno.EINVAL, f"target is {kind(st.st_mode)}, not a regular "
+                              f"file or a block device", place.path) from None
+            raise
         st = os.fstat(t.fd)
         if _same_file(st, source):
             raise OSError(errno.EINVAL, "source and target are the same", place.path)

@@ -1,0 +1,410 @@
+"""Volumes and targets handled as an attacker would hand them over: links swapped in while a
+job runs, links where a volume or disk should be, sources that shrink, two jobs on one target,
+mounted and read-only devices, images that cannot fit an existing file.
+
+The swap races run as root and as uid 107 without capabilities (CDI's pods), each in a child
+process started with setpriv.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import random
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import cdimover
+from cdimover import loopdev
+from cdimover.errors import (
+    CloneValidationError,
+    ConfigurationError,
+    TargetInUseError,
+    UnsafeVolumeError,
+)
+from cdimover.pod import clone_config, import_config
+from cdimover.volume import Volume, clone
+from conftest import TOOL_ENV, need, need_loop, need_root, need_tool
+
+KiB, MiB = 1 << 10, 1 << 20
+QEMU_UID = 107
+TRIALS = 300
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _racer(a: bytes, b: bytes, stop: str) -> int:
+    """Swap names A and B with renameat2(RENAME_EXCHANGE) until STOP exists (at most 120 s),
+    each state held for a random while of up to about a clone's duration, so that a job
+    often inspects one state and opens the other; the number of swaps."""
+    swaps, deadline = 0, time.monotonic() + 120
+    rng = random.Random(4517)
+    while not os.path.exists(stop) and time.monotonic() < deadline:
+        for _ in range(20):
+            if _libc.renameat2(_AT_FDCWD, a, _AT_FDCWD, b, _RENAME_EXCHANGE) == 0:
+                swaps += 1
+            until = time.perf_counter() + rng.random() * 0.0015
+            while time.perf_counter() < until:
+                pass
+    return swaps
+
+
+def _digest(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _race(base: Path, side: str, trials: int) -> tuple[int, int, int, int]:
+    """TRIALS clones of BASE/src into BASE/dst while a forked racer swaps disk.img of SIDE's
+    volume with a symlink to BASE/outside.img: (escapes, successes, refusals, swaps)."""
+    src, dst = base / "src", base / "dst"
+    swapped = src if side == "source" else dst
+    stop = base / "stop"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:        # the racer
+        os.close(r)
+        try:
+            n = _racer(bytes(swapped / "disk.img"), bytes(swapped / "evil"), str(stop))
+            os.write(w, str(n).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    secret = _digest(base / "outside.img")
+    escapes = successes = refusals = 0
+    try:
+        for _ in range(trials):
+            try:
+                clone(src, dst, force=True)
+            except (cdimover.CdimoverError, OSError):
+                refusals += 1
+                continue
+            successes += 1
+            if side == "source" and _digest(dst / "disk.img") == secret:
+                escapes += 1
+        if side == "target" and _digest(base / "outside.img") != secret:
+            escapes += 1
+    finally:
+        stop.touch()
+        os.waitpid(pid, 0)
+        swaps = int(os.read(r, 64) or b"0")
+        os.close(r)
+    return escapes, successes, refusals, swaps
+
+
+def _run_as(user: str, fn: Callable[..., tuple[int, ...]], *args: object) -> tuple[int, ...]:
+    """FN(*ARGS) in a forked child running as USER: "root", or "uid107" (uid and gid 107, no
+    supplementary groups, no capabilities left); its result."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(r)
+            if user != "root":
+                os.setgroups([])
+                os.setresgid(QEMU_UID, QEMU_UID, QEMU_UID)
+                os.setresuid(QEMU_UID, QEMU_UID, QEMU_UID)
+                caps = next(line for line in Path("/proc/self/status").read_text().splitlines()
+                            if line.startswith("CapEff:"))
+                assert int(caps.split()[1], 16) == 0, caps
+            os.write(w, repr(fn(*args)).encode())
+            status = 0
+        except BaseException as e:  # noqa: BLE001 - reported through the pipe
+            os.write(w, f"ERROR {type(e).__name__}: {e}".encode())
+        finally:
+            os._exit(status)
+    os.close(w)
+    chunks = []
+    while True:
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    out = b"".join(chunks).decode()
+    assert status == 0, out
+    result = eval(out)  # noqa: S307 - a tuple of ints written by the child above
+    assert isinstance(result, tuple)
+    return result
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory that uid 107 can reach (pytest's tmp_path is private to root)."""
+    d = Path(tempfile.mkdtemp(prefix="cdimover-hostile-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("user", ["root", "uid107"])
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_symlink_swap_race_never_escapes(shared_dir: Path, side: str, user: str) -> None:
+    need_root()
+    import cdimover.k8s  # noqa: F401 - loaded before the fork: uid 107 cannot read /root
+    base = shared_dir
+    (base / "src").mkdir()
+    (base / "dst").mkdir()
+    good = os.urandom(64 * KiB)
+    secret = b"SECRET-" * (64 * KiB // 7) + b"x" * (64 * KiB % 7)
+    (base / "outside.img").write_bytes(secret)       # the pod's own file (a token, say)
+    (base / "src" / "disk.img").write_bytes(good)
+    swapped = base / ("src" if side == "source" else "dst")
+    if side == "target":
+        (swapped / "disk.img").write_bytes(os.urandom(64 * KiB))
+    os.symlink(base / "outside.img", swapped / "evil")
+    if user != "root":
+        for p in [base, *base.rglob("*")]:
+            os.lchown(p, QEMU_UID, QEMU_UID)
+    escapes, successes, refusals, swaps = _run_as(user, _race, base, side, TRIALS)
+    assert swaps > 20, "the racer did not run"
+    assert escapes == 0, f"{escapes} of {TRIALS} clones went through the link"
+    assert successes + refusals == TRIALS
+    assert successes > 0, "no clone succeeded: the test shows nothing"
+    assert (base / "outside.img").read_bytes() == secret
+
+
+def test_disk_img_symlink_is_refused(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"token" * 1000)
+    os.symlink(secret, src / "disk.img")
+    with pytest.raises(CloneValidationError, match="symbolic link"):
+        clone(src, dst)
+    assert os.listdir(dst) == []
+
+
+def test_volume_path_symlink_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "disk.img").write_bytes(b"x" * 4096)
+    os.symlink(real, tmp_path / "link")
+    with pytest.raises(UnsafeVolumeError, match="symbolic link"):
+        Volume.open(tmp_path / "link")
+    assert Volume.open(tmp_path / "link", follow_symlinks=True).virtual_size == 4096
+
+
+def test_volume_swapped_after_inspection_is_refused(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "disk.img").write_bytes(os.urandom(8192))
+    vol = Volume.open(src)
+    (src / "disk.img").rename(src / "old.img")
+    (src / "disk.img").write_bytes(b"other" * 1000)
+    with pytest.raises(UnsafeVolumeError, match="changed since it was inspected"):
+        clone(vol, dst)
+    tvol = Volume.open(dst)
+    os.rename(dst, tmp_path / "moved")
+    (tmp_path / "dst").mkdir()
+    with pytest.raises(UnsafeVolumeError, match="changed since it was inspected"):
+        clone(src, tvol)
+    assert os.listdir(tmp_path / "dst") == [] and os.listdir(tmp_path / "moved") == []
+
+
+def test_destination_disk_img_symlink_to_another_directory(tmp_path: Path) -> None:
+    # DESTINATION=<dir>/disk.img where disk.img links to another directory: refused, and
+    # nothing lands in that directory.
+    vol, elsewhere = tmp_path / "vol", tmp_path / "elsewhere"
+    vol.mkdir()
+    elsewhere.mkdir()
+    os.symlink(elsewhere, vol / "disk.img")
+    image = tmp_path / "image.raw"
+    image.write_bytes(os.urandom(64 * KiB))
+    env = {"IMPORTER_ENDPOINT": str(image), "DESTINATION": str(vol / "disk.img")}
+    with pytest.raises(ConfigurationError, match="symbolic link"):
+        import_config(env)
+    src = tmp_path / "src"
+    src.mkdir()
+    env = {"VOLUME_MODE": "filesystem", "MOUNT_POINT": str(src), "PREALLOCATION": "false",
+           "OWNER_UID": "u", "DESTINATION": str(vol / "disk.img")}
+    with pytest.raises(ConfigurationError, match="symbolic link"):
+        clone_config(env)
+    os.symlink(src, tmp_path / "mp")
+    env.update(MOUNT_POINT=str(tmp_path / "mp"), DESTINATION=str(elsewhere))
+    with pytest.raises(ConfigurationError, match="MOUNT_POINT.*symbolic link"):
+        clone_config(env)
+    assert os.listdir(elsewhere) == []
+
+
+@pytest.mark.parametrize("kind", ["raw", "qcow2"])
+def test_source_shrinking_during_the_copy_fails(tmp_path: Path, kind: str) -> None:
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(8 * MiB))
+    if kind == "qcow2":
+        qemu_img = need_tool("qemu-img")
+        raw, src = src, tmp_path / "src.qcow2"
+        subprocess.run([qemu_img, "convert", "-O", "qcow2", str(raw), str(src)], check=True,
+                       env=TOOL_ENV)
+    dst = tmp_path / "dst.img"
+    calls = []
+
+    def shrink(done: int, total: int) -> None:
+        if not calls:
+            os.truncate(src, 1 * MiB)
+        calls.append(done)
+
+    with pytest.raises(OSError) as ei:
+        cdimover.convert(src, dst, progress=shrink, threads=1, request_size=64 * KiB)
+    assert ei.value.errno == errno.EIO
+    assert ei.value.filename == str(src)
+    assert not dst.exists() and not (tmp_path / "dst.img.cdimover-partial").exists()
+
+
+def _slow(event: threading.Event, release: threading.Event) -> Callable[[int, int], None]:
+    def progress(done: int, total: int) -> None:
+        event.set()
+        release.wait(30)
+    return progress
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_two_jobs_on_one_file_target(tmp_path: Path, existing: bool) -> None:
+    a, b, dst = tmp_path / "a.img", tmp_path / "b.img", tmp_path / "dst.img"
+    a.write_bytes(os.urandom(4 * MiB))
+    b.write_bytes(os.urandom(4 * MiB))
+    if existing:
+        dst.write_bytes(os.urandom(1 * MiB))
+    running, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            cdimover.copy(a, dst, reflink="never", threads=1, request_size=64 * KiB,
+                          progress=_slow(running, release))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=first)
+    t.start()
+    try:
+        assert running.wait(30)
+        with pytest.raises(TargetInUseError, match="nothing was written|being written"):
+            cdimover.copy(b, dst, reflink="never")
+    finally:
+        release.set()
+        t.join(60)
+    assert not errors, errors
+    assert _digest(dst) == _digest(a)
+
+
+def test_two_clones_onto_one_block_target(tmp_path: Path) -> None:
+    need_loop()
+    a, tgt = tmp_path / "a.img", tmp_path / "tgt.img"
+    a.write_bytes(os.urandom(4 * MiB))
+    tgt.write_bytes(b"\0" * (4 * MiB))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "disk.img").write_bytes(os.urandom(4 * MiB))
+    running, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+    with loopdev.attached(a) as adev, loopdev.attached(tgt) as tdev:
+        def first() -> None:
+            try:
+                clone(adev, tdev, threads=1, request_size=64 * KiB,
+                      progress=_slow(running, release))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        t = threading.Thread(target=first)
+        t.start()
+        try:
+            assert running.wait(30)
+            with pytest.raises(TargetInUseError, match="in use"):
+                clone(src, tdev)
+        finally:
+            release.set()
+            t.join(60)
+    assert not errors, errors
+    assert _digest(tgt) == _digest(a)
+
+
+def test_mounted_block_device_is_never_written(tmp_path: Path, mounted_fs) -> None:  # type: ignore[no-untyped-def]
+    mnt = mounted_fs("ext4", 16 * MiB)
+    dev = next(line.split()[0] for line in Path("/proc/mounts").read_text().splitlines()
+               if line.split()[1] == str(mnt))
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        before = hashlib.sha256(os.pread(fd, 16 * MiB, 0)).hexdigest()
+    finally:
+        os.close(fd)
+    img = tmp_path / "img.raw"
+    img.write_bytes(os.urandom(1 * MiB))
+    with pytest.raises(TargetInUseError, match="mounted"):
+        cdimover.copy(img, dev)
+    with pytest.raises(TargetInUseError, match="mounted"):
+        cdimover.convert(img, dev)
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        assert hashlib.sha256(os.pread(fd, 16 * MiB, 0)).hexdigest() == before
+    finally:
+        os.close(fd)
+
+
+def test_conversion_that_cannot_fit_keeps_the_existing_file(tmp_path: Path) -> None:
+    qemu_img = need_tool("qemu-img")
+    huge = tmp_path / "huge.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(huge), "1P"], check=True,
+                   env=TOOL_ENV)
+    keep = tmp_path / "keep.img"
+    keep.write_bytes(b"precious" * 4096)
+    with pytest.raises(OSError) as ei:
+        cdimover.convert(huge, keep)
+    assert ei.value.errno == errno.EFBIG
+    assert ei.value.filename == str(keep)
+    assert keep.read_bytes() == b"precious" * 4096
+    assert "user.cdimover.incomplete" not in os.listxattr(keep)
+
+
+def test_read_only_block_target_says_so(tmp_path: Path) -> None:
+    need_loop()
+    backing = tmp_path / "ro.img"
+    backing.write_bytes(b"\0" * (4 * MiB))
+    img = tmp_path / "img.raw"
+    img.write_bytes(os.urandom(1 * MiB))
+    with loopdev.attached(backing, read_only=True) as dev:
+        with pytest.raises(OSError) as ei:
+            cdimover.copy(img, dev)
+    assert ei.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    assert ei.value.filename == dev
+    assert "read-only" in str(ei.value).lower()
+
+
+def test_missing_device_path_is_not_created(tmp_path: Path) -> None:
+    img = tmp_path / "img.raw"
+    img.write_bytes(os.urandom(64 * KiB))
+    for name in (f"/dev/mapper/cdimover-test-missing-{os.getpid()}",
+                 f"/dev/cdimover-test-missing-{os.getpid()}"):
+        with pytest.raises(FileNotFoundError, match="never created under /dev"):
+            cdimover.copy(img, name)
+        assert not os.path.lexists(name)
+        assert not os.path.lexists(name + ".cdimover-partial")
+
+
+def test_fifo_target_and_source_do_not_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    img = tmp_path / "img.raw"
+    img.write_bytes(os.urandom(64 * KiB))
+    with pytest.raises(OSError, match="fifo"):
+        cdimover.copy(img, fifo)
+    with pytest.raises(OSError, match="fifo"):
+        cdimover.copy(fifo, tmp_path / "out.img")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
