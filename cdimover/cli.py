@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -130,7 +131,8 @@ def _cmd_copy(args: argparse.Namespace) -> int:
         r = copy(args.source, args.target, target_is_zero=args.target_is_zero, progress=cb,
                  reflink=args.reflink, scan=args.scan, threads=args.threads,
                  request_size=args.request_size, sparse_size=args.sparse_size,
-                 preallocation=args.preallocation, target_size=args.target_size)
+                 preallocation=args.preallocation, target_size=args.target_size,
+                 source_format=args.source_format)
     _emit(args, r.as_dict(), _summary(r))
     return EXIT_OK
 
@@ -362,6 +364,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="bytes per I/O request (default 4 MiB)")
     c.add_argument("--sparse-size", type=_size_arg, default=0,
                    help="zero-detection granularity in bytes (default 4096)")
+    c.add_argument("-f", "--source-format", choices=("auto", "raw"), default="auto",
+                   help="auto: refuse a source that is QCOW2 (use convert) or another image "
+                   "format or archive; raw: copy the bytes as they are (default: auto)")
     c.set_defaults(func=_cmd_copy)
 
     cv = sub.add_parser("convert", parents=[common, writing], help="convert a QCOW2 or RAW image to RAW",
@@ -486,9 +491,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+# What the command line calls the API's keyword arguments, for messages raised by the API
+# ("pass force=True") that reach a user of the command line ("use --force").  Keywords
+# without an underscore are translated only in the KEYWORD=VALUE form, so that prose such as
+# "scan method" is left alone.
+_CLI_OPTIONS: dict[str, str] = {
+    "force": "--force", "source_format": "-f", "format": "-f",
+    "target_size": "--target-size", "preallocation": "--preallocation",
+    "filesystem_overhead": "--filesystem-overhead", "content_type": "--content-type",
+    "request_size": "--request-size", "sparse_size": "--sparse-size", "threads": "--threads",
+    "reflink": "--reflink", "scan": "--scan", "target_is_zero": "--target-is-zero",
+}
+_CLI_CALLS: dict[str, str] = {
+    "cdimover.convert()": "cdimover convert", "cdimover.copy()": "cdimover copy",
+    "cdimover.clone()": "cdimover clone", "cdimover.inspect()": "cdimover info",
+}
+_KEYWORD = re.compile(
+    r"(?P<pass>\bpass )?\b(?P<name>" + "|".join(sorted(_CLI_OPTIONS, key=len, reverse=True))
+    + r")\b(?:=(?P<value>True|'[^']*'|\"[^\"]*\"|[\w.-]+))?")
+
+
+def cli_words(text: str) -> str:
+    """TEXT with the API's keyword phrases in command-line terms: ``pass force=True`` ->
+    ``use --force``, ``source_format='raw'`` -> ``-f raw``, ``target_size`` ->
+    ``--target-size``, ``cdimover.convert()`` -> ``cdimover convert``."""
+    def option(m: re.Match[str]) -> str:
+        name, value = m["name"], m["value"]
+        if value is None and "_" not in name:
+            return m[0]
+        flag = _CLI_OPTIONS[name]
+        if value is not None and value != "True":
+            flag = f"{flag} {value.strip(chr(39) + chr(34))}"
+        return ("use " if m["pass"] else "") + flag
+
+    for call, command in _CLI_CALLS.items():
+        text = text.replace(call, command)
+    return _KEYWORD.sub(option, text)
+
+
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename is not None:
         text = f"{e.filename}: {e.strerror or e}"
     else:
-        text = str(e)
+        text = cli_words(str(e))
     return " ".join(text.split())

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from . import _native
 from ._native import Context, LoopStatus, Probe, ProgressFn, lib
 from ._os import open_direct
+from .detect import require_raw
 from .errors import TargetTooSmallError
 from .prealloc import check_capacity, preallocation_mode
 from .types import PREALLOCATION_MODES, AllocMethod, CopyResult, ScanMethod, ZeroMethod
@@ -326,7 +327,7 @@ def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
          progress: ProgressFn | None = None, reflink: Reflink = "auto", scan: Scan = "auto",
          threads: int = 0, request_size: int = 0, sparse_size: int = 0,
          detect_zeros: bool = True, target_size: int | None = None,
-         context: Context | None = None) -> CopyResult:
+         source_format: str = "auto", context: Context | None = None) -> CopyResult:
     """Copy the RAW disk SOURCE to TARGET, bit-exact, sparse and durable.
 
     - PREALLOCATION: "off" keeps holes; "falloc" reserves every block of the target; "full"
@@ -342,6 +343,10 @@ def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
       it, "never" always copies the bytes, "always" fails if it cannot share.
     - SCAN: "auto" picks SEEK_DATA/SEEK_HOLE for files, the backing file's map for loop
       devices, a full read for other devices; "seek", "loop" and "full" force one.
+    - SOURCE_FORMAT: "auto" probes the source (cdimover.detect) before the target is opened
+      and raises UnsupportedImageError naming the format when it is QCOW2 (convert it with
+      cdimover.convert) or a container cdimover does not convert (VMDK, VHD, gzip, ...);
+      "raw" copies the bytes as they are, whatever they look like.
     """
     prealloc = preallocation_mode(preallocation)
     if reflink not in ("auto", "never", "always"):
@@ -352,36 +357,37 @@ def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
     start = time.monotonic()
     ctx = context or Context()
     try:
-        with open_source(source, scan=scan, ctx=ctx) as src, \
-                open_target(target, src.size, source=src, ctx=ctx) as dst:
-            paths = (src.path, dst.path)
-            final_size = final_target_size(dst, src.size, target_size, prealloc)
-            stats = _native.new_stats()
-            reflinked = False
-            scan_method = src.scan_method
-            if (reflink != "never" and prealloc == "off" and src.probe.is_regular
-                    and dst.probe.is_regular and src.probe.dev == dst.probe.dev):
-                try:
-                    ctx.call(lib.cdm_reflink, src.fd, dst.fd, paths=paths)
-                    reflinked = True
-                    scan_method = ScanMethod.REFLINK
-                except OSError as e:
-                    if reflink == "always" or e.errno not in _REFLINK_UNSUPPORTED:
-                        raise
-            elif reflink == "always":
-                raise OSError(errno.EXDEV, "reflink needs two files on one filesystem",
-                              dst.path)
-            if not reflinked:
-                opts = copy_opts(src, dst, scan_method=src.scan_method,
-                                 target_is_zero=target_is_zero, preallocation=prealloc,
-                                 tuning=tuning)
-                ctx.call(lib.cdm_copy, src.fd, dst.fd, opts, stats, progress=progress,
-                         paths=paths)
-            grow_target(ctx, dst, src.size, final_size, prealloc, stats, paths)
-            return make_result(src.path, dst, stats, source_format="raw",
-                               virtual_size=src.size, start=start, scan_method=scan_method,
-                               preallocation=prealloc, final_size=final_size,
-                               reflinked=reflinked, scan_note=src.scan_note)
+        with open_source(source, scan=scan, ctx=ctx) as src:
+            require_raw(src.fd, src.size, src.path, source_format)
+            with open_target(target, src.size, source=src, ctx=ctx) as dst:
+                paths = (src.path, dst.path)
+                final_size = final_target_size(dst, src.size, target_size, prealloc)
+                stats = _native.new_stats()
+                reflinked = False
+                scan_method = src.scan_method
+                if (reflink != "never" and prealloc == "off" and src.probe.is_regular
+                        and dst.probe.is_regular and src.probe.dev == dst.probe.dev):
+                    try:
+                        ctx.call(lib.cdm_reflink, src.fd, dst.fd, paths=paths)
+                        reflinked = True
+                        scan_method = ScanMethod.REFLINK
+                    except OSError as e:
+                        if reflink == "always" or e.errno not in _REFLINK_UNSUPPORTED:
+                            raise
+                elif reflink == "always":
+                    raise OSError(errno.EXDEV, "reflink needs two files on one filesystem",
+                                  dst.path)
+                if not reflinked:
+                    opts = copy_opts(src, dst, scan_method=src.scan_method,
+                                     target_is_zero=target_is_zero, preallocation=prealloc,
+                                     tuning=tuning)
+                    ctx.call(lib.cdm_copy, src.fd, dst.fd, opts, stats, progress=progress,
+                             paths=paths)
+                grow_target(ctx, dst, src.size, final_size, prealloc, stats, paths)
+                return make_result(src.path, dst, stats, source_format="raw",
+                                   virtual_size=src.size, start=start, scan_method=scan_method,
+                                   preallocation=prealloc, final_size=final_size,
+                                   reflinked=reflinked, scan_note=src.scan_note)
     finally:
         if context is None:
             ctx.close()

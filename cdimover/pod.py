@@ -129,13 +129,6 @@ _HASH_CHUNK: Final = 4 << 20
 _DIGEST_HEX: Final = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
 _GO_ERRNO_TEXT: Final = {errno.ENOSPC: "no space left on device",
                          errno.EDQUOT: "disk quota exceeded"}
-# Leading bytes of formats the pod does not convert yet, so they are never written as RAW.
-_REFUSED_MAGIC: Final = (
-    (0, b"\x1f\x8b", "gzip-compressed"), (0, b"\xfd7zXZ\x00", "xz-compressed"),
-    (0, b"\x28\xb5\x2f\xfd", "zstd-compressed"), (0, b"BZh", "bzip2-compressed"),
-    (0, b"KDMV", "VMDK"), (0, b"# Disk DescriptorFile", "VMDK"), (0, b"vhdxfile", "VHDX"),
-    (0, b"conectix", "VHD (vpc)"), (64, b"\x7f\x10\xda\xbe", "VDI"))
-_QCOW2_MAGIC: Final = b"QFI\xfb"
 
 Kind = Literal["clone", "import"]
 
@@ -570,15 +563,18 @@ class _Image:
 
 
 def _inspect_image(path: str) -> _Image:
-    """Identify the image at PATH: QCOW2 by its magic, RAW otherwise; formats not converted
-    yet (VMDK, VHDX, VDI, VHD, compressed images) are refused rather than copied as RAW."""
+    """Identify the image at PATH with the one format probe (cdimover.detect): QCOW2 or RAW;
+    the containers cdimover does not convert (VMDK, VHDX, VDI, VHD, QED, LUKS, compressed
+    images, tar, ...) raise UnsupportedImageError rather than being copied as RAW."""
+    from .detect import require_supported
+
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        head = os.pread(fd, 512, 0)
         size = os.lseek(fd, 0, os.SEEK_END)
+        found = require_supported(fd, size, path)
     finally:
         os.close(fd)
-    if head.startswith(_QCOW2_MAGIC):
+    if found.format == "qcow2":
         from .qcow2 import inspect, refusal
 
         info = inspect(path, format="qcow2")
@@ -586,10 +582,6 @@ def _inspect_image(path: str) -> _Image:
         if refused is not None:
             raise refused
         return _Image("qcow2", info.virtual_size)
-    for offset, magic, name in _REFUSED_MAGIC:
-        if head[offset:offset + len(magic)] == magic:
-            raise UnsupportedImageError(f"{path}: {name} images are not supported yet "
-                                        f"(RAW and QCOW2 are)")
     return _Image("raw", size)
 
 

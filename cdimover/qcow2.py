@@ -22,6 +22,7 @@ from ._native import Context, ProgressFn, ffi, lib
 from .copy import Source, Tuning, copy_opts, final_target_size, grow_target, make_result
 from .copy import copy as copy_raw
 from .copy import open_source, open_target
+from .detect import require_supported
 from .errors import ImageFormatError, UnsafeImageError, UnsupportedImageError
 from .prealloc import preallocation_mode
 from .types import CopyResult, ScanMethod
@@ -103,14 +104,16 @@ def _qcow2_info(out: Any, path: str, actual_size: int) -> ImageInfo:
         autoclear_features=int(out.autoclear_features))
 
 
-def _choose_format(fd: int, requested: str, path: str) -> str:
-    """The format to read FD as: RAW is never probed; "qcow2" needs the magic; "auto" picks
-    QCOW2 exactly when the magic is there."""
+def _choose_format(fd: int, size: int, requested: str, path: str) -> str:
+    """The format to read FD (SIZE bytes) as: RAW is never probed; otherwise the one format
+    probe decides, refusing containers (UnsupportedImageError naming the format); "qcow2"
+    needs the QCOW2 magic; "auto" picks QCOW2 exactly when the magic is there."""
     if requested not in ("auto", "raw", "qcow2"):
         raise ValueError(f"format={requested!r}: expected 'auto', 'raw' or 'qcow2'")
     if requested == "raw":
         return "raw"
-    if os.pread(fd, 4, 0) == QCOW2_MAGIC:
+    found = require_supported(fd, size, path)
+    if found.format == "qcow2":
         return "qcow2"
     if requested == "qcow2":
         raise ImageFormatError(f"{path}: not a QCOW2 image (no QFI\\xfb magic at offset 0)")
@@ -137,14 +140,17 @@ def inspect(path: str | os.PathLike[str], *, format: Format = "auto") -> ImageIn
     "qcow2" requires the QCOW2 magic (ImageFormatError otherwise); "auto" chooses QCOW2 when
     the magic is present.  Images with backing files, external data files or encryption are
     described, not refused; malformed headers raise ImageFormatError, unknown incompatible
-    features UnsupportedImageError.
+    features UnsupportedImageError.  Unless FORMAT is "raw", the format probe
+    (cdimover.detect) runs first: containers cdimover does not convert (VMDK, VHD, VHDX,
+    VDI, QED, QCOW v1, LUKS, gzip, xz, zstd, bzip2, tar, ...) raise UnsupportedImageError
+    naming the format; an ISO 9660 image is RAW.
     """
     p = os.fspath(path)
     with Context() as ctx:
         fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
         try:
             probe = _native.probe(ctx, fd, p)
-            return _inspect_fd(ctx, fd, p, _choose_format(fd, format, p), probe)
+            return _inspect_fd(ctx, fd, p, _choose_format(fd, probe.size, format, p), probe)
         finally:
             os.close(fd)
 
@@ -184,9 +190,11 @@ def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
     """Write the guest disk of SOURCE (QCOW2 or RAW) to TARGET as RAW, bit-exact, sparse and
     durable.
 
-    - SOURCE_FORMAT: "auto" converts QCOW2 when the magic is present and copies RAW otherwise;
-      "raw" copies byte for byte even when the data starts with a QCOW2 header; "qcow2"
-      requires the magic.  RAW sources go through cdimover.copy.copy().
+    - SOURCE_FORMAT: "auto" converts QCOW2 when the magic is present, refuses the containers
+      cdimover does not convert (UnsupportedImageError naming the format, see
+      cdimover.detect) and copies RAW otherwise; "raw" copies byte for byte even when the
+      data starts with a QCOW2 or other header; "qcow2" requires the magic.  RAW sources go
+      through cdimover.copy.copy().
     - TARGET: a missing or regular file is (re)created with the virtual size; a block device
       must hold it (TargetTooSmallError) and keeps its bytes past it.
     - PREALLOCATION: "off", "falloc" or "full", as for copy(): the image's unallocated and
@@ -207,14 +215,14 @@ def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
     ctx = context or Context()
     try:
         with open_source(source, scan="full", ctx=ctx) as src:
-            fmt = _choose_format(src.fd, source_format, src.path)
+            fmt = _choose_format(src.fd, src.size, source_format, src.path)
             if fmt == "qcow2":
                 return _convert_qcow2(ctx, src, target, target_is_zero=target_is_zero,
                                       progress=progress, start=start, preallocation=prealloc,
                                       target_size=target_size, tuning=tuning)
-        return copy_raw(source, target, target_is_zero=target_is_zero, progress=progress,
-                        preallocation=prealloc, target_size=target_size, threads=threads,
-                        request_size=request_size, context=ctx)
+        return copy_raw(source, target, source_format="raw", target_is_zero=target_is_zero,
+                        progress=progress, preallocation=prealloc, target_size=target_size,
+                        threads=threads, request_size=request_size, context=ctx)
     finally:
         if context is None:
             ctx.close()
