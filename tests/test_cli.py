@@ -458,3 +458,18 @@ def test_license_file_matches_pyproject() -> None:
     text = (root / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX" in text
+
+
+def test_readme_manifests_are_clone_requests() -> None:
+    import re as _re
+
+    from cdimover.k8s import clone_requests
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = _re.findall(r"```yaml\n(.*?)```", readme, _re.S)
+    assert blocks
+    reqs = [r for b in blocks for r in clone_requests(b)]
+    assert [(r.target_name, r.source_namespace, r.source_name, r.size) for r in reqs] == [
+        ("fedora-clone", "golden-images", "fedora-40", 10 << 30),
+        ("fedora-vm-disk", "golden-images", "fedora-40", 10 << 30)]
+    assert all(r.target_namespace == "vms" and r.cross_namespace for r in reqs)

@@ -132,17 +132,20 @@ def qcow2_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _iso(d: Path) -> Path:
-    """An ISO 9660 image: genisoimage's when it is installed, else the header by hand."""
+    """An ISO 9660 image: a primary volume descriptor at sector 16, built by hand."""
     out = d / "cd.iso"
-    tool = shutil.which("genisoimage")
-    if tool is not None:
-        (d / "isodir").mkdir(exist_ok=True)
-        (d / "isodir" / "hello.txt").write_text("hello\n")
-        _run(tool, "-quiet", "-o", out, d / "isodir")
-    else:
-        data = bytearray(64 * 1024)
-        data[0x8000:0x8007] = b"\x01CD001\x01"
-        out.write_bytes(bytes(data))
+    data = bytearray(64 * 1024)
+    data[0x8000:0x8007] = b"\x01CD001\x01"
+    out.write_bytes(bytes(data))
+    return out
+
+
+def _genisoimage(d: Path) -> Path:
+    """An ISO 9660 image made by genisoimage."""
+    out = d / "gen.iso"
+    (d / "isodir").mkdir(exist_ok=True)
+    (d / "isodir" / "hello.txt").write_text("hello\n")
+    _run(need_tool("genisoimage"), "-quiet", "-o", out, d / "isodir")
     return out
 
 
@@ -314,8 +317,10 @@ def test_pod_import_refuses_containers(images: Callable[[str], Path], tmp_path: 
 
 # ---- RAW and QCOW2 -------------------------------------------------------------------------
 
-def test_iso_is_raw_everywhere(tmp_path: Path) -> None:
-    iso = _iso(tmp_path)
+@pytest.mark.parametrize("make", [_iso, _genisoimage], ids=["by-hand", "genisoimage"])
+def test_iso_is_raw_everywhere(tmp_path: Path, make: Callable[[Path], Path]) -> None:
+    iso = make(tmp_path)
+    assert detect_path(iso).format == "iso"
     assert cdimover.inspect(iso).format == "raw"
     r = cdimover.copy(iso, tmp_path / "a.raw")
     assert r.source_format == "raw" and sha256(tmp_path / "a.raw") == sha256(iso)
