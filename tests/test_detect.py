@@ -377,7 +377,7 @@ def test_block_devices_are_probed(qcow2_image: Path, images: Callable[[str], Pat
         cdimover.convert(dev2, tmp_path / "vhd.raw")
 
 
-@pytest.mark.xfail(strict=True, reason="cdimover.volume.clone copies disk.img with "
+@pytest.mark.xfail(strict=True, raises=UnsupportedImageError, reason="cdimover.volume.clone copies disk.img with "
                    "source_format='auto'; a clone must copy the bytes (source_format='raw')")
 def test_clone_copies_a_disk_whose_bytes_look_like_qcow2(tmp_path: Path,
                                                          qcow2_image: Path) -> None:
@@ -387,3 +387,17 @@ def test_clone_copies_a_disk_whose_bytes_look_like_qcow2(tmp_path: Path,
     shutil.copyfile(qcow2_image, src / "disk.img")
     cdimover.clone(str(src), str(dst))
     assert sha256(dst / "disk.img") == sha256(src / "disk.img")
+
+
+@pytest.mark.xfail(strict=True, raises=UnsupportedImageError, reason="cdimover.volume's archive clone copies each file "
+                   "with source_format='auto'; files in a tree are bytes (source_format='raw')")
+def test_archive_clone_copies_image_files_in_the_tree(tmp_path: Path,
+                                                      qcow2_image: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    shutil.copyfile(qcow2_image, src / "backup.qcow2")
+    (src / "notes.txt.gz").write_bytes(b"\x1f\x8b\x08\x00" + bytes(60))
+    cdimover.clone(str(src), str(dst), content_type="archive")
+    assert sha256(dst / "backup.qcow2") == sha256(qcow2_image)
+    assert (dst / "notes.txt.gz").read_bytes() == (src / "notes.txt.gz").read_bytes()
