@@ -455,11 +455,14 @@ def _parser() -> argparse.ArgumentParser:
                    "format or archive; raw: copy the bytes as they are (default: auto)")
     c.set_defaults(func=_cmd_copy)
 
-    cv = sub.add_parser("convert", parents=[common, writing], help="convert a QCOW2 or RAW image to RAW",
+    cv = sub.add_parser("convert", parents=[common, writing],
+                        help="convert a QCOW2 or RAW image to RAW",
                         description="Write the guest disk of a QCOW2 (or RAW) image as RAW onto "
                         "a file or block device, sparse and bit-exact. Backing files, external "
                         "data files and encryption are refused; malformed images get a clear "
-                        "error. -f raw copies byte for byte even if the data looks like QCOW2.")
+                        "error; other formats (VMDK, VHD, VHDX, VDI, QED, LUKS, gzip, xz, zstd, "
+                        "tar, ...) are refused by name. -f raw copies byte for byte even if the "
+                        "data looks like an image.")
     cv.add_argument("source", help="QCOW2 or RAW image")
     cv.add_argument("target", help="target file or block device")
     cv.add_argument("-f", "--format", choices=("auto", "raw", "qcow2"), default="auto",
@@ -468,7 +471,9 @@ def _parser() -> argparse.ArgumentParser:
 
     inf = sub.add_parser("info", parents=[common], help="describe a QCOW2 or RAW image",
                          description="Describe an image from its validated header. --json "
-                                     "prints the keys of `qemu-img info --output=json`.")
+                                     "prints the keys of `qemu-img info --output=json`. "
+                                     "Formats cdimover does not convert (VMDK, VHD, gzip, "
+                                     "...) are refused by name unless -f raw.")
     inf.add_argument("path")
     inf.add_argument("-f", "--format", choices=("auto", "raw", "qcow2"), default="auto")
     inf.set_defaults(func=_cmd_info)

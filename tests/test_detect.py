@@ -377,8 +377,9 @@ def test_block_devices_are_probed(qcow2_image: Path, images: Callable[[str], Pat
         cdimover.convert(dev2, tmp_path / "vhd.raw")
 
 
-@pytest.mark.xfail(strict=True, raises=UnsupportedImageError, reason="cdimover.volume.clone copies disk.img with "
-                   "source_format='auto'; a clone must copy the bytes (source_format='raw')")
+@pytest.mark.xfail(strict=True, raises=UnsupportedImageError,
+                   reason="cdimover.volume.clone copies disk.img with source_format='auto'; "
+                   "a clone must copy the bytes (source_format='raw')")
 def test_clone_copies_a_disk_whose_bytes_look_like_qcow2(tmp_path: Path,
                                                          qcow2_image: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
@@ -389,8 +390,9 @@ def test_clone_copies_a_disk_whose_bytes_look_like_qcow2(tmp_path: Path,
     assert sha256(dst / "disk.img") == sha256(src / "disk.img")
 
 
-@pytest.mark.xfail(strict=True, raises=UnsupportedImageError, reason="cdimover.volume's archive clone copies each file "
-                   "with source_format='auto'; files in a tree are bytes (source_format='raw')")
+@pytest.mark.xfail(strict=True, raises=UnsupportedImageError,
+                   reason="cdimover.volume's archive clone copies each file with "
+                   "source_format='auto'; files in a tree are bytes (source_format='raw')")
 def test_archive_clone_copies_image_files_in_the_tree(tmp_path: Path,
                                                       qcow2_image: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
