@@ -1,7 +1,26 @@
 """cdimover: a sparse-aware, bit-exact data mover for VM disks on Kubernetes.
 
 Copies RAW disks between regular files and block devices in every direction, keeping holes
-as holes and turning zeros written as data into holes, durably and with bounded memory.
+as holes and turning zeros written as data into holes, durably and with bounded memory;
+converts QCOW2 images to RAW; clones CDI volumes.
+
+The API by purpose:
+
+- Moving disks: ``copy`` (RAW, file or block device), ``convert`` (QCOW2 or RAW to RAW),
+  ``scan`` (the extent map a copy would use), ``is_zero``; ``Context`` (a reusable native
+  context, cancellable from another thread).
+- Images: ``inspect`` -> ``ImageInfo`` (``qemu-img info`` from a validated header); the
+  format probe is ``cdimover.detect`` (``detect``, ``detect_path``).
+- Preallocation: ``preallocate``, ``create_blank`` -> ``PreallocResult``.
+- CDI volumes: ``Volume``, ``clone`` -> ``CloneResult``; sizing with ``usable_space`` and
+  ``required_space`` (CDI's filesystem overhead).  Loaded on first use.
+- Results and strategies: ``CopyResult``, ``Extent``, ``ScanMethod``, ``ZeroMethod``,
+  ``AllocMethod``.
+- Errors, all under ``CdimoverError``: ``ImageFormatError`` > ``UnsupportedImageError``,
+  ``UnsafeImageError``, ``TargetTooSmallError``, ``CopyCancelled``, ``SourceInUseError``,
+  ``CloneValidationError``, ``ConfigurationError``.  System failures are ``OSError``.
+- Programs: the ``cdimover`` command (``cdimover.cli``) and the CDI pod programs
+  (``cdimover pod clone|import``, ``cdimover.pod``).
 """
 
 from __future__ import annotations
@@ -43,6 +62,11 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    """The module's names, the lazily loaded ones included (so help() lists them)."""
+    return sorted(set(globals()) | set(_LAZY))
 
 __version__ = "0.1.0"
 

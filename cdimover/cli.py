@@ -1,6 +1,12 @@
 """The ``cdimover`` command line: ``main(argv)`` returns the exit status, so tests call it
-in-process.  Exit status: 0 success, 1 error (one line on stderr, no traceback), 2 usage,
-130 interrupted (SIGINT), 143 terminated (SIGTERM).
+in-process.  Exit status: 0 success, 1 error (one line on stderr, no traceback), 2 usage
+(including out-of-range --threads, --request-size and --sparse-size), 130 interrupted
+(SIGINT), 141 stdout closed by its reader (``cdimover scan X | head``: nothing is printed,
+and 141 is what a shell reports for ``cat`` killed by SIGPIPE), 143 terminated (SIGTERM).
+
+Errors from the API are printed in command-line words (``use --force``, not ``pass
+force=True``); ``-v`` logs the strategy of each copy (scan method, zeroing methods, direct
+I/O, reflink, preallocation) to stderr, ``-vv`` everything.
 """
 
 from __future__ import annotations
@@ -10,19 +16,25 @@ import hashlib
 import json
 import logging
 import os
+import re
+import select
 import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .errors import CdimoverError, CopyCancelled
+
+if TYPE_CHECKING:
+    from .types import CopyResult
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_SIGPIPE = 141
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -42,13 +54,33 @@ def _fmt_bytes(n: float) -> str:
 
 
 class ProgressBar:
-    """A one-line progress display (percent of virtual size, rate, ETA) for terminals."""
+    """A one-line progress display (percent of virtual size, rate, ETA) for terminals.
+
+    Each update rewrites the line after a carriage return.  On a terminal the rest of the
+    line is erased (``ESC [K``); on anything else (a log file, a pipe) the new text is padded
+    with spaces to the length of the previous one, so no characters of a longer old line
+    remain either way.
+    """
 
     def __init__(self, stream: TextIO, label: str) -> None:
         self.stream = stream
         self.label = label
         self.start = time.monotonic()
         self.last = 0.0
+        self.width = 0          # characters of the line on screen
+        try:
+            self.tty = stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+
+    def show(self, text: str) -> None:
+        """Replace the line on screen with TEXT."""
+        if self.tty:
+            self.stream.write(f"\r{text}\x1b[K")
+        else:
+            self.stream.write(f"\r{text.ljust(self.width)}")
+        self.width = len(text)
+        self.stream.flush()
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
@@ -62,9 +94,7 @@ class ProgressBar:
         width = 30
         filled = int(width * pct / 100)
         bar = "#" * filled + "-" * (width - filled)
-        self.stream.write(f"\r{self.label} [{bar}] {pct:5.1f}% {_fmt_bytes(rate)}/s "
-                          f"ETA {eta:4.0f}s")
-        self.stream.flush()
+        self.show(f"{self.label} [{bar}] {pct:5.1f}% {_fmt_bytes(rate)}/s ETA {eta:4.0f}s")
 
     def finish(self) -> None:
         self.stream.write("\n")
@@ -130,7 +160,9 @@ def _cmd_copy(args: argparse.Namespace) -> int:
         r = copy(args.source, args.target, target_is_zero=args.target_is_zero, progress=cb,
                  reflink=args.reflink, scan=args.scan, threads=args.threads,
                  request_size=args.request_size, sparse_size=args.sparse_size,
-                 preallocation=args.preallocation, target_size=args.target_size)
+                 preallocation=args.preallocation, target_size=args.target_size,
+                 source_format=args.source_format)
+    _log_strategy(r)
     _emit(args, r.as_dict(), _summary(r))
     return EXIT_OK
 
@@ -142,6 +174,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         r = convert(args.source, args.target, source_format=args.format,
                     preallocation=args.preallocation, target_is_zero=args.target_is_zero,
                     progress=cb, target_size=args.target_size, threads=args.threads)
+    _log_strategy(r)
     _emit(args, r.as_dict(), _summary(r))
     return EXIT_OK
 
@@ -199,6 +232,8 @@ def _cmd_clone(args: argparse.Namespace) -> int:
         r = clone(args.source, args.target, content_type=args.content_type,
                   preallocation=args.preallocation, filesystem_overhead=args.filesystem_overhead,
                   target_size=args.target_size, force=args.force, progress=cb)
+    if r.copy is not None:
+        _log_strategy(r.copy)
     result = {
         "source_mode": r.source_mode, "target_mode": r.target_mode,
         "source": r.source_path, "target": r.target_path, "content_type": r.content_type,
@@ -308,6 +343,56 @@ def _size_arg(text: str) -> int:
     return n
 
 
+# The core's limits on tuning (csrc/internal.h CDM_ALIGN, CDM_MAX_REQUEST,
+# CDM_DEFAULT_REQUEST, CDM_MAX_THREADS, as cdm_check_copy_opts in csrc/copy.c applies them);
+# tests/test_cli.py checks that the core accepts each bound and refuses one step beyond it.
+REQUEST_ALIGN = 4096
+MAX_REQUEST = 64 << 20
+DEFAULT_REQUEST = 4 << 20
+MIN_SPARSE = 512
+MAX_THREADS = 16
+
+
+def _threads_arg(text: str) -> int:
+    """argparse type of --threads: 0 (the core's default, 4) to MAX_THREADS."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= n <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be between 0 (the default, 4) and "
+                                         f"{MAX_THREADS}, got {n}")
+    return n
+
+
+def _request_size_arg(text: str) -> int:
+    """argparse type of --request-size: a multiple of 4096 from 4 KiB to 64 MiB."""
+    n = _size_arg(text)
+    if not (REQUEST_ALIGN <= n <= MAX_REQUEST and n % REQUEST_ALIGN == 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a multiple of {REQUEST_ALIGN} from 4 KiB to 64 MiB, got {n}")
+    return n
+
+
+def _sparse_size_arg(text: str) -> int:
+    """argparse type of --sparse-size: a power of two from 512 to 64 MiB (and at most the
+    request size, which main() checks once both are known)."""
+    n = _size_arg(text)
+    if not (MIN_SPARSE <= n <= MAX_REQUEST and n & (n - 1) == 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a power of two from {MIN_SPARSE} to the request size, got {n}")
+    return n
+
+
+def _check_tuning(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks that involve two options: --sparse-size at most the request size."""
+    sparse = getattr(args, "sparse_size", 0)
+    request = getattr(args, "request_size", 0) or DEFAULT_REQUEST
+    if sparse > request:
+        parser.error(f"argument --sparse-size: must not exceed the request size ({request}), "
+                     f"got {sparse}")
+
+
 def _quantity_arg(text: str) -> int:
     from .sizing import parse_quantity
 
@@ -341,7 +426,8 @@ def _parser() -> argparse.ArgumentParser:
     writing.add_argument("--target-size", type=_quantity_arg, default=None,
                          help="grow a file target to this size (bytes or a Kubernetes "
                          "quantity such as 10Gi); never shrinks below the source")
-    writing.add_argument("--threads", type=int, default=0, help="worker threads (default 4)")
+    writing.add_argument("--threads", type=_threads_arg, default=0,
+                         help=f"worker threads, 1 to {MAX_THREADS} (default: 0, meaning 4)")
     writing.add_argument("--progress", action="store_true",
                          help="show a progress bar even when stderr is not a terminal")
 
@@ -358,17 +444,25 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--scan", choices=("auto", "seek", "loop", "full"), default="auto",
                    help="how to find the source's data: SEEK_DATA, a loop device's backing "
                    "file, or a full read (default: auto)")
-    c.add_argument("--request-size", type=_size_arg, default=0,
-                   help="bytes per I/O request (default 4 MiB)")
-    c.add_argument("--sparse-size", type=_size_arg, default=0,
-                   help="zero-detection granularity in bytes (default 4096)")
+    c.add_argument("--request-size", type=_request_size_arg, default=0,
+                   help="bytes per I/O request: a multiple of 4096 from 4 KiB to 64 MiB "
+                   "(default 4 MiB)")
+    c.add_argument("--sparse-size", type=_sparse_size_arg, default=0,
+                   help="zero-detection granularity in bytes: a power of two from 512 to the "
+                   "request size (default 4096)")
+    c.add_argument("-f", "--source-format", choices=("auto", "raw"), default="auto",
+                   help="auto: refuse a source that is QCOW2 (use convert) or another image "
+                   "format or archive; raw: copy the bytes as they are (default: auto)")
     c.set_defaults(func=_cmd_copy)
 
-    cv = sub.add_parser("convert", parents=[common, writing], help="convert a QCOW2 or RAW image to RAW",
+    cv = sub.add_parser("convert", parents=[common, writing],
+                        help="convert a QCOW2 or RAW image to RAW",
                         description="Write the guest disk of a QCOW2 (or RAW) image as RAW onto "
                         "a file or block device, sparse and bit-exact. Backing files, external "
                         "data files and encryption are refused; malformed images get a clear "
-                        "error. -f raw copies byte for byte even if the data looks like QCOW2.")
+                        "error; other formats (VMDK, VHD, VHDX, VDI, QED, LUKS, gzip, xz, zstd, "
+                        "tar, ...) are refused by name. -f raw copies byte for byte even if the "
+                        "data looks like an image.")
     cv.add_argument("source", help="QCOW2 or RAW image")
     cv.add_argument("target", help="target file or block device")
     cv.add_argument("-f", "--format", choices=("auto", "raw", "qcow2"), default="auto",
@@ -377,7 +471,9 @@ def _parser() -> argparse.ArgumentParser:
 
     inf = sub.add_parser("info", parents=[common], help="describe a QCOW2 or RAW image",
                          description="Describe an image from its validated header. --json "
-                                     "prints the keys of `qemu-img info --output=json`.")
+                                     "prints the keys of `qemu-img info --output=json`. "
+                                     "Formats cdimover does not convert (VMDK, VHD, gzip, "
+                                     "...) are refused by name unless -f raw.")
     inf.add_argument("path")
     inf.add_argument("-f", "--format", choices=("auto", "raw", "qcow2"), default="auto")
     inf.set_defaults(func=_cmd_info)
@@ -458,13 +554,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
+        _check_tuning(parser, args)
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
-                        format="cdimover: %(message)s")
+    _setup_logging(args.verbose)
     try:
         with _signals_cancel():
-            return int(args.func(args))
+            status = int(args.func(args))
+            sys.stdout.flush()
+            return status
     except KeyboardInterrupt:
         print("cdimover: interrupted; the target is incomplete, run the command again",
               file=sys.stderr)
@@ -481,14 +579,121 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_SIGTERM
         print(f"cdimover: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError as e:
+        if e.filename is None and _stdout_is_broken():
+            _silence_stdout()
+            return EXIT_SIGPIPE
+        print(f"cdimover: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
     except (OSError, CdimoverError, ValueError) as e:
         print(f"cdimover: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _stdout_is_broken() -> bool:
+    """True when stdout is a pipe whose reader has gone (poll reports POLLERR)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(ev & select.POLLERR for _, ev in poller.poll(0))
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of the output nobody
+    reads does not fail again (the recipe of Python's documentation on SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes records to whatever sys.stderr is when they are emitted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _setup_logging(verbose: int) -> None:
+    """Send the "cdimover" loggers to stderr: warnings by default, INFO with -v (the strategy
+    of each copy), DEBUG with -vv."""
+    log.setLevel(logging.WARNING - 10 * min(verbose, 2))
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("cdimover: %(message)s"))
+        log.addHandler(handler)
+
+
+def _log_strategy(r: CopyResult) -> None:
+    """Log (INFO) how a copy or conversion was done, as ``cp --debug`` does; the whole result
+    at DEBUG."""
+    note = f" ({r.scan_note})" if r.scan_note else ""
+    zeroing = ", ".join(m.label for m in r.zero_methods) or "none needed"
+    if r.zero_fallbacks:
+        zeroing += f" ({r.zero_fallbacks} fallbacks)"
+    prealloc = r.preallocation
+    if r.alloc_methods:
+        prealloc += f" ({', '.join(m.label for m in r.alloc_methods)})"
+    log.info("%s -> %s: %s source; scan %s%s; zeroing %s; direct I/O read %s, write %s; "
+             "reflink %s; preallocation %s", r.source, r.target, r.source_format,
+             r.scan_method.label, note, zeroing, _yes(r.direct_read), _yes(r.direct_write),
+             _yes(r.reflinked), prealloc)
+    log.debug("result: %s", json.dumps(r.as_dict(), sort_keys=True))
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+# What the command line calls the API's keyword arguments, for messages raised by the API
+# ("pass force=True") that reach a user of the command line ("use --force").  Keywords
+# without an underscore are translated only in the KEYWORD=VALUE form, so that prose such as
+# "scan method" is left alone.
+_CLI_OPTIONS: dict[str, str] = {
+    "force": "--force", "source_format": "-f", "format": "-f",
+    "target_size": "--target-size", "preallocation": "--preallocation",
+    "filesystem_overhead": "--filesystem-overhead", "content_type": "--content-type",
+    "request_size": "--request-size", "sparse_size": "--sparse-size", "threads": "--threads",
+    "reflink": "--reflink", "scan": "--scan", "target_is_zero": "--target-is-zero",
+}
+_CLI_CALLS: dict[str, str] = {
+    "cdimover.convert()": "cdimover convert", "cdimover.copy()": "cdimover copy",
+    "cdimover.clone()": "cdimover clone", "cdimover.inspect()": "cdimover info",
+}
+_KEYWORD = re.compile(
+    r"(?P<pass>\bpass )?\b(?P<name>" + "|".join(sorted(_CLI_OPTIONS, key=len, reverse=True))
+    + r")\b(?:=(?P<value>True|'[^']*'|\"[^\"]*\"|[\w.-]+))?")
+
+
+def cli_words(text: str) -> str:
+    """TEXT with the API's keyword phrases in command-line terms: ``pass force=True`` ->
+    ``use --force``, ``source_format='raw'`` -> ``-f raw``, ``target_size`` ->
+    ``--target-size``, ``cdimover.convert()`` -> ``cdimover convert``."""
+    def option(m: re.Match[str]) -> str:
+        name, value = m["name"], m["value"]
+        if value is None and "_" not in name:
+            return m[0]
+        flag = _CLI_OPTIONS[name]
+        if value is not None and value != "True":
+            flag = f"{flag} {value.strip(chr(39) + chr(34))}"
+        return ("use " if m["pass"] else "") + flag
+
+    for call, command in _CLI_CALLS.items():
+        text = text.replace(call, command)
+    return _KEYWORD.sub(option, text)
 
 
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename is not None:
         text = f"{e.filename}: {e.strerror or e}"
     else:
-        text = str(e)
+        text = cli_words(str(e))
     return " ".join(text.split())

@@ -22,6 +22,7 @@ from typing import Any, Final, Literal
 from . import _native
 from ._native import Context, LoopStatus, Probe, ProgressFn, lib
 from ._os import fsync_dir, kind, open_beneath, open_dir, open_direct
+from .detect import require_raw
 from .errors import SourceInUseError, TargetInUseError, TargetTooSmallError
 from .locks import claim_device, lock_job, qemu_lock_holder
 from .prealloc import preallocation_mode
@@ -643,7 +644,7 @@ def copy(source: str | os.PathLike[str] | Source, target: str | os.PathLike[str]
          progress: ProgressFn | None = None, reflink: Reflink = "auto", scan: Scan = "auto",
          threads: int = 0, request_size: int = 0, sparse_size: int = 0,
          detect_zeros: bool = True, target_size: int | None = None,
-         context: Context | None = None,
+         source_format: str = "auto", context: Context | None = None,
          verify: Callable[[], object] | None = None) -> CopyResult:
     """Copy the RAW disk SOURCE to TARGET, bit-exact, sparse and durable.
 
@@ -665,6 +666,10 @@ def copy(source: str | os.PathLike[str] | Source, target: str | os.PathLike[str]
       it, "never" always copies the bytes, "always" fails if it cannot share.
     - SCAN: "auto" picks SEEK_DATA/SEEK_HOLE for files, the backing file's map for loop
       devices, a full read for other devices; "seek", "loop" and "full" force one.
+    - SOURCE_FORMAT: "auto" probes the source (cdimover.detect) before the target is opened
+      and raises UnsupportedImageError naming the format when it is QCOW2 (convert it with
+      cdimover.convert) or a container cdimover does not convert (VMDK, VHD, gzip, ...);
+      "raw" copies the bytes as they are, whatever they look like.
     - VERIFY: called once the data is durable, before the target is declared complete (a
       checksum comparison); if it raises, the copy fails as any other failure does.
 
@@ -682,22 +687,26 @@ def copy(source: str | os.PathLike[str] | Source, target: str | os.PathLike[str]
     ctx = context or Context()
     try:
         if isinstance(source, Source):
-            return copy_endpoints(ctx, source, target, prealloc=prealloc, target_size=target_size,
-                              reflink=reflink, target_is_zero=target_is_zero,
-                              progress=progress, tuning=tuning, start=start, verify=verify)
+            require_raw(source.fd, source.size, source.path, source_format)
+            return copy_endpoints(ctx, source, target, prealloc=prealloc,
+                                  target_size=target_size, reflink=reflink,
+                                  target_is_zero=target_is_zero, progress=progress,
+                                  tuning=tuning, start=start, verify=verify)
         with open_source(source, scan=scan, ctx=ctx) as src:
-            return copy_endpoints(ctx, src, target, prealloc=prealloc, target_size=target_size,
-                              reflink=reflink, target_is_zero=target_is_zero,
-                              progress=progress, tuning=tuning, start=start, verify=verify)
+            require_raw(src.fd, src.size, src.path, source_format)
+            return copy_endpoints(ctx, src, target, prealloc=prealloc,
+                                  target_size=target_size, reflink=reflink,
+                                  target_is_zero=target_is_zero, progress=progress,
+                                  tuning=tuning, start=start, verify=verify)
     finally:
         if context is None:
             ctx.close()
 
 
 def copy_endpoints(ctx: Context, src: Source, target: str | os.PathLike[str] | Place, *,
-               prealloc: str, target_size: int | None, reflink: Reflink,
-               target_is_zero: bool, progress: ProgressFn | None, tuning: Tuning,
-               start: float, verify: Callable[[], object] | None = None) -> CopyResult:
+                   prealloc: str, target_size: int | None, reflink: Reflink,
+                   target_is_zero: bool, progress: ProgressFn | None, tuning: Tuning,
+                   start: float, verify: Callable[[], object] | None = None) -> CopyResult:
     """copy() once the source is open: open, fill and commit the target."""
     final_size = final_size_for(src.size, target_size)
     need = room_needed(final_size, prealloc, src.allocated)

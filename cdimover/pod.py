@@ -129,13 +129,6 @@ _HASH_CHUNK: Final = 4 << 20
 _DIGEST_HEX: Final = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
 _GO_ERRNO_TEXT: Final = {errno.ENOSPC: "no space left on device",
                          errno.EDQUOT: "disk quota exceeded"}
-# Leading bytes of formats the pod does not convert yet, so they are never written as RAW.
-_REFUSED_MAGIC: Final = (
-    (0, b"\x1f\x8b", "gzip-compressed"), (0, b"\xfd7zXZ\x00", "xz-compressed"),
-    (0, b"\x28\xb5\x2f\xfd", "zstd-compressed"), (0, b"BZh", "bzip2-compressed"),
-    (0, b"KDMV", "VMDK"), (0, b"# Disk DescriptorFile", "VMDK"), (0, b"vhdxfile", "VHDX"),
-    (0, b"conectix", "VHD (vpc)"), (64, b"\x7f\x10\xda\xbe", "VDI"))
-_QCOW2_MAGIC: Final = b"QFI\xfb"
 
 Kind = Literal["clone", "import"]
 
@@ -589,26 +582,25 @@ class _Image:
 
 
 def _inspect_image(fd: int, path: str) -> _Image:
-    """Identify the image open as FD (named PATH): QCOW2 by its magic, RAW otherwise; formats
-    not converted yet (VMDK, VHDX, VDI, VHD, compressed images) are refused rather than copied
-    as RAW."""
-    head = os.pread(fd, 512, 0)
-    size = os.lseek(fd, 0, os.SEEK_END)
-    if head.startswith(_QCOW2_MAGIC):
-        from ._native import Context, probe
-        from .qcow2 import inspect_fd, refusal
+    """Identify the image open as FD (named PATH) with the one format probe (cdimover.detect):
+    QCOW2 or RAW; the containers cdimover does not convert (VMDK, VHDX, VDI, VHD, QED, LUKS,
+    compressed images, tar, ...) raise UnsupportedImageError rather than being copied as
+    RAW."""
+    from ._native import Context, probe
+    from .detect import require_supported
 
-        with Context() as ctx:
-            info = inspect_fd(ctx, fd, path, "qcow2", probe(ctx, fd, path))
-        refused = refusal(info)  # backing or data files, encryption: before any write
-        if refused is not None:
-            raise refused
-        return _Image("qcow2", info.virtual_size)
-    for offset, magic, name in _REFUSED_MAGIC:
-        if head[offset:offset + len(magic)] == magic:
-            raise UnsupportedImageError(f"{path}: {name} images are not supported yet "
-                                        f"(RAW and QCOW2 are)")
-    return _Image("raw", size)
+    size = os.lseek(fd, 0, os.SEEK_END)
+    found = require_supported(fd, size, path)
+    if found.format != "qcow2":
+        return _Image("raw", size)
+    from .qcow2 import inspect_fd, refusal
+
+    with Context() as ctx:
+        info = inspect_fd(ctx, fd, path, "qcow2", probe(ctx, fd, path))
+    refused = refusal(info)  # backing or data files, encryption: before any write
+    if refused is not None:
+        raise refused
+    return _Image("qcow2", info.virtual_size)
 
 
 def _wipe_device(path: str, length: int) -> None:

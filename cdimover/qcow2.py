@@ -20,8 +20,9 @@ from typing import Any, Literal
 
 from . import _native
 from ._native import Context, ProgressFn, ffi, lib
-from .copy import Place, Source, Tuning, copy_endpoints, check_target_size, copy_opts, \
+from .copy import Place, Source, Tuning, check_target_size, copy_endpoints, copy_opts, \
     final_size_for, grow_target, make_result, open_source, open_target, room_needed
+from .detect import require_supported
 from .errors import ImageFormatError, UnsafeImageError, UnsupportedImageError
 from .prealloc import preallocation_mode
 from .types import CopyResult, ScanMethod
@@ -103,14 +104,16 @@ def _qcow2_info(out: Any, path: str, actual_size: int) -> ImageInfo:
         autoclear_features=int(out.autoclear_features))
 
 
-def _choose_format(fd: int, requested: str, path: str) -> str:
-    """The format to read FD as: RAW is never probed; "qcow2" needs the magic; "auto" picks
-    QCOW2 exactly when the magic is there."""
+def _choose_format(fd: int, size: int, requested: str, path: str) -> str:
+    """The format to read FD (SIZE bytes) as: RAW is never probed; otherwise the one format
+    probe decides, refusing containers (UnsupportedImageError naming the format); "qcow2"
+    needs the QCOW2 magic; "auto" picks QCOW2 exactly when the magic is there."""
     if requested not in ("auto", "raw", "qcow2"):
         raise ValueError(f"format={requested!r}: expected 'auto', 'raw' or 'qcow2'")
     if requested == "raw":
         return "raw"
-    if os.pread(fd, 4, 0) == QCOW2_MAGIC:
+    found = require_supported(fd, size, path)
+    if found.format == "qcow2":
         return "qcow2"
     if requested == "qcow2":
         raise ImageFormatError(f"{path}: not a QCOW2 image (no QFI\\xfb magic at offset 0)")
@@ -137,14 +140,17 @@ def inspect(path: str | os.PathLike[str], *, format: Format = "auto") -> ImageIn
     "qcow2" requires the QCOW2 magic (ImageFormatError otherwise); "auto" chooses QCOW2 when
     the magic is present.  Images with backing files, external data files or encryption are
     described, not refused; malformed headers raise ImageFormatError, unknown incompatible
-    features UnsupportedImageError.
+    features UnsupportedImageError.  Unless FORMAT is "raw", the format probe
+    (cdimover.detect) runs first: containers cdimover does not convert (VMDK, VHD, VHDX,
+    VDI, QED, QCOW v1, LUKS, gzip, xz, zstd, bzip2, tar, ...) raise UnsupportedImageError
+    naming the format; an ISO 9660 image is RAW.
     """
     p = os.fspath(path)
     with Context() as ctx:
         fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
         try:
             probe = _native.probe(ctx, fd, p)
-            return inspect_fd(ctx, fd, p, _choose_format(fd, format, p), probe)
+            return inspect_fd(ctx, fd, p, _choose_format(fd, probe.size, format, p), probe)
         finally:
             os.close(fd)
 
@@ -187,9 +193,11 @@ def convert(source: str | os.PathLike[str] | Source, target: str | os.PathLike[s
 
     - SOURCE: a path or an open :class:`~cdimover.copy.Source` (left open); it is opened
       once, and its format decided on that descriptor.
-    - SOURCE_FORMAT: "auto" converts QCOW2 when the magic is present and copies RAW otherwise;
-      "raw" copies byte for byte even when the data starts with a QCOW2 header; "qcow2"
-      requires the magic.  RAW sources are copied as by cdimover.copy.copy().
+    - SOURCE_FORMAT: "auto" converts QCOW2 when the magic is present, refuses the containers
+      cdimover does not convert (UnsupportedImageError naming the format, see
+      cdimover.detect) and copies RAW otherwise; "raw" copies byte for byte even when the
+      data starts with a QCOW2 or other header; "qcow2" requires the magic.  RAW sources are
+      copied as by cdimover.copy.copy().
     - TARGET: a path or a :class:`~cdimover.copy.Place`, opened and locked as by
       :func:`cdimover.copy.open_target` with the virtual size: a new file appears under its
       name only once complete; a block device must hold the image (TargetTooSmallError).
@@ -232,7 +240,7 @@ def _convert_open(ctx: Context, src: Source, target: str | os.PathLike[str] | Pl
                   start: float, preallocation: str, target_size: int | None,
                   tuning: Tuning, verify: Callable[[], object] | None) -> CopyResult:
     """convert() once the source is open."""
-    if _choose_format(src.fd, source_format, src.path) == "raw":
+    if _choose_format(src.fd, src.size, source_format, src.path) == "raw":
         return copy_endpoints(ctx, src, target, prealloc=preallocation, target_size=target_size,
                           reflink="auto", target_is_zero=target_is_zero, progress=progress,
                           tuning=tuning, start=start, verify=verify)

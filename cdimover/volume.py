@@ -541,7 +541,8 @@ def _copy_to_volume(source: Source, dst: Volume, *, preallocation: bool,
     """Copy the open SOURCE onto volume DST's disk."""
     place, dir_fd = target_place(dst)
     try:
-        return copy_disk(source, place, preallocation=_preallocation_arg(preallocation),
+        return copy_disk(source, place, source_format="raw",
+                         preallocation=_preallocation_arg(preallocation),
                          progress=progress,
                          target_size=grow_to if dst.mode == FILESYSTEM else None,
                          threads=threads, request_size=request_size)
@@ -693,7 +694,8 @@ class _ArchiveCopier:
                 result = copy_disk(
                     opened, Place(dir_fd=dfd, name=name, path=rel, mode=_file_mode(st),
                                   exact_mode=True),
-                    reflink="auto", preallocation=_preallocation_arg(self.preallocation),
+                    source_format="raw", reflink="auto",
+                    preallocation=_preallocation_arg(self.preallocation),
                     progress=self._file_progress())
         finally:
             os.close(fd)

@@ -3,11 +3,13 @@ subprocess for exit codes and signals."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -237,3 +239,240 @@ def test_convert_refuses_backing_file_in_one_line(tmp_path: Path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "backing" in err
     assert not (tmp_path / "out.raw").exists()
+
+
+# ---- the progress line ----------------------------------------------------------------------
+
+def _screen(written: str) -> str:
+    """What a terminal shows after WRITTEN: carriage returns go back to column 0 and
+    overwrite, ESC [K erases to the end of the line."""
+    line: list[str] = []
+    col = 0
+    i = 0
+    while i < len(written):
+        if written.startswith("\x1b[K", i):
+            del line[col:]
+            i += 3
+            continue
+        ch = written[i]
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            line, col = [], 0
+        else:
+            if col < len(line):
+                line[col] = ch
+            else:
+                line.append(ch)
+            col += 1
+        i += 1
+    return "".join(line)
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["pipe", "terminal"])
+def test_progress_line_leaves_no_old_characters(monkeypatch: pytest.MonkeyPatch,
+                                                tty: bool) -> None:
+    import cdimover.cli as cli
+
+    clock = iter([0.0, 1.0, 2.0, 1000.0])
+    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
+    stream = _Tty() if tty else io.StringIO()
+    bar = cli.ProgressBar(stream, "copy")            # start at t=0
+    bar(1, 10 << 30)                                 # 1 B/s: an ETA of 11 digits
+    long_line = _screen(stream.getvalue())
+    bar(9 << 30, 10 << 30)                           # 4.5 GiB/s: "ETA    0s", shorter
+    shown = _screen(stream.getvalue())
+    assert len(shown.rstrip()) < len(long_line)
+    last = stream.getvalue().rsplit("\r", 1)[1]
+    assert shown.rstrip() == last.replace("\x1b[K", "").rstrip()
+    assert ("\x1b[K" in stream.getvalue()) == tty
+    assert shown.rstrip().endswith("s") and "ss" not in shown
+
+
+# ---- usage errors for tuning options ----------------------------------------------------------
+
+@pytest.mark.parametrize("argv,option", [
+    (["--threads", "-3"], "--threads"), (["--threads", "17"], "--threads"),
+    (["--threads", "four"], "--threads"),
+    (["--request-size", "5000"], "--request-size"), (["--request-size", "0"], "--request-size"),
+    (["--request-size", str((64 << 20) + 4096)], "--request-size"),
+    (["--sparse-size", "256"], "--sparse-size"), (["--sparse-size", "6144"], "--sparse-size"),
+    (["--sparse-size", str(8 << 20)], "--sparse-size"),                  # > default request
+    (["--request-size", "65536", "--sparse-size", "131072"], "--sparse-size"),
+])
+def test_tuning_options_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         argv: list[str], option: str) -> None:
+    src = tmp_path / "s.img"
+    src.write_bytes(b"q" * 4096)
+    assert main(["copy", *argv, str(src), str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}:" in err and "Traceback" not in err and "Errno" not in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_tuning_limits_are_the_cores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bounds the CLI accepts are accepted by the core, one step beyond is refused."""
+    import cdimover
+    import cdimover.cli as cli
+
+    src, dst = tmp_path / "s.img", tmp_path / "d.img"
+    write_layout(src, Layout((Segment("data", 1 << 20),), 3))
+    ok = [dict(threads=cli.MAX_THREADS), dict(request_size=cli.MAX_REQUEST),
+          dict(request_size=cli.REQUEST_ALIGN, sparse_size=cli.MIN_SPARSE),
+          dict(request_size=cli.MAX_REQUEST, sparse_size=cli.MAX_REQUEST)]
+    for kw in ok:
+        cdimover.copy(src, dst, reflink="never", **kw)  # type: ignore[arg-type]
+    bad = [dict(threads=cli.MAX_THREADS + 1), dict(request_size=cli.MAX_REQUEST + 4096),
+           dict(request_size=cli.REQUEST_ALIGN + 512), dict(sparse_size=cli.MIN_SPARSE // 2),
+           dict(sparse_size=cli.DEFAULT_REQUEST * 2)]
+    for kw in bad:
+        with pytest.raises(OSError):
+            cdimover.copy(src, dst, reflink="never", **kw)  # type: ignore[arg-type]
+    assert main(["copy", "-q", "--threads", "16", "--request-size", str(64 << 20),
+                 "--sparse-size", "512", str(src), str(dst)]) == 0
+    assert sha256_prefix(dst, 1 << 20) == sha256_prefix(src, 1 << 20)
+
+
+# ---- broken pipe ------------------------------------------------------------------------------
+
+def test_scan_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    p = tmp_path / "many.img"
+    with open(p, "wb") as f:                 # 4000 extents: far more output than a pipe holds
+        for i in range(2000):
+            f.seek(i * 8192)
+            f.write(b"x" * 4096)
+    proc = subprocess.Popen([sys.executable, "-m", "cdimover", "scan", str(p)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()                      # as `head -1` does
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 141
+    assert first.split() == [b"0", b"4096", b"data"]
+    assert err == b""
+
+
+# ---- -v ---------------------------------------------------------------------------------------
+
+def test_verbose_logs_the_strategy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = tmp_path / "s.img", tmp_path / "d.img"
+    write_layout(src, Layout((Segment("data", 65536), Segment("hole", 1 << 20)), 1))
+    assert main(["copy", "-q", "--reflink", "never", str(src), str(dst)]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["copy", "-q", "-v", "--reflink", "never", str(src), str(dst)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"cdimover: {src} -> {dst}: raw source; ")
+    for word in ("scan seek-hole", "zeroing ", "direct I/O read ", "reflink no",
+                 "preallocation off"):
+        assert word in err
+    assert main(["copy", "-q", "-vv", "--reflink", "never", str(src), str(dst)]) == 0
+    err = capsys.readouterr().err
+    debug = [line for line in err.splitlines() if line.startswith("cdimover: result: ")]
+    assert len(debug) == 1
+    assert json.loads(debug[0][len("cdimover: result: "):])["bytes_written"] == 65536
+
+
+def test_verbose_logs_the_conversion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = _qcow2_image(tmp_path)
+    assert main(["convert", "-q", "-v", str(img), str(tmp_path / "o.raw")]) == 0
+    err = capsys.readouterr().err
+    assert "qcow2 source; scan qcow2 (qcow2 v3" in err and "preallocation off" in err
+
+
+# ---- API words in CLI terms -------------------------------------------------------------------
+
+@pytest.mark.parametrize("api,cli", [
+    ("power the VM off first, or pass force=True", "power the VM off first, or use --force"),
+    ("or pass source_format='raw' to copy", "or use -f raw to copy"),
+    ("convert it with cdimover.convert(), or", "convert it with cdimover convert, or"),
+    ("/d: target_size applies to file targets only", "/d: --target-size applies to file "
+     "targets only"),
+    ("preallocation='fast': expected 'off'", "--preallocation fast: expected 'off'"),
+    ("scan method full; file format qcow2", "scan method full; file format qcow2"),
+    ("filesystem_overhead=2 is out of range", "--filesystem-overhead 2 is out of range"),
+])
+def test_cli_words(api: str, cli: str) -> None:
+    from cdimover.cli import cli_words
+
+    assert cli_words(api) == cli
+
+
+def test_clone_of_a_locked_source_says_force(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import need_tool
+    from cdimover.errors import SourceInUseError
+    from cdimover.volume import check_not_in_use
+
+    qemu_io = need_tool("qemu-io")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    write_layout(src / "disk.img", Layout((Segment("data", 65536),), 5))
+
+    def locked() -> bool:
+        try:
+            check_not_in_use(str(src))
+        except SourceInUseError:
+            return True
+        return False
+
+    proc = subprocess.Popen([qemu_io, "-f", "raw", str(src / "disk.img")],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=TOOL_ENV)
+    try:
+        deadline = time.monotonic() + 10
+        while not locked():
+            assert proc.poll() is None and time.monotonic() < deadline, "qemu-io holds no lock"
+            time.sleep(0.05)
+        assert main(["clone", str(src), str(dst)]) == 1
+        err = capsys.readouterr().err
+        assert "use --force" in err and "force=True" not in err
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+# ---- the package ------------------------------------------------------------------------------
+
+def test_help_lists_every_public_name() -> None:
+    import pydoc
+
+    import cdimover
+
+    assert set(cdimover.__all__) - {"__version__"} <= set(dir(cdimover))
+    text = pydoc.render_doc(cdimover, renderer=pydoc.plaintext)
+    for name in ("clone", "Volume", "CloneResult", "usable_space", "required_space", "copy",
+                 "convert", "UnsupportedImageError"):
+        assert f"\n    {name}" in text or f"class {name}" in text or f"{name}(" in text, name
+    assert "Moving disks" in text and "CDI volumes" in text
+
+
+def test_license_file_matches_pyproject() -> None:
+    root = Path(__file__).resolve().parent.parent
+    assert 'license = { text = "Apache-2.0" }' in (root / "pyproject.toml").read_text()
+    text = (root / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX" in text
+
+
+def test_readme_manifests_are_clone_requests() -> None:
+    import re as _re
+
+    from cdimover.k8s import clone_requests
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = _re.findall(r"```yaml\n(.*?)```", readme, _re.S)
+    assert blocks
+    reqs = [r for b in blocks for r in clone_requests(b)]
+    assert [(r.target_name, r.source_namespace, r.source_name, r.size) for r in reqs] == [
+        ("fedora-clone", "golden-images", "fedora-40", 10 << 30),
+        ("fedora-vm-disk", "golden-images", "fedora-40", 10 << 30)]
+    assert all(r.target_namespace == "vms" and r.cross_namespace for r in reqs)
