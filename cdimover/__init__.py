@@ -29,29 +29,33 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._native import Context
-from .copy import copy, is_zero, scan
+from .ops.copy import copy, is_zero, scan
 from .errors import (
     CdimoverError,
     CloneValidationError,
     ConfigurationError,
     CopyCancelled,
     ImageFormatError,
+    InUseError,
     SourceInUseError,
+    TargetInUseError,
     TargetTooSmallError,
     UnsafeImageError,
+    UnsafeVolumeError,
     UnsupportedImageError,
 )
-from .prealloc import create_blank, preallocate
-from .qcow2 import ImageInfo, convert, inspect
+from .ops.prealloc import create_blank, preallocate
+from .formats.qcow2 import ImageInfo, inspect
+from .ops.convert import convert
 from .types import AllocMethod, CopyResult, Extent, PreallocResult, ScanMethod, ZeroMethod
 
 if TYPE_CHECKING:
     from .sizing import required_space, usable_space
-    from .volume import CloneResult, Volume, clone
+    from .cdi.volume import CloneResult, Volume, clone
 
 # The volume layer pulls in the manifest tooling (PyYAML) and sizing pulls in decimal and
 # fractions; load them on first use so that a copy or conversion pays no import time for them.
-_LAZY = {"CloneResult": "volume", "Volume": "volume", "clone": "volume",
+_LAZY = {"CloneResult": "cdi.volume", "Volume": "cdi.volume", "clone": "cdi.volume",
          "required_space": "sizing", "usable_space": "sizing"}
 
 
@@ -97,7 +101,10 @@ __all__ = [
     "ConfigurationError",
     "CopyCancelled",
     "ImageFormatError",
+    "InUseError",
     "SourceInUseError",
+    "TargetInUseError",
+    "UnsafeVolumeError",
     "TargetTooSmallError",
     "UnsafeImageError",
     "UnsupportedImageError",

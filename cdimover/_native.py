@@ -230,3 +230,54 @@ def scan_extents(ctx: Context, fd: int, offset: int, length: int, *, map_offset:
             break
         pos = out[n[0] - 1].offset + out[n[0] - 1].length
     return result
+
+
+def const(name: str) -> int:
+    """The value of the core's constant NAME (an enum member or #define of cdimover.h)."""
+    return int(getattr(lib, name))
+
+
+def cstring(field: Any) -> str:
+    """A NUL-terminated char array of a core struct as text (undecodable bytes escaped)."""
+    return str(ffi.string(field).decode("utf-8", errors="surrogateescape"))
+
+
+def run_copy(ctx: Context, src_fd: int, dst_fd: int, opts: Any, stats: Any, *,
+             progress: ProgressFn | None, paths: Sequence[str | None]) -> None:
+    """cdm_copy: the RAW copy job."""
+    ctx.call(lib.cdm_copy, src_fd, dst_fd, opts, stats, progress=progress, paths=paths)
+
+
+def run_qcow2_convert(ctx: Context, src_fd: int, dst_fd: int, opts: Any, stats: Any, *,
+                      progress: ProgressFn | None, paths: Sequence[str | None]) -> None:
+    """cdm_qcow2_convert: the QCOW2-to-RAW job."""
+    ctx.call(lib.cdm_qcow2_convert, src_fd, dst_fd, opts, stats, progress=progress,
+             paths=paths)
+
+
+def reflink(ctx: Context, src_fd: int, dst_fd: int, paths: Sequence[str | None]) -> None:
+    """cdm_reflink: share all of SRC_FD's extents with DST_FD (FICLONE), then sync."""
+    ctx.call(lib.cdm_reflink, src_fd, dst_fd, paths=paths)
+
+
+def preallocate(ctx: Context, fd: int, direct_fd: int, is_blockdev: bool, sector: int,
+                offset: int, length: int, mode: int, stats: Any,
+                paths: Sequence[str | None]) -> None:
+    """cdm_preallocate over [OFFSET, OFFSET+LENGTH) of FD."""
+    ctx.call(lib.cdm_preallocate, fd, direct_fd, int(is_blockdev), sector, offset, length,
+             mode, stats, paths=paths)
+
+
+def zero_range(ctx: Context, fd: int, is_blockdev: bool, sector: int, offset: int,
+               length: int, stats: Any, paths: Sequence[str | None]) -> None:
+    """cdm_zero_range: make [OFFSET, OFFSET+LENGTH) of FD read as zeros."""
+    ctx.call(lib.cdm_zero_range, fd, int(is_blockdev), sector, offset, length, stats,
+             paths=paths)
+
+
+def qcow2_inspect(ctx: Context, fd: int, path: str) -> Any:
+    """cdm_qcow2_inspect: the validated header of the QCOW2 image FD (a struct
+    cdm_qcow2_info)."""
+    out = ffi.new("struct cdm_qcow2_info *")
+    ctx.call(lib.cdm_qcow2_inspect, fd, out, paths=(path, path))
+    return out

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .errors import CdimoverError, CopyCancelled
+from .errors import CdimoverError, CopyCancelled, Terminated
 
 if TYPE_CHECKING:
     from .types import CopyResult
@@ -39,10 +39,6 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 log = logging.getLogger("cdimover")
-
-
-class Terminated(BaseException):
-    """Raised from the SIGTERM handler so the copy stops at its next request."""
 
 
 def _fmt_bytes(n: float) -> str:
@@ -154,7 +150,7 @@ def _summary(r: Any) -> str:
 
 
 def _cmd_copy(args: argparse.Namespace) -> int:
-    from .copy import copy
+    from .ops.copy import copy
 
     with _progress(args, "copy") as cb:
         r = copy(args.source, args.target, target_is_zero=args.target_is_zero, progress=cb,
@@ -168,7 +164,7 @@ def _cmd_copy(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .qcow2 import convert
+    from .ops.convert import convert
 
     with _progress(args, "convert") as cb:
         r = convert(args.source, args.target, source_format=args.format,
@@ -180,7 +176,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .qcow2 import info_json, inspect
+    from .formats.qcow2 import info_json, inspect
 
     info = inspect(args.path, format=args.format)
     if args.json:
@@ -211,7 +207,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_prealloc(args: argparse.Namespace) -> int:
-    from .prealloc import create_blank, preallocate
+    from .ops.prealloc import create_blank, preallocate
 
     if args.create:
         if args.size is None:
@@ -226,7 +222,7 @@ def _cmd_prealloc(args: argparse.Namespace) -> int:
 
 
 def _cmd_clone(args: argparse.Namespace) -> int:
-    from .volume import clone
+    from .cdi.volume import clone
 
     with _progress(args, "clone") as cb:
         r = clone(args.source, args.target, content_type=args.content_type,
@@ -251,7 +247,7 @@ def _cmd_clone(args: argparse.Namespace) -> int:
 
 
 def _cmd_loop_create(args: argparse.Namespace) -> int:
-    from . import loopdev
+    from .io import loopdev
 
     loopdev.create_backing_file(args.file, args.size, fill=args.fill)
     try:
@@ -272,7 +268,7 @@ def _cmd_loop_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_loop_delete(args: argparse.Namespace) -> int:
-    from . import loopdev
+    from .io import loopdev
 
     loopdev.detach(args.device)
     _emit(args, {"device": args.device, "detached": True}, f"{args.device} detached")
@@ -280,7 +276,7 @@ def _cmd_loop_delete(args: argparse.Namespace) -> int:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
-    from .copy import scan
+    from .ops.copy import scan
 
     extents = scan(args.path, method=args.scan)
     if args.json:
@@ -307,7 +303,7 @@ def _sha256(path: str, size: int) -> str:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Make a small sparse RAW disk (data, zeros written as data, holes), copy it, verify."""
-    from .copy import copy, scan
+    from .ops.copy import copy, scan
 
     workdir = args.dir or tempfile.mkdtemp(prefix="cdimover-demo-")
     os.makedirs(workdir, exist_ok=True)
@@ -544,8 +540,8 @@ def _parser() -> argparse.ArgumentParser:
     ld.add_argument("device", help="the loop device, e.g. /dev/loop3")
     ld.set_defaults(func=_cmd_loop_delete)
 
-    from . import pod
-    pod.register(sub, common)
+    from .pod import command as pod_command
+    pod_command.register(sub, common)
     return p
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "CloneValidationError",
     "ConfigurationError",
     "ChecksumMismatchError",
+    "Terminated",
 ]
 
 
@@ -83,3 +84,8 @@ class ConfigurationError(CdimoverError, ValueError):
 
 class ChecksumMismatchError(CdimoverError):
     """The source's digest differs from the expected checksum; the written image was removed."""
+
+
+class Terminated(BaseException):
+    """Raised from the SIGTERM handler so that a running job stops at its next request (a
+    BaseException, like KeyboardInterrupt: it is not an error of the job)."""

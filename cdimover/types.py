@@ -6,13 +6,13 @@ import enum
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ._native import lib
+from ._native import const
 
 __all__ = ["ScanMethod", "ZeroMethod", "AllocMethod", "Extent", "CopyResult", "PreallocResult",
            "PREALLOCATION_MODES"]
 
-PREALLOCATION_MODES = {"off": lib.CDM_PREALLOC_OFF, "falloc": lib.CDM_PREALLOC_FALLOC,
-                       "full": lib.CDM_PREALLOC_FULL}
+PREALLOCATION_MODES = {"off": const("CDM_PREALLOC_OFF"), "falloc": const("CDM_PREALLOC_FALLOC"),
+                       "full": const("CDM_PREALLOC_FULL")}
 
 
 _M = TypeVar("_M", bound="_Method")
@@ -34,33 +34,33 @@ class _Method(enum.IntEnum):
 class ScanMethod(_Method):
     """How the source's extents were found."""
 
-    NONE = lib.CDM_SCAN_NONE
-    SEEK_HOLE = lib.CDM_SCAN_SEEK_HOLE
-    LOOP_BACKING = lib.CDM_SCAN_LOOP_BACKING
-    FULL_READ = lib.CDM_SCAN_FULL_READ
-    REFLINK = lib.CDM_SCAN_REFLINK
-    QCOW2 = lib.CDM_SCAN_QCOW2
+    NONE = const("CDM_SCAN_NONE")
+    SEEK_HOLE = const("CDM_SCAN_SEEK_HOLE")
+    LOOP_BACKING = const("CDM_SCAN_LOOP_BACKING")
+    FULL_READ = const("CDM_SCAN_FULL_READ")
+    REFLINK = const("CDM_SCAN_REFLINK")
+    QCOW2 = const("CDM_SCAN_QCOW2")
 
 
 class ZeroMethod(_Method):
     """How zero ranges were made on the target."""
 
-    NONE = lib.CDM_ZERO_NONE
-    PUNCH_HOLE = lib.CDM_ZERO_PUNCH_HOLE
-    ZERO_RANGE = lib.CDM_ZERO_ZERO_RANGE
-    BLKZEROOUT = lib.CDM_ZERO_BLKZEROOUT
-    WRITE = lib.CDM_ZERO_WRITE
+    NONE = const("CDM_ZERO_NONE")
+    PUNCH_HOLE = const("CDM_ZERO_PUNCH_HOLE")
+    ZERO_RANGE = const("CDM_ZERO_ZERO_RANGE")
+    BLKZEROOUT = const("CDM_ZERO_BLKZEROOUT")
+    WRITE = const("CDM_ZERO_WRITE")
 
 
 class AllocMethod(_Method):
     """How preallocation reserved or wrote the target's blocks."""
 
-    NONE = lib.CDM_ALLOC_NONE
-    FALLOCATE = lib.CDM_ALLOC_FALLOCATE
-    WRITE_ZEROES = lib.CDM_ALLOC_WRITE_ZEROES
-    ZERO_RANGE = lib.CDM_ALLOC_ZERO_RANGE
-    BLKZEROOUT = lib.CDM_ALLOC_BLKZEROOUT
-    WRITE = lib.CDM_ALLOC_WRITE
+    NONE = const("CDM_ALLOC_NONE")
+    FALLOCATE = const("CDM_ALLOC_FALLOCATE")
+    WRITE_ZEROES = const("CDM_ALLOC_WRITE_ZEROES")
+    ZERO_RANGE = const("CDM_ALLOC_ZERO_RANGE")
+    BLKZEROOUT = const("CDM_ALLOC_BLKZEROOUT")
+    WRITE = const("CDM_ALLOC_WRITE")
 
 
 @dataclass(frozen=True, slots=True)

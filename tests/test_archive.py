@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 import cdimover
-from cdimover import CloneValidationError, SourceInUseError, TargetTooSmallError, loopdev
-from cdimover.volume import check_not_in_use, clone
+from cdimover import CloneValidationError, SourceInUseError, TargetTooSmallError
+from cdimover.io import loopdev
+from cdimover.cdi.volume import check_not_in_use, clone
 from conftest import TOOL_ENV, need_loop, need_root, need_tool
 from layouts import Layout, Segment, allocated_blocks, nonzero_blocks, write_layout
 
@@ -160,7 +161,7 @@ def test_archive_clone_of_a_tree(tmp_path: Path, mounted_fs: MountFs, fs: str,
     want = expected(src)
     passwd_before = Path("/etc/passwd").read_bytes()
 
-    with caplog.at_level(logging.WARNING, logger="cdimover.volume"):
+    with caplog.at_level(logging.WARNING, logger="cdimover.cdi.volume"):
         r = clone(src, tgt, content_type="archive")
 
     got = snapshot(tgt, skip_root=("lost+found",) if fs == "ext4->xfs" else ())

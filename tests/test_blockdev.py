@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import cdimover
 from cdimover import ScanMethod, TargetTooSmallError, ZeroMethod
-from cdimover import loopdev
+from cdimover.io import loopdev
 from conftest import need_loop
 from layouts import (
     Layout,

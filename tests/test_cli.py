@@ -111,7 +111,7 @@ def test_sigterm_mid_copy_then_rerun(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time, cdimover.cli as c\n"
-         "cp = sys.modules['cdimover.copy']\n"
+         "cp = sys.modules['cdimover.ops.copy']\n"
          "orig = cp.copy\n"
          "def slow(*a, **k):\n"
          "    user = k['progress']\n"
@@ -181,7 +181,7 @@ def test_loop_create_and_delete(tmp_path: Path, capsys: pytest.CaptureFixture[st
     try:
         assert dev.startswith("/dev/loop")
         assert "path: " + dev in out["manifest"] and "node-a" in out["manifest"]
-        from cdimover import loopdev
+        from cdimover.io import loopdev
         info = loopdev.info(dev)
         assert info.sector_size == 4096 and info.size == 8 << 20
     finally:
@@ -407,7 +407,7 @@ def test_clone_of_a_locked_source_says_force(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     from conftest import need_tool
     from cdimover.errors import SourceInUseError
-    from cdimover.volume import check_not_in_use
+    from cdimover.cdi.volume import check_not_in_use
 
     qemu_io = need_tool("qemu-io")
     src, dst = tmp_path / "src", tmp_path / "dst"
@@ -466,7 +466,7 @@ def test_license_file_matches_pyproject() -> None:
 def test_readme_manifests_are_clone_requests() -> None:
     import re as _re
 
-    from cdimover.k8s import clone_requests
+    from cdimover.cdi.k8s import clone_requests
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     blocks = _re.findall(r"```yaml\n(.*?)```", readme, _re.S)

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 import cdimover
 from cdimover import ImageFormatError, UnsupportedImageError
-from cdimover import detect as detect_mod
+from cdimover.io import detect as detect_mod
 from cdimover.cli import main
-from cdimover.detect import FORMATS, HEAD_SIZE, Detected, detect, detect_path
+from cdimover.io.detect import FORMATS, HEAD_SIZE, Detected, detect, detect_path
 from conftest import TOOL_ENV, need_tool
 
 MiB = 1 << 20

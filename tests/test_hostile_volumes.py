@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 import cdimover
-from cdimover import loopdev
+from cdimover.io import loopdev
 from cdimover.errors import (
     CloneValidationError,
     ConfigurationError,
@@ -34,7 +34,7 @@ from cdimover.errors import (
     UnsafeVolumeError,
 )
 from cdimover.pod import clone_config, import_config
-from cdimover.volume import Volume, clone
+from cdimover.cdi.volume import Volume, clone
 from conftest import TOOL_ENV, need, need_loop, need_root, need_tool
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -156,7 +156,7 @@ def shared_dir() -> Iterator[Path]:
 @pytest.mark.parametrize("side", ["source", "target"])
 def test_symlink_swap_race_never_escapes(shared_dir: Path, side: str, user: str) -> None:
     need_root()
-    import cdimover.k8s  # noqa: F401 - loaded before the fork: uid 107 cannot read /root
+    import cdimover.cdi.k8s  # noqa: F401 - loaded before the fork: uid 107 cannot read /root
     base = shared_dir
     (base / "src").mkdir()
     (base / "dst").mkdir()

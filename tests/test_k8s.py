@@ -1,4 +1,4 @@
-"""cdimover.k8s: clone manifests, CDI's clone validation, and the offline RBAC evaluator."""
+"""cdimover.cdi.k8s: clone manifests, CDI's clone validation, and the offline RBAC evaluator."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cdimover.errors import CloneValidationError
-from cdimover.k8s import (
+from cdimover.cdi.k8s import (
     ANN_PERMISSIVE_CLONE,
     CloneRequest,
     SourceInfo,

@@ -1,4 +1,4 @@
-"""cdimover.loopdev against real loop devices (root), plus the backing-file and manifest helpers.
+"""cdimover.io.loopdev against real loop devices (root), plus the backing-file and manifest helpers.
 
 Every test that attaches detaches in teardown, even on failure, and only ever devices it attached
 itself: an autouse fixture fails the test if any loop device is still bound to a file under its
@@ -23,8 +23,8 @@ import pytest
 import yaml
 from conftest import need, need_loop, need_tool
 
-from cdimover import loopdev
-from cdimover.loopdev import LoopFlag
+from cdimover.io import loopdev
+from cdimover.io.loopdev import LoopFlag
 
 MiB = 1 << 20
 LOOP_CTL_ADD = 0x4C80

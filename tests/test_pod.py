@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from cdimover.errors import TargetTooSmallError
-from cdimover.metrics import ProgressCounter, new_registry, parse_address
+from cdimover.pod.metrics import ProgressCounter, new_registry, parse_address
 from cdimover.pod import MAX_MESSAGE, failure_message, success_message
 from cdimover.sizing import usable_space
 from conftest import TOOL_ENV, need, need_root, need_tool

@@ -10,11 +10,11 @@ import pytest
 
 import cdimover
 from cdimover import TargetTooSmallError
-from cdimover.prealloc import create_blank, preallocate
+from cdimover.ops.prealloc import create_blank, preallocate
 from cdimover.types import AllocMethod
 from conftest import need_loop
 from layouts import Layout, Segment, data_map, sha256_prefix, write_layout
-from cdimover import loopdev
+from cdimover.io import loopdev
 
 LAYOUT = Layout((Segment("data", 1 << 20), Segment("hole", 6 << 20), Segment("zero", 1 << 20),
                  Segment("data", 12288), Segment("hole", 3 << 20)), 21)

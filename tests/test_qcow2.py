@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 
 from cdimover import ImageFormatError, ScanMethod, TargetTooSmallError, UnsafeImageError
 from cdimover import UnsupportedImageError
-from cdimover.qcow2 import ImageInfo, convert, info_json, inspect
+from cdimover import ImageInfo, convert
+from cdimover.formats.qcow2 import info_json, inspect
 from conftest import TOOL_ENV, need_tool
 
 MiB = 1 << 20

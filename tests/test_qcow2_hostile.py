@@ -46,7 +46,7 @@ SANITIZED = "asan" in os.environ.get("LD_PRELOAD", "") or bool(os.environ.get("C
 CHILD = r"""
 import hashlib, json, os, resource, signal, sys
 limit, alarm = int(sys.argv[1]), int(sys.argv[2])
-from cdimover import qcow2
+import cdimover
 if limit:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 signal.signal(signal.SIGALRM, signal.SIG_DFL)      # a hang ends the process
@@ -55,12 +55,12 @@ for job in json.load(sys.stdin):
     res = {"name": job["name"]}
     signal.alarm(alarm)
     try:
-        qcow2.inspect(job["image"], format="qcow2")
+        cdimover.inspect(job["image"], format="qcow2")
         res["inspect"] = "ok"
     except Exception as e:
         res["inspect"] = type(e).__name__
     try:
-        r = qcow2.convert(job["image"], job["out"], source_format="qcow2")
+        r = cdimover.convert(job["image"], job["out"], source_format="qcow2")
         res["convert"] = "ok"
         if job.get("sha"):
             h = hashlib.sha256()

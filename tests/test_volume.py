@@ -22,11 +22,12 @@ from pathlib import Path
 import pytest
 
 import cdimover
-from cdimover import CloneValidationError, SourceInUseError, TargetTooSmallError, loopdev
+from cdimover import CloneValidationError, SourceInUseError, TargetTooSmallError
+from cdimover.io import loopdev
 from cdimover.errors import TargetInUseError
-from cdimover import volume as volume_mod
+from cdimover.cdi import volume as volume_mod
 from cdimover.sizing import format_size, parse_quantity, required_space, usable_space
-from cdimover.volume import CloneResult, Volume, check_not_in_use, clone
+from cdimover.cdi.volume import CloneResult, Volume, check_not_in_use, clone
 from conftest import TOOL_ENV, need_loop, need_tool
 from layouts import Layout, Segment, allocated_blocks, nonzero_blocks, sha256_prefix, \
     write_layout
@@ -132,7 +133,7 @@ def in_use(path: str | Path) -> bool:
 def fake_available(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
     """Set the free space Volume.open sees for every directory (statvfs f_bavail*f_frsize)."""
     def set_(n: int) -> None:
-        monkeypatch.setattr(volume_mod, "_available_bytes", lambda path: n)
+        monkeypatch.setattr(volume_mod, "_available_bytes", lambda fd: n)
     return set_
 
 
@@ -616,7 +617,7 @@ def test_target_claimed_by_another_is_refused(tmp_path: Path) -> None:
 # 4 KiB requests) is what keeps the clone running until the kill.
 KILLED_CLONE = """
 import pathlib, sys
-from cdimover.volume import clone
+from cdimover.cdi.volume import clone
 marker = pathlib.Path(sys.argv[3])
 def seen(done, total):
     marker.write_text(f"{done}/{total}")

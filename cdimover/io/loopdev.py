@@ -30,7 +30,7 @@ from typing import Final, NamedTuple, TypeAlias
 
 import yaml
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 __all__ = [
     "LOOP_SET_FD",

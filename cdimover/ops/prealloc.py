@@ -14,18 +14,18 @@ import os
 import stat
 import time
 
-from . import _native
-from ._native import Context, lib
-from ._os import open_direct
-from .errors import TargetTooSmallError
-from .types import PREALLOCATION_MODES, AllocMethod, PreallocResult
+from .. import _native
+from .._native import Context
+from ..io.fs import open_direct
+from ..errors import TargetTooSmallError
+from ..types import PREALLOCATION_MODES, AllocMethod, PreallocResult
 
 __all__ = ["preallocate", "create_blank", "check_capacity", "preallocation_mode"]
 
 
 def format_size(n: int) -> str:
     """N bytes for an error message (sizing, and its decimal arithmetic, loads on demand)."""
-    from .sizing import format_size as fmt
+    from ..sizing import format_size as fmt
     return fmt(n)
 
 
@@ -56,7 +56,7 @@ def _preallocate_fd(ctx: Context, path: str, fd: int, direct_fd: int, probe: _na
                     offset: int, length: int, mode: str) -> tuple[int, int]:
     """Preallocate [OFFSET, OFFSET+LENGTH) of an open endpoint: (alloc mask, bytes)."""
     stats = _native.new_stats()
-    ctx.call(lib.cdm_preallocate, fd, direct_fd, int(probe.is_blockdev), probe.logical_sector,
+    _native.preallocate(ctx, fd, direct_fd, probe.is_blockdev, probe.logical_sector,
              offset, length, PREALLOCATION_MODES[mode], stats, paths=(path, path))
     return int(stats.alloc_methods), int(stats.bytes_allocated)
 
@@ -145,7 +145,7 @@ def create_blank(path: str | os.PathLike[str], size: int, *, preallocation: str 
                         f"{format_size(size)}", required=size, available=pr.size)
                 stats = _native.new_stats()
                 if mode == "off":
-                    ctx.call(lib.cdm_zero_range, fd, 1, pr.logical_sector, 0, size, stats,
+                    _native.zero_range(ctx, fd, True, pr.logical_sector, 0, size, stats,
                              paths=(p, p))
                     os.fsync(fd)
                     mask, allocated = 0, 0

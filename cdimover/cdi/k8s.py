@@ -29,8 +29,8 @@ from typing import Any, Final
 
 import yaml
 
-from .errors import CloneValidationError
-from .sizing import DEFAULT_OVERHEAD, Overhead, format_size, parse_quantity, usable_space
+from ..errors import CloneValidationError
+from ..sizing import DEFAULT_OVERHEAD, Overhead, format_size, parse_quantity, usable_space
 
 __all__ = [
     "CDI_GROUP",

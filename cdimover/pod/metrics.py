@@ -33,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 __all__ = [
     "CLONE_PROGRESS",

@@ -13,28 +13,24 @@ an existing target.  No file but the source and the target is ever opened.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any, Literal
 
-from . import _native
-from ._native import Context, ProgressFn, ffi, lib
-from .copy import Place, Source, Tuning, check_target_size, copy_endpoints, copy_opts, \
-    final_size_for, grow_target, make_result, open_source, open_target, room_needed
-from .detect import require_supported
-from .errors import ImageFormatError, UnsafeImageError, UnsupportedImageError
-from .prealloc import preallocation_mode
-from .types import CopyResult, ScanMethod
+from .. import _native
+from .._native import Context, const, cstring
+from ..errors import ImageFormatError, UnsafeImageError, UnsupportedImageError
+from ..io.detect import require_supported
 
-__all__ = ["ImageInfo", "inspect", "convert", "info_json", "refusal", "QCOW2_MAGIC"]
+__all__ = ["ImageInfo", "inspect", "inspect_fd", "choose_format", "info_json", "refusal",
+           "QCOW2_MAGIC"]
 
 QCOW2_MAGIC = b"QFI\xfb"
 
 Format = Literal["auto", "raw", "qcow2"]
 
-_COMPRESSION = {lib.CDM_QCOW2_COMPRESSION_ZLIB: "zlib", lib.CDM_QCOW2_COMPRESSION_ZSTD: "zstd"}
-_CRYPT = {lib.CDM_QCOW2_CRYPT_AES: "aes", lib.CDM_QCOW2_CRYPT_LUKS: "luks"}
+_COMPRESSION = {const("CDM_QCOW2_COMPRESSION_ZLIB"): "zlib",
+                const("CDM_QCOW2_COMPRESSION_ZSTD"): "zstd"}
+_CRYPT = {const("CDM_QCOW2_CRYPT_AES"): "aes", const("CDM_QCOW2_CRYPT_LUKS"): "luks"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +72,7 @@ class ImageInfo:
 
 
 def _string(field: Any) -> str:
-    return str(ffi.string(field).decode("utf-8", errors="surrogateescape"))
+    return cstring(field)
 
 
 def _qcow2_info(out: Any, path: str, actual_size: int) -> ImageInfo:
@@ -91,7 +87,7 @@ def _qcow2_info(out: Any, path: str, actual_size: int) -> ImageInfo:
         backing_format=_string(out.backing_format) or None,
         data_file=_string(out.data_file_name) if out.has_data_file else None,
         data_file_raw=bool(out.data_file_raw),
-        encrypted=crypt != lib.CDM_QCOW2_CRYPT_NONE,
+        encrypted=crypt != const("CDM_QCOW2_CRYPT_NONE"),
         encryption_format=_CRYPT.get(crypt, f"unknown({crypt})") if crypt else None,
         compression_type=_COMPRESSION[int(out.compression_type)],
         compression_supported=bool(out.compression_supported),
@@ -104,7 +100,7 @@ def _qcow2_info(out: Any, path: str, actual_size: int) -> ImageInfo:
         autoclear_features=int(out.autoclear_features))
 
 
-def _choose_format(fd: int, size: int, requested: str, path: str) -> str:
+def choose_format(fd: int, size: int, requested: str, path: str) -> str:
     """The format to read FD (SIZE bytes) as: RAW is never probed; otherwise the one format
     probe decides, refusing containers (UnsupportedImageError naming the format); "qcow2"
     needs the QCOW2 magic; "auto" picks QCOW2 exactly when the magic is there."""
@@ -125,9 +121,8 @@ def inspect_fd(ctx: Context, fd: int, path: str, fmt: str, probe: _native.Probe)
     if fmt == "raw":
         return ImageInfo(filename=path, format="raw", virtual_size=probe.size,
                          actual_size=actual, file_size=probe.size)
-    out = ffi.new("struct cdm_qcow2_info *")
     try:
-        ctx.call(lib.cdm_qcow2_inspect, fd, out, paths=(path, path))
+        out = _native.qcow2_inspect(ctx, fd, path)
     except ImageFormatError as e:
         raise type(e)(f"{path}: {e}") from None
     return _qcow2_info(out, path, actual)
@@ -150,7 +145,7 @@ def inspect(path: str | os.PathLike[str], *, format: Format = "auto") -> ImageIn
         fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
         try:
             probe = _native.probe(ctx, fd, p)
-            return inspect_fd(ctx, fd, p, _choose_format(fd, probe.size, format, p), probe)
+            return inspect_fd(ctx, fd, p, choose_format(fd, probe.size, format, p), probe)
         finally:
             os.close(fd)
 
@@ -180,102 +175,6 @@ def refusal(info: ImageInfo) -> Exception | None:
         return UnsupportedImageError(
             f"{name}: compression type {info.compression_type} is not supported by this build")
     return None
-
-
-def convert(source: str | os.PathLike[str] | Source, target: str | os.PathLike[str] | Place, *,
-            source_format: Format = "auto", preallocation: str | bool = "off",
-            target_is_zero: bool = False, progress: ProgressFn | None = None,
-            target_size: int | None = None, threads: int = 0, request_size: int = 0,
-            context: Context | None = None,
-            verify: Callable[[], object] | None = None) -> CopyResult:
-    """Write the guest disk of SOURCE (QCOW2 or RAW) to TARGET as RAW, bit-exact, sparse and
-    durable.
-
-    - SOURCE: a path or an open :class:`~cdimover.copy.Source` (left open); it is opened
-      once, and its format decided on that descriptor.
-    - SOURCE_FORMAT: "auto" converts QCOW2 when the magic is present, refuses the containers
-      cdimover does not convert (UnsupportedImageError naming the format, see
-      cdimover.detect) and copies RAW otherwise; "raw" copies byte for byte even when the
-      data starts with a QCOW2 or other header; "qcow2" requires the magic.  RAW sources are
-      copied as by cdimover.copy.copy().
-    - TARGET: a path or a :class:`~cdimover.copy.Place`, opened and locked as by
-      :func:`cdimover.copy.open_target` with the virtual size: a new file appears under its
-      name only once complete; a block device must hold the image (TargetTooSmallError).
-    - PREALLOCATION: "off", "falloc" or "full", as for copy(): the image's unallocated and
-      zero clusters are allocated on the target, data is written once.
-    - TARGET_SIZE: grow a file target to this size (never below the virtual size).
-    - TARGET_IS_ZERO: an existing block-device target is known to read as zeros.
-    - PROGRESS: progress(done, total) in guest bytes, as for copy().
-    - VERIFY: called once the data is durable, before the target is declared complete.
-
-    Raises ImageFormatError for malformed images and the corrupt bit, UnsafeImageError for
-    backing and external data files, UnsupportedImageError for encryption, unknown features
-    and compression types this build lacks -- all before TARGET is opened, so a refused image
-    never truncates an existing target.
-    """
-    if source_format not in ("auto", "raw", "qcow2"):
-        raise ValueError(f"source_format={source_format!r}: expected 'auto', 'raw' or 'qcow2'")
-    prealloc = preallocation_mode(preallocation)
-    tuning = Tuning(threads=threads, request_size=request_size)
-    start = time.monotonic()
-    ctx = context or Context()
-    try:
-        if isinstance(source, Source):
-            return _convert_open(ctx, source, target, source_format=source_format,
-                                 target_is_zero=target_is_zero, progress=progress,
-                                 start=start, preallocation=prealloc, target_size=target_size,
-                                 tuning=tuning, verify=verify)
-        with open_source(source, ctx=ctx) as src:
-            return _convert_open(ctx, src, target, source_format=source_format,
-                                 target_is_zero=target_is_zero, progress=progress,
-                                 start=start, preallocation=prealloc, target_size=target_size,
-                                 tuning=tuning, verify=verify)
-    finally:
-        if context is None:
-            ctx.close()
-
-
-def _convert_open(ctx: Context, src: Source, target: str | os.PathLike[str] | Place, *,
-                  source_format: str, target_is_zero: bool, progress: ProgressFn | None,
-                  start: float, preallocation: str, target_size: int | None,
-                  tuning: Tuning, verify: Callable[[], object] | None) -> CopyResult:
-    """convert() once the source is open."""
-    if _choose_format(src.fd, src.size, source_format, src.path) == "raw":
-        return copy_endpoints(ctx, src, target, prealloc=preallocation, target_size=target_size,
-                          reflink="auto", target_is_zero=target_is_zero, progress=progress,
-                          tuning=tuning, start=start, verify=verify)
-    info = inspect_fd(ctx, src.fd, src.path, "qcow2", src.probe)
-    refused = refusal(info)
-    if refused is not None:
-        raise refused
-    final_size = final_size_for(info.virtual_size, target_size)
-    # A QCOW2 image's clusters may expand (compression): its data may need the virtual size.
-    need = room_needed(final_size, preallocation, None)
-    with open_target(target, info.virtual_size, source=src, ctx=ctx, need=need) as dst:
-        check_target_size(dst, target_size)
-        paths = (src.path, dst.path)
-        opts = copy_opts(src, dst, scan_method=ScanMethod.QCOW2, target_is_zero=target_is_zero,
-                         preallocation=preallocation, tuning=tuning)
-        opts.size = info.virtual_size
-        opts.map_fd = -1
-        stats = _native.new_stats()
-        try:
-            ctx.call(lib.cdm_qcow2_convert, src.fd, dst.fd, opts, stats, progress=progress,
-                     paths=paths)
-        except (ImageFormatError, UnsafeImageError) as e:
-            raise type(e)(f"{src.path}: {e}") from None
-        src.verify_unchanged(ctx)
-        if dst.probe.is_regular:
-            grow_target(ctx, dst, info.virtual_size, final_size, preallocation, stats, paths)
-        if verify is not None:
-            verify()
-        dst.commit()
-        return make_result(
-            src.path, dst, stats, source_format="qcow2", virtual_size=info.virtual_size,
-            start=start, scan_method=ScanMethod.QCOW2, preallocation=preallocation,
-            final_size=final_size,
-            scan_note=f"qcow2 v{info.version}, {info.cluster_size}-byte clusters"
-                      f"{', extended L2' if info.extended_l2 else ''}")
 
 
 def info_json(info: ImageInfo) -> dict[str, Any]:

@@ -46,17 +46,17 @@ import time
 from dataclasses import dataclass
 from typing import Final, Literal, Union
 
-from ._native import ProgressFn
-from ._os import check_name, fsync_dir, kind, open_beneath, open_dir, remove_beneath, reopen
-from .copy import PARTIAL_SUFFIX, Place, Source, incomplete_marker, open_source
-from .copy import copy as copy_disk
-from .errors import CloneValidationError, SourceInUseError, TargetTooSmallError, \
+from .._native import ProgressFn
+from ..io.fs import check_name, fsync_dir, kind, open_beneath, open_dir, remove_beneath, reopen
+from ..io.endpoints import PARTIAL_SUFFIX, Place, Source, incomplete_marker, open_source
+from ..ops.copy import copy as copy_disk
+from ..errors import CloneValidationError, SourceInUseError, TargetTooSmallError, \
     UnsafeVolumeError
-from .locks import qemu_lock_holder
+from ..io.locks import qemu_lock_holder
 from .k8s import CloneRequest, SourceInfo, validate_clone
-from .sizing import DEFAULT_OVERHEAD, Overhead, format_size, parse_overhead, parse_quantity, \
+from ..sizing import DEFAULT_OVERHEAD, Overhead, format_size, parse_overhead, parse_quantity, \
     usable_space
-from .types import CopyResult
+from ..types import CopyResult
 
 __all__ = [
     "FILESYSTEM",

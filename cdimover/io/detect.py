@@ -44,7 +44,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import UnsupportedImageError
+from ..errors import UnsupportedImageError
 
 __all__ = ["Detected", "detect", "detect_path", "require_supported", "require_raw",
            "unsupported", "FORMATS", "HEAD_SIZE"]

@@ -29,7 +29,7 @@ import os
 import struct
 from typing import Final
 
-from ._os import reopen
+from .fs import reopen
 
 __all__ = [
     "RAW_LOCK_PERM_BASE",

@@ -1,0 +1,245 @@
+"""A pod's configuration: the environment variables CDI sets for its clone and import pods,
+read and checked before anything is written.  A missing or malformed variable is a
+:class:`~cdimover.errors.ConfigurationError` naming it."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from ..errors import ConfigurationError
+from ..sizing import DEFAULT_OVERHEAD, parse_overhead, parse_quantity
+
+__all__ = ["Checksum", "CloneConfig", "ImportConfig", "clone_config", "import_config",
+           "BLOCK_VOLUME", "DATA_DIR", "get_env"]
+
+BLOCK_VOLUME: Final = "/dev/cdi-block-volume"
+DATA_DIR: Final = "/data"
+_DIGEST_HEX: Final = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
+
+
+@dataclass(frozen=True, slots=True)
+class Checksum:
+    """An expected digest: ``algorithm`` (hashlib name) and ``hexdigest`` (lower case)."""
+
+    algorithm: str
+    hexdigest: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hexdigest}"
+
+
+@dataclass(frozen=True, slots=True)
+class CloneConfig:
+    """A clone pod's configuration (see the module docstring for the variables)."""
+
+    volume_mode: Literal["block", "filesystem"]
+    mount_point: str
+    destination: str
+    preallocation: bool
+    owner_uid: str
+    filesystem_overhead: str
+    image_size: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportConfig:
+    """An import pod's configuration (see the module docstring for the variables)."""
+
+    endpoint: str
+    content_type: Literal["kubevirt", "archive"]
+    destination: str
+    preallocation: bool
+    owner_uid: str
+    filesystem_overhead: str
+    image_size: int | None
+    checksum: Checksum | None
+
+
+def get_env(env: Mapping[str, str], name: str, *, required: bool = False,
+         hint: str = "") -> str | None:
+    """ENV[NAME] without surrounding whitespace; None when unset or empty, which is a
+    ConfigurationError when REQUIRED (HINT says what is expected)."""
+    value = env.get(name, "").strip()
+    if value:
+        return value
+    if required:
+        raise ConfigurationError(f"{name}: not set{f' (expected {hint})' if hint else ''}")
+    return None
+
+
+def _bool(env: Mapping[str, str], name: str, *, required: bool) -> bool:
+    """ENV[NAME] as ``true`` or ``false`` (False when unset and not REQUIRED)."""
+    value = get_env(env, name, required=required, hint="true or false")
+    if value is None:
+        return False
+    if value not in ("true", "false"):
+        raise ConfigurationError(f"{name}: {value!r} is not 'true' or 'false'")
+    return value == "true"
+
+
+def _overhead(env: Mapping[str, str]) -> str:
+    """FILESYSTEM_OVERHEAD, checked, as given (default 0.06)."""
+    value = get_env(env, "FILESYSTEM_OVERHEAD") or str(DEFAULT_OVERHEAD)
+    try:
+        parse_overhead(value)
+    except ValueError as e:
+        raise ConfigurationError(f"FILESYSTEM_OVERHEAD: {e}") from None
+    return value
+
+
+def _quantity(env: Mapping[str, str], name: str) -> int | None:
+    """ENV[NAME] as a Kubernetes quantity in bytes, None when unset."""
+    value = get_env(env, name)
+    if value is None:
+        return None
+    try:
+        return parse_quantity(value)
+    except ValueError as e:
+        raise ConfigurationError(f"{name}: {e}") from None
+
+
+def _checksum(env: Mapping[str, str]) -> Checksum | None:
+    """IMPORTER_CHECKSUM as ALGORITHM:HEX, None when unset."""
+    value = get_env(env, "IMPORTER_CHECKSUM")
+    if value is None:
+        return None
+    algorithm, sep, digest = value.partition(":")
+    algorithm = algorithm.lower()
+    if not sep or algorithm not in _DIGEST_HEX:
+        raise ConfigurationError(f"IMPORTER_CHECKSUM: {value!r} is not ALGORITHM:HEX with "
+                                 f"ALGORITHM one of md5, sha1, sha256, sha512")
+    digest = digest.lower()
+    if len(digest) != _DIGEST_HEX[algorithm] or not re.fullmatch(r"[0-9a-f]+", digest):
+        raise ConfigurationError(f"IMPORTER_CHECKSUM: {value!r}: a {algorithm} digest is "
+                                 f"{_DIGEST_HEX[algorithm]} hexadecimal digits")
+    return Checksum(algorithm, digest)
+
+
+def _default_destination() -> str:
+    """The volume CDI mounts: the block device when present, else the directory."""
+    if os.path.exists(BLOCK_VOLUME):
+        return BLOCK_VOLUME
+    if os.path.isdir(DATA_DIR):
+        return DATA_DIR
+    raise ConfigurationError(f"DESTINATION: not set, and neither {BLOCK_VOLUME} nor "
+                             f"{DATA_DIR} exists")
+
+
+def _volume_path(path: str, name: str) -> str:
+    """The volume PATH names (variable NAME): a directory or a block device; a path ending in
+    ``/disk.img`` whose directory exists names that directory.  No symbolic link is followed
+    at the end of PATH (nor at ``disk.img``): a tenant's link must not redirect the job."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise ConfigurationError(f"{name}: {path} is a symbolic link, which is never followed")
+    if st is not None and (stat.S_ISDIR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        return path
+    parent = os.path.dirname(path.rstrip("/"))
+    if os.path.basename(path.rstrip("/")) == "disk.img" and parent and (
+            st is None or stat.S_ISREG(st.st_mode)):
+        try:
+            pst = os.lstat(parent)
+        except FileNotFoundError:
+            pst = None
+        if pst is not None and stat.S_ISLNK(pst.st_mode):
+            raise ConfigurationError(f"{name}: {parent} is a symbolic link, which is never "
+                                     f"followed")
+        if pst is not None and stat.S_ISDIR(pst.st_mode):
+            return parent
+    what = "does not exist" if st is None else "is neither a directory nor a block device"
+    raise ConfigurationError(f"{name}: {path} {what}")
+
+
+def clone_config(env: Mapping[str, str], *, mount_point: str | None = None,
+                 destination: str | None = None) -> CloneConfig:
+    """Read a clone pod's configuration from ENV; MOUNT_POINT and DESTINATION override the
+    variables of those names.  ConfigurationError naming the variable at fault."""
+    mode = get_env(env, "VOLUME_MODE", required=True, hint="block or filesystem")
+    assert mode is not None
+    if mode.lower() not in ("block", "filesystem"):
+        raise ConfigurationError(f"VOLUME_MODE: {mode!r} is not 'block' or 'filesystem'")
+    volume_mode: Literal["block", "filesystem"] = \
+        "block" if mode.lower() == "block" else "filesystem"
+    source = mount_point or get_env(env, "MOUNT_POINT", required=True,
+                                 hint="the source volume's path")
+    assert source is not None
+    try:
+        st = os.lstat(source)
+    except FileNotFoundError:
+        raise ConfigurationError(f"MOUNT_POINT: {source} does not exist") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigurationError(f"MOUNT_POINT: {source} is a symbolic link, which is never "
+                                 f"followed")
+    if volume_mode == "block" and not stat.S_ISBLK(st.st_mode):
+        raise ConfigurationError(f"MOUNT_POINT: {source} is not a block device, but "
+                                 f"VOLUME_MODE is block")
+    if volume_mode == "filesystem" and not stat.S_ISDIR(st.st_mode):
+        raise ConfigurationError(f"MOUNT_POINT: {source} is not a directory, but "
+                                 f"VOLUME_MODE is filesystem")
+    preallocation = _bool(env, "PREALLOCATION", required=True)
+    owner = get_env(env, "OWNER_UID", required=True, hint="the owner's UID, the metric's label")
+    assert owner is not None
+    overhead = _overhead(env)
+    size = _quantity(env, "UPLOAD_IMAGE_SIZE")
+    dest = destination or get_env(env, "DESTINATION") or _default_destination()
+    return CloneConfig(volume_mode=volume_mode, mount_point=source,
+                       destination=_volume_path(dest, "DESTINATION"),
+                       preallocation=preallocation, owner_uid=owner,
+                       filesystem_overhead=overhead, image_size=size)
+
+
+def _endpoint_path(value: str) -> str:
+    """The local path of IMPORTER_ENDPOINT VALUE: a path, or a ``file://`` URL."""
+    if "://" not in value:
+        return value
+    url = urllib.parse.urlsplit(value)
+    if url.scheme.lower() != "file":
+        raise ConfigurationError(f"IMPORTER_ENDPOINT: {value!r}: the {url.scheme!r} scheme is "
+                                 f"not supported yet (a local path or a file:// URL)")
+    if url.netloc not in ("", "localhost"):
+        raise ConfigurationError(f"IMPORTER_ENDPOINT: {value!r}: a file:// URL names a local "
+                                 f"file (no host)")
+    path = urllib.parse.unquote(url.path)
+    if not path:
+        raise ConfigurationError(f"IMPORTER_ENDPOINT: {value!r} has no path")
+    return path
+
+
+def import_config(env: Mapping[str, str], *, endpoint: str | None = None,
+                  destination: str | None = None) -> ImportConfig:
+    """Read an import pod's configuration from ENV; ENDPOINT and DESTINATION override the
+    variables IMPORTER_ENDPOINT and DESTINATION.  ConfigurationError naming the variable."""
+    value = endpoint or get_env(env, "IMPORTER_ENDPOINT", required=True,
+                             hint="a local path or a file:// URL")
+    assert value is not None
+    path = _endpoint_path(value)
+    content = get_env(env, "IMPORTER_CONTENTTYPE") or "kubevirt"
+    if content not in ("kubevirt", "archive"):
+        raise ConfigurationError(f"IMPORTER_CONTENTTYPE: {content!r} is not 'kubevirt' or "
+                                 f"'archive'")
+    content_type: Literal["kubevirt", "archive"] = \
+        "archive" if content == "archive" else "kubevirt"
+    size = _quantity(env, "IMPORTER_IMAGE_SIZE")
+    checksum = _checksum(env)
+    preallocation = _bool(env, "PREALLOCATION", required=False)
+    overhead = _overhead(env)
+    owner = get_env(env, "OWNER_UID") or ""
+    dest = _volume_path(destination or get_env(env, "DESTINATION") or _default_destination(),
+                        "DESTINATION")
+    if content_type == "archive" and not os.path.isdir(dest):
+        raise ConfigurationError(f"IMPORTER_CONTENTTYPE: archive is extracted into a "
+                                 f"directory, but DESTINATION {dest} is a block device")
+    return ImportConfig(endpoint=path, content_type=content_type, destination=dest,
+                        preallocation=preallocation, owner_uid=owner,
+                        filesystem_overhead=overhead, image_size=size, checksum=checksum)
+
+

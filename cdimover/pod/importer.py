@@ -1,0 +1,177 @@
+"""``cdimover pod import``: a RAW or QCOW2 image (or a tar archive) from IMPORTER_ENDPOINT onto
+the volume, opened once, checked against the volume's capacity before a byte is written, its
+checksum verified before the disk is declared complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import ChecksumMismatchError, TargetTooSmallError
+from ..sizing import format_size
+from .config import ImportConfig
+from .progress import Hasher, Progress
+
+if TYPE_CHECKING:
+    from .metrics import ProgressCounter
+
+__all__ = ["run_import"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Image:
+    """A source image: its format ("raw" or "qcow2") and virtual size."""
+
+    format: str
+    virtual_size: int
+
+
+def _inspect_image(fd: int, path: str) -> _Image:
+    """Identify the image open as FD (named PATH) with the one format probe (cdimover.detect):
+    QCOW2 or RAW; the containers cdimover does not convert (VMDK, VHDX, VDI, VHD, QED, LUKS,
+    compressed images, tar, ...) raise UnsupportedImageError rather than being copied as
+    RAW."""
+    from .._native import Context, probe
+    from ..io.detect import require_supported
+
+    size = os.lseek(fd, 0, os.SEEK_END)
+    found = require_supported(fd, size, path)
+    if found.format != "qcow2":
+        return _Image("raw", size)
+    from ..formats.qcow2 import inspect_fd, refusal
+
+    with Context() as ctx:
+        info = inspect_fd(ctx, fd, path, "qcow2", probe(ctx, fd, path))
+    refused = refusal(info)  # backing or data files, encryption: before any write
+    if refused is not None:
+        raise refused
+    return _Image("qcow2", info.virtual_size)
+
+
+def _wipe_device(path: str, length: int) -> None:
+    """Zero the first LENGTH bytes of the Block volume PATH after a rejected image (a file
+    target is never declared complete in that case: see _import_disk)."""
+    from ..ops.prealloc import create_blank
+
+    create_blank(path, length)
+
+
+def _import_disk(cfg: ImportConfig, progress: Progress, *, threads: int,
+                 request_size: int) -> bool:
+    """Import the RAW or QCOW2 image CFG.endpoint into the volume CFG.destination, checking
+    its virtual size against the volume's capacity first; whether preallocation was applied.
+    The image is opened once; its checksum, when asked for, is verified before the disk is
+    declared complete (a new disk.img is then never left behind)."""
+    from ..io.endpoints import open_source
+    from ..ops.convert import convert
+    from ..cdi.volume import BLOCK, Volume, target_place
+
+    with open_source(cfg.endpoint) as src:
+        image = _inspect_image(src.fd, cfg.endpoint)
+        vol = Volume.open(cfg.destination, cfg.filesystem_overhead)
+        if image.virtual_size > vol.capacity:
+            raise TargetTooSmallError(
+                f"{vol.disk_path}: the {image.format} image's virtual size "
+                f"{format_size(image.virtual_size)} does not fit the "
+                f"{vol.describe_capacity()}", required=image.virtual_size,
+                available=vol.capacity)
+        block = vol.mode == BLOCK
+        grow_to: int | None = None
+        if cfg.image_size is not None and not block:
+            grow_to = min(cfg.image_size, vol.capacity)
+            if grow_to <= image.virtual_size:
+                grow_to = None
+        hasher = _start_hasher(cfg, progress, src.fd)
+        place, dir_fd = target_place(vol)
+        try:
+            result = convert(src, place, source_format="qcow2" if image.format == "qcow2"
+                             else "raw",
+                             preallocation="falloc" if cfg.preallocation else "off",
+                             progress=progress.copied, target_size=grow_to, threads=threads,
+                             request_size=request_size,
+                             verify=hasher.verify if hasher is not None else None)
+        except ChecksumMismatchError:
+            if block:
+                _wipe_device(vol.disk_path, image.virtual_size)
+            raise
+        except BaseException:
+            if hasher is not None:
+                hasher.stop()
+            raise
+        finally:
+            os.close(dir_fd)
+    return result.preallocation_applied
+
+
+def _start_hasher(cfg: ImportConfig, progress: Progress,
+                  fd: int | None = None) -> Hasher | None:
+    """Start hashing the image open as FD when CFG has a checksum; the hasher or None."""
+    if cfg.checksum is None:
+        return None
+    return Hasher(cfg.endpoint, cfg.checksum, progress.hashed, fd=fd).start()
+
+
+def _archive_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's "data" filter (no absolute paths, no escapes, no devices, no setuid bits),
+    and no ownership, as ``tar x --no-same-owner`` extracts."""
+    safe = tarfile.data_filter(member, dest)
+    safe.uid = safe.gid = None  # type: ignore[assignment]
+    safe.uname = safe.gname = None  # type: ignore[assignment]
+    return safe
+
+
+def _import_archive(cfg: ImportConfig, progress: Progress) -> bool:
+    """Extract the tar archive (optionally compressed) at CFG.endpoint into the destination
+    directory; progress counts archive bytes read."""
+    extracted: set[str] = set()
+    hasher = _start_hasher(cfg, progress)
+    try:
+        with open(cfg.endpoint, "rb") as raw:
+            total = os.fstat(raw.fileno()).st_size
+            with tarfile.open(fileobj=raw, mode="r:*") as tar:
+                def members() -> Iterator[tarfile.TarInfo]:
+                    for m in tar:
+                        extracted.add(m.name.lstrip("/").split("/", 1)[0])
+                        yield m
+                        progress.copied(min(raw.tell(), total), total)
+
+                tar.extractall(cfg.destination, members=members(), filter=_archive_filter)
+        os.sync()  # the extracted files are durable before success is reported
+        progress.copied(total, total)
+    except BaseException:
+        if hasher is not None:
+            hasher.stop()
+        raise
+    if hasher is not None:
+        try:
+            hasher.verify()
+        except ChecksumMismatchError:
+            for name in extracted:
+                if name in ("", ".", ".."):
+                    continue
+                p = os.path.join(cfg.destination, name)
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    try:
+                        os.unlink(p)
+                    except FileNotFoundError:
+                        pass
+            raise
+    return False
+
+
+def run_import(cfg: ImportConfig, counter: ProgressCounter, *, threads: int = 0,
+               request_size: int = 0) -> bool:
+    """Import CFG.endpoint into CFG.destination, feeding COUNTER; return whether preallocation
+    was applied.  THREADS and REQUEST_SIZE tune the copy of RAW sources (0: the defaults)."""
+    progress = Progress(counter, hashing=cfg.checksum is not None)
+    if cfg.content_type == "archive":
+        return _import_archive(cfg, progress)
+    return _import_disk(cfg, progress, threads=threads, request_size=request_size)
+
+
