@@ -21,7 +21,7 @@ from .errors import (
     UnsupportedImageError,
 )
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 if lib.CDM_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"cdimover's native core has ABI {lib.CDM_ABI_VERSION}, the Python layer expects "
