@@ -25,6 +25,7 @@ from .errors import (
 from .prealloc import create_blank, preallocate
 from .qcow2 import ImageInfo, convert, inspect
 from .types import AllocMethod, CopyResult, Extent, PreallocResult, ScanMethod, ZeroMethod
+from .writer import Writer
 
 if TYPE_CHECKING:
     from .sizing import required_space, usable_space
@@ -54,6 +55,7 @@ __all__ = [
     "inspect",
     "ImageInfo",
     "scan",
+    "Writer",
     "preallocate",
     "create_blank",
     "usable_space",
