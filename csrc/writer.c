@@ -135,7 +135,9 @@ static int preallocate_all(cdm_writer *w, bool caller_zero)
     return 0;
 }
 
-/* Open a writer (see cdimover.h).  0, -errno or -EINVAL; message in CTX. */
+/* Open a writer on FD (DIRECT_FD: its O_DIRECT twin or -1) by OPTS into *OUT, keeping CTX
+ * for messages; preallocation is applied now, to the whole size.  0, -errno or -EINVAL;
+ * message in CTX. */
 int cdm_writer_open(cdm_ctx *ctx, int fd, int direct_fd, const struct cdm_writer_opts *opts,
                     cdm_writer **out)
 {
@@ -182,7 +184,8 @@ static int put_step(cdm_writer *w, const uint8_t *src, uint64_t off, size_t len)
     return rc;
 }
 
-/* Write LEN bytes of BUF at OFFSET (see cdimover.h). */
+/* Write LEN bytes of BUF at OFFSET of W's target, staged in steps of BOUNCE_BYTES.  0,
+ * -errno or -EINVAL (range past the size); W's first failure is returned from then on. */
 int cdm_writer_put(cdm_writer *w, const void *buf, size_t len, uint64_t offset)
 {
     int rc = enter(w);
@@ -200,7 +203,7 @@ int cdm_writer_put(cdm_writer *w, const void *buf, size_t len, uint64_t offset)
     return leave(w, rc);
 }
 
-/* Make [OFFSET, OFFSET+LENGTH) read as zeros (see cdimover.h). */
+/* Make [OFFSET, OFFSET+LENGTH) of W's target read as zeros.  0, -errno or -EINVAL. */
 int cdm_writer_zero(cdm_writer *w, uint64_t offset, uint64_t length)
 {
     int rc = enter(w);
@@ -211,7 +214,8 @@ int cdm_writer_zero(cdm_writer *w, uint64_t offset, uint64_t length)
     return leave(w, rc);
 }
 
-/* Sync W and add its counters to STATS (see cdimover.h). */
+/* Complete W: fdatasync unless CDM_COPY_NO_SYNC, add its counters to STATS (may be NULL).
+ * 0 or -errno (or W's first earlier failure). */
 int cdm_writer_finish(cdm_writer *w, struct cdm_copy_stats *stats)
 {
     int rc = enter(w);
@@ -220,7 +224,7 @@ int cdm_writer_finish(cdm_writer *w, struct cdm_copy_stats *stats)
     return leave(w, rc);
 }
 
-/* Sync what W wrote and mark it finished without success (see cdimover.h). */
+/* Sync what W wrote and mark it finished without success.  0 or -errno of the sync. */
 int cdm_writer_abort(cdm_writer *w)
 {
     cdm_clear_error(w->ctx);
@@ -234,7 +238,7 @@ int cdm_writer_abort(cdm_writer *w)
     return 0;
 }
 
-/* Release W (see cdimover.h). */
+/* Release W and its buffers (NULL is allowed); never syncs. */
 void cdm_writer_free(cdm_writer *w)
 {
     if (w == NULL)
