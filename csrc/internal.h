@@ -81,7 +81,7 @@ int cdm_next_data(int map_fd, uint64_t map_offset, uint64_t pos, uint64_t end,
 
 enum cdm_read_flags {
     CDM_READ_CACHED = 1,    /* a small read: through the page cache, pages kept for neighbours */
-    CDM_READ_ROOM = 2       /* BUF has room for LEN rounded up to CDM_ALIGN (O_DIRECT may fill it) */
+    CDM_READ_ROOM = 2       /* BUF has room for LEN rounded up to CDM_ALIGN (for O_DIRECT) */
 };
 
 struct cdm_reader;

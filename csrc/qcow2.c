@@ -448,9 +448,9 @@ static int parse_rest(struct qcow2_image *img, const uint8_t *hc, struct cdm_err
     return rc;
 }
 
-/* Open the image that SRC reads as a QCOW2 image: read and validate the header, the header extensions and the
- * placement of the metadata tables, and fill IMG (including IMG->info).  ERR receives the
- * message.  0, -errno, -CDM_EFORMAT (malformed) or -CDM_EUNSUPPORTED (unknown version,
+/* Open the image that SRC reads as a QCOW2 image: read and validate the header, the header
+ * extensions and the placement of the metadata tables, and fill IMG (including IMG->info).
+ * ERR receives the message.  0, -errno, -CDM_EFORMAT (malformed) or -CDM_EUNSUPPORTED (unknown version,
  * incompatible feature, compression type, or clusters above 2 MiB).  Backing files, data
  * files, encryption and the corrupt bit are reported in IMG->info, not refused. */
 int qcow2_open(struct qcow2_image *img, struct cdm_reader *src, struct cdm_error *err)

@@ -69,14 +69,16 @@ static int write_data(struct cdm_target *t, struct cdm_io *io, const uint8_t *bu
             return 0;
         }
         if (rc != -EINVAL)
-            return cdm_error_set(&io->error, CDM_SIDE_TARGET, rc, "write of %zu bytes at offset %llu: %s",
-                                   len, (unsigned long long)off, strerror(-rc));
+            return cdm_error_set(&io->error, CDM_SIDE_TARGET, rc,
+                                 "write of %zu bytes at offset %llu: %s", len,
+                                 (unsigned long long)off, strerror(-rc));
         /* EINVAL: this filesystem refuses this O_DIRECT request; write it buffered. */
     }
     int rc = cdm_pwrite_full(t->fd, buf, len, off);
     if (rc < 0)
-        return cdm_error_set(&io->error, CDM_SIDE_TARGET, rc, "write of %zu bytes at offset %llu: %s",
-                               len, (unsigned long long)off, strerror(-rc));
+        return cdm_error_set(&io->error, CDM_SIDE_TARGET, rc,
+                             "write of %zu bytes at offset %llu: %s", len,
+                             (unsigned long long)off, strerror(-rc));
     io->stats.bytes_written += len;
     *buffered = true;
     return 0;

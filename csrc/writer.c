@@ -56,7 +56,8 @@ int cdm_writer_setup(struct cdm_writer *w, cdm_ctx *ctx, int fd, int direct_fd,
 
 /* Finish W after work that ended with RC: count preallocated zero ranges, then sync (also
  * after a cancellation, so a re-run finds a consistent target) unless W's flags say not to.
- * W's counters are added to STATS (which also holds the job's worker counters; may be NULL).  Returns RC, or the sync's failure when RC was 0; the first
+ * W's counters are added to STATS (which also holds the job's worker counters; may be NULL).
+ * Returns RC, or the sync's failure when RC was 0; the first
  * failure's message is in W->io.error. */
 int cdm_writer_end(struct cdm_writer *w, int rc, struct cdm_copy_stats *stats)
 {

@@ -169,7 +169,8 @@ def test_new_file(tmp_path: Path, plan: tuple[int, list[Op]]) -> None:
     assert sha(path.read_bytes()) == sha(model)
     assert_holes(path, size, ops)
     # Nothing written, nothing allocated: never-touched blocks of a new file are holes.
-    touched = {b for op in ops for b in range(op.offset // BS, (op.offset + op.length - 1) // BS + 1)}
+    touched = {b for op in ops
+               for b in range(op.offset // BS, (op.offset + op.length - 1) // BS + 1)}
     for d, h in data_ranges(path):
         assert all(b in touched for b in range(d // BS, (h - 1) // BS + 1))
     r = w.result
