@@ -126,7 +126,7 @@ static int emit_data(struct emitter *e, uint64_t guest, uint64_t host, uint64_t 
 }
 
 /* A span: compressed clusters (and the plain data clusters between them) that lie close
- * together in the image file, read with one pread into the worker's scratch buffer and then
+ * together in the image file, read at once into the worker's scratch buffer and then
  * decompressed or copied out one by one.  qemu-img writes compressed clusters back to back,
  * so an item's clusters usually come in one or two reads instead of one each. */
 #define SPAN_RUNS 256u              /* members per span */
