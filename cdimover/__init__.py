@@ -48,6 +48,7 @@ from .ops.prealloc import create_blank, preallocate
 from .formats.qcow2 import ImageInfo, inspect
 from .ops.convert import convert
 from .types import AllocMethod, CopyResult, Extent, PreallocResult, ScanMethod, ZeroMethod
+from .ops.writer import Writer
 
 if TYPE_CHECKING:
     from .sizing import required_space, usable_space
@@ -82,6 +83,7 @@ __all__ = [
     "inspect",
     "ImageInfo",
     "scan",
+    "Writer",
     "preallocate",
     "create_blank",
     "usable_space",

@@ -21,13 +21,13 @@ from .errors import (
     UnsupportedImageError,
 )
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 if lib.CDM_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"cdimover's native core has ABI {lib.CDM_ABI_VERSION}, the Python layer expects "
         f"{ABI_VERSION}: rebuild the package (pip install .)")
 
-__all__ = ["ffi", "lib", "Context", "check", "Probe", "LoopStatus", "ProgressFn"]
+__all__ = ["ffi", "lib", "Context", "check", "Probe", "LoopStatus", "ProgressFn", "NativeWriter"]
 
 ProgressFn = Callable[[int, int], object]
 
@@ -281,3 +281,54 @@ def qcow2_inspect(ctx: Context, fd: int, path: str) -> Any:
     out = ffi.new("struct cdm_qcow2_info *")
     ctx.call(lib.cdm_qcow2_inspect, fd, out, paths=(path, path))
     return out
+
+
+class NativeWriter:
+    """An owned ``cdm_writer``: bytes pushed at any offset onto an open target.  Every call
+    holds CTX exclusively, as Context.call does, and raises through check()."""
+
+    def __init__(self, ctx: Context, fd: int, direct_fd: int, *, size: int, sector: int,
+                 is_blockdev: bool, sparse_size: int, flags: int, preallocation: int,
+                 path: str | None) -> None:
+        self._ctx = ctx
+        self._path = path
+        opts = ffi.new("struct cdm_writer_opts *")
+        opts.size = size
+        opts.sector = sector
+        opts.sparse_size = sparse_size
+        opts.flags = flags
+        opts.is_blockdev = int(is_blockdev)
+        opts.preallocation = preallocation
+        out = ffi.new("cdm_writer **")
+        ctx.call(lib.cdm_writer_open, fd, direct_fd, opts, out, paths=(None, path))
+        self._ptr: Any = ffi.gc(out[0], lib.cdm_writer_free)
+
+    def _run(self, fn: Callable[..., int], *args: Any) -> int:
+        lock = self._ctx._lock
+        if not lock.acquire(blocking=False):
+            raise RuntimeError("a cdimover context runs one operation at a time")
+        try:
+            return check(fn(*args), self._ctx, (None, self._path))
+        finally:
+            lock.release()
+
+    def put(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        if not view.contiguous:
+            view = memoryview(view.tobytes())
+        buf = ffi.from_buffer(view.cast("B") if view.format != "B" or view.ndim != 1 else view)
+        self._run(lib.cdm_writer_put, self._ptr, buf, len(buf), offset)
+
+    def zero(self, offset: int, length: int) -> None:
+        self._run(lib.cdm_writer_zero, self._ptr, offset, length)
+
+    def finish(self) -> Any:
+        stats = new_stats()
+        self._run(lib.cdm_writer_finish, self._ptr, stats)
+        return stats
+
+    def abort(self) -> None:
+        self._run(lib.cdm_writer_abort, self._ptr)
+
+    def free(self) -> None:
+        ffi.release(self._ptr)

@@ -19,7 +19,7 @@
 #include <stdint.h>
 
 /* cffi:begin */
-#define CDM_ABI_VERSION 1
+#define CDM_ABI_VERSION 2
 
 enum {
     CDM_EFORMAT = 1000,       /* malformed image */
@@ -166,6 +166,40 @@ int cdm_scan_extents(cdm_ctx *ctx, int fd, uint64_t map_offset, uint64_t offset,
 int cdm_copy(cdm_ctx *ctx, int src_fd, int dst_fd, const struct cdm_copy_opts *opts,
              struct cdm_copy_stats *stats);
 int cdm_reflink(cdm_ctx *ctx, int src_fd, int dst_fd);
+
+/* The writer: bytes pushed at any offset, in any order, onto a target file or block device,
+ * with the zero detection, zeroing cascade, O_DIRECT and preallocation of the copies. */
+typedef struct cdm_writer cdm_writer;
+
+struct cdm_writer_opts {
+    uint64_t size;                /* bytes of the target that may be written: [0, SIZE) */
+    uint32_t sector;              /* the target's logical sector size; 0 = 512 */
+    uint32_t sparse_size;         /* zero-detection granularity; 0 = 4096 */
+    uint32_t flags;               /* CDM_COPY_TARGET_IS_ZERO, _NO_ZERO_DETECT, _NO_SYNC */
+    int is_blockdev;
+    int preallocation;            /* CDM_PREALLOC_* */
+};
+
+/* Open a writer on FD (DIRECT_FD: its O_DIRECT twin or -1) for OPTS->size bytes, applying
+ * the preallocation now; *OUT receives the handle, which keeps CTX for its messages.  With
+ * CDM_COPY_TARGET_IS_ZERO zeroing is skipped, so each range must be written at most once.
+ * 0, -errno or -EINVAL (bad options); message in CTX. */
+int cdm_writer_open(cdm_ctx *ctx, int fd, int direct_fd, const struct cdm_writer_opts *opts,
+                    cdm_writer **out);
+/* Write LEN bytes of BUF at OFFSET (any alignment); all-zero blocks become zeroed ranges.
+ * 0, -errno, or -EINVAL when [OFFSET, OFFSET+LEN) passes the size.  After a failure every
+ * further call returns the same failure. */
+int cdm_writer_put(cdm_writer *w, const void *buf, size_t len, uint64_t offset);
+/* Make [OFFSET, OFFSET+LENGTH) read as zeros (a hole where the policy allows).  As put. */
+int cdm_writer_zero(cdm_writer *w, uint64_t offset, uint64_t length);
+/* Complete the writer: fdatasync (unless CDM_COPY_NO_SYNC) and add its counters to STATS.
+ * 0 or -errno (also the first earlier failure). */
+int cdm_writer_finish(cdm_writer *w, struct cdm_copy_stats *stats);
+/* Give up: make what was written durable so a re-run finds it, never report completion.
+ * 0 or -errno of the sync. */
+int cdm_writer_abort(cdm_writer *w);
+/* Release W (NULL is allowed); never syncs. */
+void cdm_writer_free(cdm_writer *w);
 
 /* QCOW2 */
 enum cdm_qcow2_compression {

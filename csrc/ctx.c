@@ -1,5 +1,6 @@
-/* ctx.c -- the context: progress callback, cancellation flag and the error message of the
- * last failed operation.
+/* ctx.c -- the context (progress callback, cancellation flag, the error of the last failed
+ * operation) and the one error channel: a code, a side and a message recorded once, the first
+ * failure winning.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -42,41 +43,78 @@ void cdm_ctx_cancel(cdm_ctx *ctx)
 /* The message of CTX's last failure ("" if none); valid until the next call on CTX. */
 const char *cdm_ctx_errmsg(const cdm_ctx *ctx)
 {
-    return ctx->errmsg;
+    return ctx->error.msg;
 }
 
 /* Which endpoint CTX's last failure concerns: CDM_SIDE_*. */
 int cdm_ctx_errside(const cdm_ctx *ctx)
 {
-    return ctx->errside;
+    return ctx->error.side;
 }
 
+/* Format FMT with AP into BUF of CAP bytes (truncated, NUL-terminated).  Returns the length. */
 int cdm_vformat_error(char *buf, size_t cap, const char *fmt, va_list ap)
 {
     int n = vsnprintf(buf, cap, fmt, ap);
     return n < 0 ? 0 : n;
 }
 
-/* Record an error on CTX; returns RC so callers can `return cdm_set_error(...)`. */
+/* Record a failure with code RC (< 0) concerning SIDE in E unless E already holds one.
+ * Returns the code E holds afterwards: the first failure's. */
+int cdm_error_set(struct cdm_error *e, int side, int rc, const char *fmt, ...)
+{
+    if (e->rc == 0 && rc < 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        cdm_vformat_error(e->msg, sizeof e->msg, fmt, ap);
+        va_end(ap);
+        e->side = side;
+        e->rc = rc;
+    }
+    return e->rc != 0 ? e->rc : rc;
+}
+
+/* Copy FROM's failure into INTO unless INTO already holds one.  Returns INTO's code. */
+int cdm_error_take(struct cdm_error *into, const struct cdm_error *from)
+{
+    if (into->rc == 0 && from->rc < 0)
+        *into = *from;
+    return into->rc;
+}
+
+/* Forget E's failure. */
+void cdm_error_clear(struct cdm_error *e)
+{
+    e->rc = 0;
+    e->side = CDM_SIDE_NONE;
+    e->msg[0] = '\0';
+}
+
+/* Record a failure on CTX (the first one of the operation wins); returns the code CTX holds,
+ * so callers can `return cdm_set_error(...)`. */
 int cdm_set_error(cdm_ctx *ctx, int side, int rc, const char *fmt, ...)
 {
-    va_list ap;
-    va_start(ap, fmt);
-    cdm_vformat_error(ctx->errmsg, sizeof ctx->errmsg, fmt, ap);
-    va_end(ap);
-    ctx->errside = side;
-    return rc;
+    if (ctx->error.rc == 0 && rc < 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        cdm_vformat_error(ctx->error.msg, sizeof ctx->error.msg, fmt, ap);
+        va_end(ap);
+        ctx->error.side = side;
+        ctx->error.rc = rc;
+    }
+    return ctx->error.rc != 0 ? ctx->error.rc : rc;
 }
 
+/* Forget CTX's last failure; every public operation starts with this. */
 void cdm_clear_error(cdm_ctx *ctx)
 {
-    ctx->errmsg[0] = '\0';
-    ctx->errside = CDM_SIDE_NONE;
+    cdm_error_clear(&ctx->error);
 }
 
-/* True for the errno values that mean "this operation is not supported here". */
+/* True for the errno values that mean "this operation is not supported here".  EINVAL is
+ * not one of them: a caller for which EINVAL has a known harmless meaning (an alignment the
+ * call refuses) says so at its call site. */
 bool cdm_errno_unsupported(int err)
 {
-    return err == EOPNOTSUPP || err == ENOTSUP || err == ENOTTY || err == ENOSYS ||
-           err == EINVAL;
+    return err == EOPNOTSUPP || err == ENOTSUP || err == ENOTTY || err == ENOSYS;
 }

@@ -1,8 +1,13 @@
-/* pool.c -- the worker pool under every copy.  A job hands out items (guest ranges) under a
+/* pool.c -- the worker pool under every job.  A job hands out items (guest ranges) under a
  * lock; each worker reads, detects zeros and writes its item with positional I/O, so items
  * complete in any order and reading overlaps writing across workers.  Memory is bounded by
  * nthreads x (buf_size + scratch_size).  The thread that called cdm_job_run reports progress
  * and polls for cancellation.
+ *
+ * Ordered mode (JOB->emit set), for a sequential stream: items are still processed in any
+ * order, each into its own slot buffer, but handed to emit() in offset order, by one thread at
+ * a time.  At most JOB->window items are in flight (produced and not yet emitted), so memory
+ * is bounded by window x buf_size.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -12,8 +17,16 @@
 
 #include "internal.h"
 
+/* Ordered mode: one item in flight. */
+struct cdm_slot {
+    struct cdm_item item;
+    uint8_t *buf;
+    bool done;
+};
+
 #define PROGRESS_HEARTBEAT_NS 500000000ll   /* report at least twice a second */
 
+/* Add the counters of FROM to INTO (method bits are or-ed). */
 void cdm_stats_add(struct cdm_copy_stats *into, const struct cdm_copy_stats *from)
 {
     into->bytes_read += from->bytes_read;
@@ -30,30 +43,83 @@ void cdm_stats_add(struct cdm_copy_stats *into, const struct cdm_copy_stats *fro
     into->direct_write |= from->direct_write;
 }
 
-/* Record a worker failure: message into W, returns RC. */
-int cdm_worker_fail(struct cdm_worker *w, int side, int rc, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    cdm_vformat_error(w->errmsg, sizeof w->errmsg, fmt, ap);
-    va_end(ap);
-    w->errside = side;
-    return rc;
-}
-
-/* Record a failure of the item producer (called with the job lock held); returns RC. */
+/* Record a failure of the item producer (called with the job lock held) and stop the job.
+ * Returns the job's first failure code. */
 int cdm_job_fail(struct cdm_job *job, int side, int rc, const char *fmt, ...)
 {
-    va_list ap;
-    if (job->err == 0) {
+    if (job->error.rc == 0 && rc < 0) {
+        va_list ap;
         va_start(ap, fmt);
-        cdm_vformat_error(job->errmsg, sizeof job->errmsg, fmt, ap);
+        cdm_vformat_error(job->error.msg, sizeof job->error.msg, fmt, ap);
         va_end(ap);
-        job->errside = side;
-        job->err = rc;
+        job->error.side = side;
+        job->error.rc = rc;
     }
     job->stop = true;
-    return rc;
+    return job->error.rc != 0 ? job->error.rc : rc;
+}
+
+/* A worker's item failed: its first error becomes the job's (unless one is there). */
+static void worker_failed(struct cdm_job *job, struct cdm_worker *w, int rc)
+{
+    if (w->io.error.rc == 0)
+        cdm_error_set(&w->io.error, CDM_SIDE_NONE, rc, "%s", strerror(-rc));
+    cdm_error_take(&job->error, &w->io.error);
+    job->stop = true;
+}
+
+/* Ordered mode, lock held: emit the finished items at the head of the window in order,
+ * unless another worker is doing so. */
+static void drain(struct cdm_job *job, struct cdm_worker *w)
+{
+    while (!job->emitting && !job->stop && job->seq_emit < job->seq_next) {
+        struct cdm_slot *slot = &job->slots[job->seq_emit % job->window];
+        if (!slot->done)
+            return;
+        job->emitting = true;
+        pthread_mutex_unlock(&job->lock);
+        int rc = job->emit(w, &slot->item, slot->buf);
+        pthread_mutex_lock(&job->lock);
+        job->emitting = false;
+        slot->done = false;
+        if (rc < 0) {
+            worker_failed(job, w, rc);
+        } else {
+            job->seq_emit++;
+            job->done += slot->item.length;
+            job->completed++;
+        }
+        pthread_cond_broadcast(&job->cond);
+    }
+}
+
+/* Lock held: the next item for W into ITEM (and, ordered, its slot into *SLOT).  1 = item,
+ * 0 = W should exit. */
+static int take_item(struct cdm_job *job, struct cdm_worker *w, struct cdm_item *item,
+                     struct cdm_slot **slot)
+{
+    for (;;) {
+        if (job->stop || atomic_load(&job->ctx->cancel))
+            return 0;
+        if (job->emit != NULL && job->seq_next - job->seq_emit >= job->window) {
+            pthread_cond_wait(&job->cond, &job->lock);      /* the window is full */
+            continue;
+        }
+        int rc = job->next(job, item);
+        if (rc <= 0) {
+            if (rc < 0)
+                job->stop = true;
+            return 0;
+        }
+        if (job->emit != NULL) {
+            *slot = &job->slots[job->seq_next % job->window];
+            (*slot)->item = *item;
+            (*slot)->done = false;
+            job->seq_next++;
+            w->buf = (*slot)->buf;
+        }
+        return 1;
+    }
 }
 
 static void *worker_main(void *arg)
@@ -61,39 +127,28 @@ static void *worker_main(void *arg)
     struct cdm_worker *w = arg;
     struct cdm_job *job = w->job;
     struct cdm_item item;
+    struct cdm_slot *slot = NULL;
 
-    for (;;) {
-        pthread_mutex_lock(&job->lock);
-        int rc = 0;
-        if (!job->stop && !atomic_load(&job->ctx->cancel))
-            rc = job->next(job, &item);
-        if (rc <= 0) {
-            if (rc < 0)
-                job->stop = true;
-            job->running--;
-            pthread_cond_broadcast(&job->cond);
-            pthread_mutex_unlock(&job->lock);
-            return NULL;
-        }
+    pthread_mutex_lock(&job->lock);
+    while (take_item(job, w, &item, &slot)) {
         pthread_mutex_unlock(&job->lock);
-
-        rc = job->work(w, &item);
-
+        int rc = job->work(w, &item);
         pthread_mutex_lock(&job->lock);
         if (rc < 0) {
-            if (job->err == 0) {
-                job->err = rc;
-                job->errside = w->errside;
-                memcpy(job->errmsg, w->errmsg, sizeof job->errmsg);
-            }
-            job->stop = true;
+            worker_failed(job, w, rc);
+        } else if (job->emit != NULL) {
+            slot->done = true;
+            drain(job, w);
         } else {
             job->done += item.length;
             job->completed++;
         }
         pthread_cond_broadcast(&job->cond);
-        pthread_mutex_unlock(&job->lock);
     }
+    job->running--;
+    pthread_cond_broadcast(&job->cond);
+    pthread_mutex_unlock(&job->lock);
+    return NULL;
 }
 
 static int64_t now_ns(void)
@@ -103,62 +158,63 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000ll + ts.tv_nsec;
 }
 
-/* Run JOB (see internal.h).  0, -errno or -CDM_E*; the message goes to JOB->ctx. */
-int cdm_job_run(struct cdm_job *job, struct cdm_copy_stats *stats)
+/* The workers and buffers of a run. */
+struct crew {
+    unsigned n;
+    unsigned started;
+    struct cdm_worker *workers;
+    pthread_t *tids;
+    struct cdm_slot *slots;
+    unsigned nslots;
+};
+
+static void crew_free(struct crew *c)
+{
+    for (unsigned i = 0; c->workers != NULL && i < c->n; i++) {
+        if (c->slots == NULL)
+            free(c->workers[i].buf);
+        free(c->workers[i].scratch);
+    }
+    for (unsigned i = 0; c->slots != NULL && i < c->nslots; i++)
+        free(c->slots[i].buf);
+    free(c->workers);
+    free(c->tids);
+    free(c->slots);
+}
+
+/* Allocate C's workers with their buffers (or, ordered, the slots).  0 or -ENOMEM. */
+static int crew_alloc(struct crew *c, struct cdm_job *job)
+{
+    bool ok;
+    c->workers = calloc(c->n, sizeof *c->workers);
+    c->tids = calloc(c->n, sizeof *c->tids);
+    ok = c->workers != NULL && c->tids != NULL;
+    if (ok && job->emit != NULL) {
+        c->nslots = job->window;
+        c->slots = calloc(c->nslots, sizeof *c->slots);
+        ok = c->slots != NULL;
+        for (unsigned i = 0; ok && i < c->nslots; i++)
+            ok = (c->slots[i].buf = cdm_alloc_aligned(job->buf_size)) != NULL;
+    }
+    for (unsigned i = 0; ok && i < c->n; i++) {
+        c->workers[i].job = job;
+        if (job->emit == NULL)
+            ok = (c->workers[i].buf = cdm_alloc_aligned(job->buf_size)) != NULL;
+        if (ok && job->scratch_size)
+            ok = (c->workers[i].scratch = cdm_alloc_aligned(job->scratch_size)) != NULL;
+    }
+    if (!ok) {
+        crew_free(c);
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+/* Lock held: wait for the workers, reporting progress and watching for cancellation.
+ * Returns true when the job was cancelled. */
+static bool supervise(struct cdm_job *job)
 {
     cdm_ctx *ctx = job->ctx;
-    unsigned n = job->nthreads ? job->nthreads : CDM_DEFAULT_THREADS;
-    if (n > CDM_MAX_THREADS)
-        n = CDM_MAX_THREADS;
-
-    struct cdm_worker *workers = calloc(n, sizeof *workers);
-    pthread_t *tids = calloc(n, sizeof *tids);
-    if (workers == NULL || tids == NULL) {
-        free(workers);
-        free(tids);
-        return cdm_set_error(ctx, CDM_SIDE_NONE, -ENOMEM, "cannot allocate workers");
-    }
-    int rc = 0;
-    for (unsigned i = 0; i < n; i++) {
-        workers[i].job = job;
-        workers[i].buf = cdm_alloc_aligned(job->buf_size);
-        if (job->scratch_size)
-            workers[i].scratch = cdm_alloc_aligned(job->scratch_size);
-        if (workers[i].buf == NULL || (job->scratch_size && workers[i].scratch == NULL))
-            rc = -ENOMEM;
-    }
-    if (rc < 0) {
-        for (unsigned i = 0; i < n; i++) {
-            free(workers[i].buf);
-            free(workers[i].scratch);
-        }
-        free(workers);
-        free(tids);
-        return cdm_set_error(ctx, CDM_SIDE_NONE, rc, "cannot allocate I/O buffers");
-    }
-
-    pthread_mutex_init(&job->lock, NULL);
-    pthread_cond_init(&job->cond, NULL);
-    job->done = 0;
-    job->completed = 0;
-    job->err = 0;
-    job->errside = CDM_SIDE_NONE;
-    job->stop = false;
-    job->errmsg[0] = '\0';
-
-    unsigned started = 0;
-    pthread_mutex_lock(&job->lock);
-    for (unsigned i = 0; i < n; i++) {
-        if (pthread_create(&tids[i], NULL, worker_main, &workers[i]) != 0)
-            break;
-        started++;
-        job->running++;
-    }
-    if (started == 0) {
-        job->err = -EAGAIN;
-        snprintf(job->errmsg, sizeof job->errmsg, "cannot start worker threads");
-    }
-
     bool cancelled = false;
     int64_t last_report = now_ns();
     while (job->running > 0) {
@@ -174,6 +230,7 @@ int cdm_job_run(struct cdm_job *job, struct cdm_copy_stats *stats)
         if (atomic_load(&ctx->cancel) && !cancelled) {
             cancelled = true;
             job->stop = true;
+            pthread_cond_broadcast(&job->cond);
         }
         int64_t t = now_ns();
         if (ctx->progress != NULL && !job->stop &&
@@ -187,28 +244,69 @@ int cdm_job_run(struct cdm_job *job, struct cdm_copy_stats *stats)
             if (stop) {
                 cancelled = true;
                 job->stop = true;
+                pthread_cond_broadcast(&job->cond);
             }
         }
     }
+    return cancelled;
+}
+
+static void job_reset(struct cdm_job *job, unsigned n)
+{
+    pthread_mutex_init(&job->lock, NULL);
+    pthread_cond_init(&job->cond, NULL);
+    job->done = 0;
+    job->completed = 0;
+    job->running = 0;
+    job->stop = false;
+    cdm_error_clear(&job->error);
+    job->seq_next = job->seq_emit = 0;
+    job->emitting = false;
+    if (job->emit != NULL && job->window == 0)
+        job->window = 2 * n;
+}
+
+/* Run JOB (see internal.h).  0, -errno or -CDM_E*; the message goes to JOB->ctx. */
+int cdm_job_run(struct cdm_job *job, struct cdm_copy_stats *stats)
+{
+    cdm_ctx *ctx = job->ctx;
+    struct crew c = {.n = job->nthreads ? job->nthreads : CDM_DEFAULT_THREADS};
+    if (c.n > CDM_MAX_THREADS)
+        c.n = CDM_MAX_THREADS;
+    job_reset(job, c.n);
+    if (crew_alloc(&c, job) < 0) {
+        pthread_cond_destroy(&job->cond);
+        pthread_mutex_destroy(&job->lock);
+        return cdm_set_error(ctx, CDM_SIDE_NONE, -ENOMEM, "cannot allocate I/O buffers");
+    }
+    job->slots = c.slots;
+
+    pthread_mutex_lock(&job->lock);
+    for (unsigned i = 0; i < c.n; i++) {
+        if (pthread_create(&c.tids[i], NULL, worker_main, &c.workers[i]) != 0)
+            break;
+        c.started++;
+        job->running++;
+    }
+    if (c.started == 0)
+        cdm_error_set(&job->error, CDM_SIDE_NONE, -EAGAIN, "cannot start worker threads");
+    bool cancelled = supervise(job);
     pthread_mutex_unlock(&job->lock);
 
-    for (unsigned i = 0; i < started; i++)
-        pthread_join(tids[i], NULL);
-    for (unsigned i = 0; i < n; i++) {
-        cdm_stats_add(stats, &workers[i].stats);
-        free(workers[i].buf);
-        free(workers[i].scratch);
-    }
-    free(workers);
-    free(tids);
+    for (unsigned i = 0; i < c.started; i++)
+        pthread_join(c.tids[i], NULL);
+    for (unsigned i = 0; i < c.n; i++)
+        cdm_stats_add(stats, &c.workers[i].io.stats);
+    crew_free(&c);
+    job->slots = NULL;
     pthread_cond_destroy(&job->cond);
     pthread_mutex_destroy(&job->lock);
 
-    if (job->err < 0)
-        rc = cdm_set_error(ctx, job->errside, job->err, "%s", job->errmsg);
-    else if (cancelled || atomic_load(&ctx->cancel))
-        rc = cdm_set_error(ctx, CDM_SIDE_NONE, -CDM_ECANCELED, "operation cancelled");
-    else if (ctx->progress != NULL && ctx->progress(ctx->progress_opaque, job->total, job->total))
-        rc = cdm_set_error(ctx, CDM_SIDE_NONE, -CDM_ECANCELED, "operation cancelled");
-    return rc;
+    if (job->error.rc < 0)
+        return cdm_set_error(ctx, job->error.side, job->error.rc, "%s", job->error.msg);
+    if (cancelled || atomic_load(&ctx->cancel))
+        return cdm_set_error(ctx, CDM_SIDE_NONE, -CDM_ECANCELED, "operation cancelled");
+    if (ctx->progress != NULL && ctx->progress(ctx->progress_opaque, job->total, job->total))
+        return cdm_set_error(ctx, CDM_SIDE_NONE, -CDM_ECANCELED, "operation cancelled");
+    return 0;
 }

@@ -11,7 +11,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
-#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -42,57 +41,70 @@ static uint32_t alloc_bits_from_zero(uint32_t zero_methods)
     return bits;
 }
 
-/* Reserve [OFF, OFF+LEN) of a file with fallocate mode 0. */
-static int file_falloc(struct cdm_target *t, struct cdm_copy_stats *st, uint64_t off,
-                       uint64_t len, char *why, size_t why_cap)
+/* Reserve [OFF, OFF+LEN) of a file with fallocate mode 0.  0 or -errno (message in IO). */
+static int file_falloc(struct cdm_target *t, struct cdm_io *io, uint64_t off, uint64_t len)
 {
     int rc = do_fallocate(t->fd, 0, off, len);
-    if (rc < 0) {
-        if (cdm_errno_unsupported(-rc))
-            snprintf(why, why_cap, "preallocation=falloc: this filesystem cannot reserve "
-                     "space (fallocate: %s); use preallocation=full", strerror(-rc));
-        else
-            snprintf(why, why_cap, "preallocation=falloc of %llu bytes: %s",
-                     (unsigned long long)len, strerror(-rc));
-        return rc;
-    }
-    st->alloc_methods |= 1u << CDM_ALLOC_FALLOCATE;
-    st->bytes_allocated += len;
+    if (rc < 0 && cdm_errno_unsupported(-rc))
+        return cdm_error_set(&io->error, CDM_SIDE_TARGET, rc,
+                             "preallocation=falloc: this filesystem cannot reserve space "
+                             "(fallocate: %s); use preallocation=full",
+                             strerror(-rc));
+    if (rc < 0)
+        return cdm_error_set(&io->error, CDM_SIDE_TARGET, rc,
+                             "preallocation=falloc of %llu bytes: %s", (unsigned long long)len,
+                             strerror(-rc));
+    io->stats.alloc_methods |= 1u << CDM_ALLOC_FALLOCATE;
+    io->stats.bytes_allocated += len;
     return 0;
 }
 
-/* Try FALLOC_FL_WRITE_ZEROES; 1 if it did the job, 0 if unsupported, <0 on error. */
-static int file_write_zeroes(struct cdm_target *t, struct cdm_copy_stats *st, uint64_t off,
-                             uint64_t len, char *why, size_t why_cap)
+/* Try FALLOC_FL_WRITE_ZEROES; 1 if it did the job, 0 if unsupported (a kernel or filesystem
+ * without it answers EOPNOTSUPP), <0 on error (message in IO). */
+static int file_write_zeroes(struct cdm_target *t, struct cdm_io *io, uint64_t off,
+                             uint64_t len)
 {
     int rc = do_fallocate(t->fd, FALLOC_FL_WRITE_ZEROES, off, len);
     if (rc == 0) {
-        st->alloc_methods |= 1u << CDM_ALLOC_WRITE_ZEROES;
-        st->bytes_allocated += len;
+        io->stats.alloc_methods |= 1u << CDM_ALLOC_WRITE_ZEROES;
+        io->stats.bytes_allocated += len;
         return 1;
     }
     if (cdm_errno_unsupported(-rc))
         return 0;
-    snprintf(why, why_cap, "preallocation=full of %llu bytes: %s", (unsigned long long)len,
-             strerror(-rc));
-    return rc;
+    return cdm_error_set(&io->error, CDM_SIDE_TARGET, rc, "preallocation=full of %llu bytes: %s",
+                         (unsigned long long)len, strerror(-rc));
 }
 
+/* Reserve [OFF, OFF+LEN) of a file before zeros are written into it, so that ENOSPC comes
+ * now; a filesystem that cannot reserve (EOPNOTSUPP) just gets the zeros.  0 or -errno. */
+static int file_reserve(struct cdm_target *t, struct cdm_io *io, uint64_t off, uint64_t len)
+{
+    int rc = do_fallocate(t->fd, 0, off, len);
+    if (rc < 0 && !cdm_errno_unsupported(-rc))
+        return cdm_error_set(&io->error, CDM_SIDE_TARGET, rc,
+                             "preallocation=full of %llu bytes: %s", (unsigned long long)len,
+                             strerror(-rc));
+    return 0;
+}
+
+/* After a preallocating job, count the ranges it zeroed as allocated in ST. */
 void cdm_prealloc_account(struct cdm_copy_stats *st)
 {
     st->alloc_methods |= alloc_bits_from_zero(st->zero_methods);
     st->bytes_allocated += st->bytes_zeroed;
 }
 
-int cdm_prealloc_prepare(struct cdm_target *t, int mode, uint64_t size,
-                         struct cdm_copy_stats *st, char *why, size_t why_cap)
+/* Set up T for writing SIZE bytes with preallocation MODE: files are reserved (falloc) or
+ * written (full) up front; devices provision their zero ranges instead of punching them.
+ * 0 or -errno (message and counters in IO). */
+int cdm_prealloc_prepare(struct cdm_target *t, int mode, uint64_t size, struct cdm_io *io)
 {
     if (mode == CDM_PREALLOC_OFF)
         return 0;
-    if (mode != CDM_PREALLOC_FALLOC && mode != CDM_PREALLOC_FULL) {
-        snprintf(why, why_cap, "unknown preallocation mode %d", mode);
-        return -EINVAL;
-    }
+    if (mode != CDM_PREALLOC_FALLOC && mode != CDM_PREALLOC_FULL)
+        return cdm_error_set(&io->error, CDM_SIDE_TARGET, -EINVAL,
+                             "unknown preallocation mode %d", mode);
     if (t->is_blockdev) {
         /* Zero ranges are provisioned instead of punched; a "known zero" thin device still
          * needs its blocks provisioned. */
@@ -104,9 +116,9 @@ int cdm_prealloc_prepare(struct cdm_target *t, int mode, uint64_t size,
         return 0;
     if (mode == CDM_PREALLOC_FALLOC) {
         t->policy = CDM_ZP_PROVISION;
-        return file_falloc(t, st, 0, size, why, why_cap);
+        return file_falloc(t, io, 0, size);
     }
-    int rc = file_write_zeroes(t, st, 0, size, why, why_cap);
+    int rc = file_write_zeroes(t, io, 0, size);
     if (rc < 0)
         return rc;
     if (rc == 1) {
@@ -114,16 +126,40 @@ int cdm_prealloc_prepare(struct cdm_target *t, int mode, uint64_t size,
         t->policy = CDM_ZP_PROVISION;
         return 0;
     }
-    /* Reserve first so ENOSPC comes now, not at 97 %; then zero ranges are written. */
-    rc = do_fallocate(t->fd, 0, 0, size);
-    if (rc < 0 && !cdm_errno_unsupported(-rc)) {
-        snprintf(why, why_cap, "preallocation=full of %llu bytes: %s",
-                 (unsigned long long)size, strerror(-rc));
+    rc = file_reserve(t, io, 0, size);
+    if (rc < 0)
         return rc;
-    }
     t->known_zero = false;
     t->policy = CDM_ZP_WRITE;
     return 0;
+}
+
+/* Preallocate [OFF, OFF+LEN) of the file or device of T by MODE.  0 or -errno (IO). */
+static int preallocate_range(struct cdm_target *t, struct cdm_io *io, int mode, uint64_t off,
+                             uint64_t len)
+{
+    if (t->is_blockdev) {
+        int rc = cdm_zero_range_io(t, io, off, len);
+        io->stats.alloc_methods |= alloc_bits_from_zero(io->stats.zero_methods);
+        if (rc == 0)
+            io->stats.bytes_allocated += len;
+        return rc;
+    }
+    if (mode == CDM_PREALLOC_FALLOC)
+        return file_falloc(t, io, off, len);
+    int rc = file_write_zeroes(t, io, off, len);
+    if (rc != 0)
+        return rc < 0 ? rc : 0;
+    rc = file_reserve(t, io, off, len);
+    if (rc < 0)
+        return rc;
+    t->policy = CDM_ZP_WRITE;
+    rc = cdm_zero_range_io(t, io, off, len);
+    if (rc == 0) {
+        io->stats.alloc_methods |= 1u << CDM_ALLOC_WRITE;
+        io->stats.bytes_allocated += len;
+    }
+    return rc;
 }
 
 /* Preallocate [OFFSET, OFFSET+LENGTH) of FD by MODE (CDM_PREALLOC_*).  FD is a regular file
@@ -133,13 +169,11 @@ int cdm_prealloc_prepare(struct cdm_target *t, int mode, uint64_t size,
 int cdm_preallocate(cdm_ctx *ctx, int fd, int direct_fd, int is_blockdev, uint32_t sector,
                     uint64_t offset, uint64_t length, int mode, struct cdm_copy_stats *stats)
 {
-    struct cdm_copy_stats local;
+    struct cdm_io io;
     struct cdm_target t;
-    char why[CDM_ERRMSG_MAX] = "";
-    int rc;
 
     cdm_clear_error(ctx);
-    memset(&local, 0, sizeof local);
+    memset(&io, 0, sizeof io);
     if (offset + length < offset)
         return cdm_set_error(ctx, CDM_SIDE_TARGET, -EINVAL, "range overflows");
     if (mode == CDM_PREALLOC_OFF || length == 0)
@@ -147,45 +181,17 @@ int cdm_preallocate(cdm_ctx *ctx, int fd, int direct_fd, int is_blockdev, uint32
     if (mode != CDM_PREALLOC_FALLOC && mode != CDM_PREALLOC_FULL)
         return cdm_set_error(ctx, CDM_SIDE_TARGET, -EINVAL, "unknown preallocation mode %d",
                              mode);
-    rc = cdm_target_init(&t, fd, direct_fd, is_blockdev != 0, sector, CDM_DEFAULT_SPARSE, false,
-                         false, CDM_ZP_PROVISION);
+    int rc = cdm_target_init(&t, fd, direct_fd, is_blockdev != 0, sector, CDM_DEFAULT_SPARSE,
+                             false, false, CDM_ZP_PROVISION);
     if (rc < 0)
         return cdm_set_error(ctx, CDM_SIDE_TARGET, rc, "cannot set up the target");
-
-    if (is_blockdev) {
-        rc = cdm_zero_range_why(&t, &local, offset, length, why, sizeof why);
-        local.alloc_methods |= alloc_bits_from_zero(local.zero_methods);
-        if (rc == 0)
-            local.bytes_allocated += length;
-    } else if (mode == CDM_PREALLOC_FALLOC) {
-        rc = file_falloc(&t, &local, offset, length, why, sizeof why);
-    } else {
-        rc = file_write_zeroes(&t, &local, offset, length, why, sizeof why);
-        if (rc == 0) {
-            rc = do_fallocate(fd, 0, offset, length);
-            if (rc < 0 && cdm_errno_unsupported(-rc))
-                rc = 0;
-            if (rc == 0) {
-                t.policy = CDM_ZP_WRITE;
-                rc = cdm_zero_range_why(&t, &local, offset, length, why, sizeof why);
-                if (rc == 0) {
-                    local.alloc_methods |= 1u << CDM_ALLOC_WRITE;
-                    local.bytes_allocated += length;
-                }
-            } else {
-                snprintf(why, sizeof why, "preallocation=full of %llu bytes: %s",
-                         (unsigned long long)length, strerror(-rc));
-            }
-        } else if (rc == 1) {
-            rc = 0;
-        }
-    }
+    rc = preallocate_range(&t, &io, mode, offset, length);
     if (rc == 0)
-        rc = cdm_target_sync(&t, ctx);
-    else
-        cdm_set_error(ctx, CDM_SIDE_TARGET, rc, "%s", why);
+        rc = cdm_target_sync(&t, &io.error);
     cdm_target_fini(&t);
     if (stats != NULL)
-        cdm_stats_add(stats, &local);
-    return rc;
+        cdm_stats_add(stats, &io.stats);
+    if (rc < 0)
+        return cdm_set_error(ctx, io.error.side, rc, "%s", io.error.msg);
+    return 0;
 }

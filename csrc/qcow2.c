@@ -61,47 +61,42 @@ static uint64_t be64(const uint8_t *p)
     return (uint64_t)be32(p) << 32 | be32(p + 4);
 }
 
-static int fail(char *err, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(struct cdm_error *err, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
-static int fail(char *err, int rc, const char *fmt, ...)
+/* Record a failure of the image (the source) in ERR, first one winning; returns its code. */
+static int fail(struct cdm_error *err, int rc, const char *fmt, ...)
 {
-    va_list ap;
-    va_start(ap, fmt);
-    cdm_vformat_error(err, CDM_ERRMSG_MAX, fmt, ap);
-    va_end(ap);
-    return rc;
+    if (err->rc == 0 && rc < 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        cdm_vformat_error(err->msg, sizeof err->msg, fmt, ap);
+        va_end(ap);
+        err->side = CDM_SIDE_SOURCE;
+        err->rc = rc;
+    }
+    return err->rc != 0 ? err->rc : rc;
 }
 
-/* The size of the regular file or block device FD. */
-static int fd_size(int fd, uint64_t *size, char *err)
+/* Read LEN bytes of metadata at OFF_HOST through the image's reader (the page cache keeps
+ * it), zero-filling what lies past the end of the image as it was opened.  0 or -errno
+ * (-EIO when the image has shrunk since). */
+static int read_at(const struct qcow2_image *img, void *buf, size_t len, uint64_t off_host,
+                   struct cdm_error *err, const char *what)
 {
-    struct stat st;
-    if (fstat(fd, &st) < 0)
-        return fail(err, -errno, "fstat of the image: %s", strerror(errno));
-    if (S_ISREG(st.st_mode)) {
-        *size = (uint64_t)st.st_size;
+    size_t avail = off_host >= img->file_size
+                       ? 0
+                       : (size_t)CDM_MIN((uint64_t)len, img->file_size - off_host);
+    if (avail < len)
+        memset((uint8_t *)buf + avail, 0, len - avail);
+    if (avail == 0)
         return 0;
-    }
-    if (S_ISBLK(st.st_mode)) {
-        uint64_t n = 0;
-        if (ioctl(fd, BLKGETSIZE64, &n) < 0)
-            return fail(err, -errno, "BLKGETSIZE64 on the image: %s", strerror(errno));
-        *size = n;
-        return 0;
-    }
-    return fail(err, -EINVAL, "the image is not a regular file or a block device");
-}
-
-/* Read LEN bytes at OFF_HOST, zero-filling past the end of the file.  0 or -errno. */
-static int read_at(int fd, void *buf, size_t len, uint64_t off_host, char *err, const char *what)
-{
-    size_t got = 0;
-    int rc = cdm_pread_full(fd, buf, len, off_host, &got);
+    struct cdm_io io;
+    memset(&io, 0, sizeof io);
+    int rc = cdm_read(img->src, buf, avail, off_host, CDM_READ_CACHED, &io);
     if (rc < 0)
         return fail(err, rc, "reading %s at host offset 0x%llx: %s", what, HX(off_host),
-                    strerror(-rc));
-    if (got < len)
-        memset((uint8_t *)buf + got, 0, len - got);
+                    io.error.msg);
     return 0;
 }
 
@@ -125,7 +120,7 @@ static const char *overlap(const struct qcow2_image *img, uint64_t start, uint64
 /* Check a cluster-aligned table of LEN bytes at OFF_HOST: aligned, after the header cluster,
  * inside the file. */
 static int check_table(const struct qcow2_image *img, const char *what, uint64_t off_host,
-                       uint64_t len, char *err)
+                       uint64_t len, struct cdm_error *err)
 {
     if (off_host & (img->cluster_size - 1))
         return fail(err, -CDM_EFORMAT, "%s offset 0x%llx is not aligned to the cluster size %llu",
@@ -145,7 +140,7 @@ static int check_table(const struct qcow2_image *img, const char *what, uint64_t
 }
 
 static int add_region(struct qcow2_image *img, uint64_t start, uint64_t len, const char *what,
-                      char *err)
+                      struct cdm_error *err)
 {
     const char *other = overlap(img, start, start + len);
     if (other != NULL)
@@ -158,7 +153,7 @@ static int add_region(struct qcow2_image *img, uint64_t start, uint64_t len, con
 /* Walk the snapshot table to learn its size and check each entry's bounds.  The table is
  * only validated, never used: the active layer is what gets converted. */
 static int check_snapshots(struct qcow2_image *img, uint64_t off_host, uint32_t n,
-                           uint64_t *table_bytes, char *err)
+                           uint64_t *table_bytes, struct cdm_error *err)
 {
     uint64_t pos = 0, end = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -168,7 +163,7 @@ static int check_snapshots(struct qcow2_image *img, uint64_t off_host, uint32_t 
                         "snapshot table entry %u (host offset 0x%llx) extends past the end of "
                         "the file (file size %llu)",
                         i, HX(off_host + pos), HX(img->file_size));
-        int rc = read_at(img->fd, e, sizeof e, off_host + pos, err, "the snapshot table");
+        int rc = read_at(img, e, sizeof e, off_host + pos, err, "the snapshot table");
         if (rc < 0)
             return rc;
         uint64_t l1_off = be64(e);
@@ -215,7 +210,7 @@ static void copy_name(char *dst, size_t cap, const uint8_t *src, size_t len)
 
 /* Parse the header extensions in [START, END) of the header cluster HC. */
 static int parse_extensions(struct qcow2_image *img, const uint8_t *hc, uint64_t start,
-                            uint64_t end, char *err)
+                            uint64_t end, struct cdm_error *err)
 {
     struct cdm_qcow2_info *info = &img->info;
     bool seen_format = false, seen_data = false, seen_crypto = false;
@@ -235,10 +230,14 @@ static int parse_extensions(struct qcow2_image *img, const uint8_t *hc, uint64_t
         case QCOW2_EXT_BACKING_FORMAT:
             if (seen_format)
                 return fail(err, -CDM_EFORMAT, "two backing format header extensions");
-            if (len >= sizeof info->backing_format)
+            if (!info->has_backing)
                 return fail(err, -CDM_EFORMAT,
-                            "backing format header extension is %u bytes long (at most %zu)",
-                            len, sizeof info->backing_format - 1);
+                            "backing format header extension in an image without a backing "
+                            "file");
+            if (len > QCOW2_MAX_BACKING_FORMAT)
+                return fail(err, -CDM_EFORMAT,
+                            "backing format header extension is %u bytes long (at most %u)",
+                            len, QCOW2_MAX_BACKING_FORMAT);
             copy_name(info->backing_format, sizeof info->backing_format, data, len);
             seen_format = true;
             break;
@@ -275,7 +274,7 @@ static int parse_extensions(struct qcow2_image *img, const uint8_t *hc, uint64_t
 
 /* Decide what the feature bits and the compression type field say; V3 is the header. */
 static int parse_features(struct qcow2_image *img, const uint8_t *h, uint32_t header_length,
-                          char *err)
+                          struct cdm_error *err)
 {
     struct cdm_qcow2_info *info = &img->info;
     uint64_t incompat = be64(h + 72);
@@ -294,6 +293,10 @@ static int parse_features(struct qcow2_image *img, const uint8_t *h, uint32_t he
     if (incompat & QCOW2_INCOMPAT_DATA_FILE)
         info->has_data_file = 1;
     info->data_file_raw = (info->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW) != 0;
+    if (info->data_file_raw && !(incompat & QCOW2_INCOMPAT_DATA_FILE))
+        return fail(err, -CDM_EFORMAT,
+                    "the raw external data bit (autoclear bit 1) is set without the external "
+                    "data file bit (incompatible bit 2)");
     info->lazy_refcounts = (info->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS) != 0;
     info->extended_l2 = (incompat & QCOW2_INCOMPAT_EXTL2) != 0;
     info->compression_type = header_length > 104 ? h[104] : 0;
@@ -320,18 +323,15 @@ static int parse_features(struct qcow2_image *img, const uint8_t *h, uint32_t he
     return 0;
 }
 
-/* Everything after the fixed header: backing file name, extensions, tables and regions.  HC
- * is the header cluster (zero-filled past the end of the file). */
-static int parse_rest(struct qcow2_image *img, const uint8_t *hc, char *err)
+/* The backing file name: inside the header cluster HC, after the header.  *EXT_END becomes
+ * the end of the extension area. */
+static int parse_backing_name(struct qcow2_image *img, const uint8_t *hc, uint64_t *ext_end,
+                              struct cdm_error *err)
 {
     struct cdm_qcow2_info *info = &img->info;
     uint32_t hlen = info->header_length;
-    int rc;
-
-    /* Backing file name: inside the header cluster, after the header and the extensions. */
     uint64_t backing_off = be64(hc + 8);
     uint32_t backing_len = be32(hc + 16);
-    uint64_t ext_end = img->cluster_size;
     if (backing_off != 0) {
         if (backing_off < hlen || backing_off >= img->cluster_size)
             return fail(err, -CDM_EFORMAT,
@@ -345,13 +345,16 @@ static int parse_rest(struct qcow2_image *img, const uint8_t *hc, char *err)
             return fail(err, -CDM_EFORMAT, "backing file name extends past the end of the file");
         copy_name(info->backing_name, sizeof info->backing_name, hc + backing_off, backing_len);
         info->has_backing = 1;
-        ext_end = backing_off;
+        *ext_end = backing_off;
     }
-    rc = parse_extensions(img, hc, hlen, ext_end, err);
-    if (rc < 0)
-        return rc;
+    return 0;
+}
 
-    /* Virtual size and the active L1 table. */
+/* The virtual size and the active L1 table, whose region is registered. */
+static int parse_l1(struct qcow2_image *img, const uint8_t *hc, struct cdm_error *err)
+{
+    struct cdm_qcow2_info *info = &img->info;
+    int rc;
     uint64_t size = be64(hc + 24);
     if (size % 512 != 0)
         return fail(err, -CDM_EFORMAT, "virtual size %llu is not a multiple of 512", HX(size));
@@ -384,8 +387,15 @@ static int parse_rest(struct qcow2_image *img, const uint8_t *hc, char *err)
         if (rc < 0)
             return rc;
     }
+    return 0;
+}
 
-    /* Refcount table: not needed to read, but it must be where the header says. */
+/* The refcount and snapshot tables: not needed to read, but they must be where the header
+ * says, inside the file and clear of the other metadata. */
+static int parse_tables(struct qcow2_image *img, const uint8_t *hc, struct cdm_error *err)
+{
+    struct cdm_qcow2_info *info = &img->info;
+    int rc;
     uint64_t rt_off = be64(hc + 48);
     uint32_t rt_clusters = be32(hc + 56);
     info->refcount_table_offset = rt_off;
@@ -423,28 +433,40 @@ static int parse_rest(struct qcow2_image *img, const uint8_t *hc, char *err)
     return 0;
 }
 
-/* Open FD as a QCOW2 image: read and validate the header, the header extensions and the
- * placement of the metadata tables, and fill IMG (including IMG->info).  ERR receives the
- * message.  0, -errno, -CDM_EFORMAT (malformed) or -CDM_EUNSUPPORTED (unknown version,
+/* Everything after the fixed header: backing file name, extensions, tables and regions.  HC
+ * is the header cluster (zero-filled past the end of the file). */
+static int parse_rest(struct qcow2_image *img, const uint8_t *hc, struct cdm_error *err)
+{
+    uint64_t ext_end = img->cluster_size;
+    int rc = parse_backing_name(img, hc, &ext_end, err);
+    if (rc == 0)
+        rc = parse_extensions(img, hc, img->info.header_length, ext_end, err);
+    if (rc == 0)
+        rc = parse_l1(img, hc, err);
+    if (rc == 0)
+        rc = parse_tables(img, hc, err);
+    return rc;
+}
+
+/* Open the image that SRC reads as a QCOW2 image: read and validate the header, the header
+ * extensions and the placement of the metadata tables, and fill IMG (including IMG->info).
+ * ERR receives the message.  0, -errno, -CDM_EFORMAT (malformed) or -CDM_EUNSUPPORTED (unknown version,
  * incompatible feature, compression type, or clusters above 2 MiB).  Backing files, data
  * files, encryption and the corrupt bit are reported in IMG->info, not refused. */
-int qcow2_open(struct qcow2_image *img, int fd, char *err)
+int qcow2_open(struct qcow2_image *img, struct cdm_reader *src, struct cdm_error *err)
 {
     struct cdm_qcow2_info *info = &img->info;
     uint8_t h[112];
-    size_t got = 0;
     memset(img, 0, sizeof *img);
-    img->fd = fd;
-    err[0] = '\0';
+    img->src = src;
+    cdm_error_clear(err);
 
-    int rc = fd_size(fd, &img->file_size, err);
+    img->file_size = src->size;
+    info->file_size = img->file_size;
+    size_t got = (size_t)CDM_MIN((uint64_t)sizeof h, img->file_size);
+    int rc = read_at(img, h, sizeof h, 0, err, "the QCOW2 header");
     if (rc < 0)
         return rc;
-    info->file_size = img->file_size;
-    memset(h, 0, sizeof h);
-    rc = cdm_pread_full(fd, h, sizeof h, 0, &got);
-    if (rc < 0)
-        return fail(err, rc, "reading the QCOW2 header: %s", strerror(-rc));
     if (got < 4 || be32(h) != QCOW2_MAGIC)
         return fail(err, -CDM_EFORMAT, "not a QCOW2 image (no QFI\\xfb magic at offset 0)");
     if (got < V2_HEADER_LENGTH)
@@ -503,7 +525,7 @@ int qcow2_open(struct qcow2_image *img, int fd, char *err)
     if (hc == NULL)
         return fail(err, -ENOMEM, "cannot allocate %llu bytes for the header cluster",
                     HX(img->cluster_size));
-    rc = read_at(fd, hc, img->cluster_size, 0, err, "the header cluster");
+    rc = read_at(img, hc, img->cluster_size, 0, err, "the header cluster");
     if (rc == 0)
         rc = parse_rest(img, hc, err);
     free(hc);
@@ -550,7 +572,7 @@ void qcow2_cache_fini(struct qcow2_cache *c)
 
 /* The cached slice at SLICE_HOST (slice-aligned), loaded on a miss; the lock is held. */
 static int cache_slice(struct qcow2_cache *c, uint64_t slice_host, const uint8_t **out,
-                       char *err)
+                       struct cdm_error *err)
 {
     const struct qcow2_image *img = c->img;
     uint64_t h = (slice_host / img->slice) * 0x9e3779b97f4a7c15ull;
@@ -568,7 +590,7 @@ static int cache_slice(struct qcow2_cache *c, uint64_t slice_host, const uint8_t
     }
     uint8_t *p = c->mem + (size_t)victim * img->slice;
     c->key_host[victim] = UINT64_MAX;
-    int rc = read_at(img->fd, p, img->slice, slice_host, err, "metadata");
+    int rc = read_at(img, p, img->slice, slice_host, err, "metadata");
     if (rc < 0)
         return rc;
     c->key_host[victim] = slice_host;
@@ -591,7 +613,7 @@ struct l2_desc {
 
 /* The L2 table host offset from L1 entry E (0 when unallocated), checked. */
 static int decode_l1(const struct qcow2_image *img, uint64_t l1_index, uint64_t e,
-                     uint64_t *l2_host, char *err)
+                     uint64_t *l2_host, struct cdm_error *err)
 {
     uint64_t guest = l1_index << img->l1_shift;
     if (e & L1E_RESERVED)
@@ -624,7 +646,7 @@ static int decode_l1(const struct qcow2_image *img, uint64_t l1_index, uint64_t 
 /* Check that host range [HOST, HOST+LEN) read for GUEST is in the file and clear of
  * metadata, including the L2 table at L2_HOST that maps it. */
 static int check_host_range(const struct qcow2_image *img, uint64_t l2_host, uint64_t guest,
-                            uint64_t host, uint64_t len, const char *kind, char *err)
+                            uint64_t host, uint64_t len, const char *kind, struct cdm_error *err)
 {
     if (!in_file(img, host, len))
         return fail(err, -CDM_EFORMAT,
@@ -643,7 +665,7 @@ static int check_host_range(const struct qcow2_image *img, uint64_t l2_host, uin
 
 /* Decode the L2 entry E (and subcluster BITMAP) of the cluster at CLUSTER_GUEST. */
 static int decode_l2(const struct qcow2_image *img, uint64_t l2_host, uint64_t cluster_guest,
-                     uint64_t e, uint64_t bitmap, struct l2_desc *d, char *err)
+                     uint64_t e, uint64_t bitmap, struct l2_desc *d, struct cdm_error *err)
 {
     memset(d, 0, sizeof *d);
     if (e & L2E_COMPRESSED) {
@@ -721,7 +743,7 @@ static int decode_l2(const struct qcow2_image *img, uint64_t l2_host, uint64_t c
  * from *POS to CEND.  Returns 1 when the run ends inside this cluster, 0 to go on, or <0. */
 static int extend_standard(const struct qcow2_image *img, uint64_t l2_host, uint64_t cg,
                            uint64_t cend, const struct l2_desc *d, uint64_t *pos,
-                           struct qcow2_run *run, char *err)
+                           struct qcow2_run *run, struct cdm_error *err)
 {
     uint64_t piece = 1ull << img->subcluster_bits;
     while (*pos < cend) {
@@ -757,7 +779,7 @@ static int extend_standard(const struct qcow2_image *img, uint64_t l2_host, uint
  * that maps GUEST_OFF; a compressed run is one cluster.  Thread-safe (C's lock).  0, -errno
  * or -CDM_EFORMAT with the message in ERR. */
 int qcow2_map(struct qcow2_cache *c, uint64_t guest_off, uint64_t max_len,
-              struct qcow2_run *run, char *err)
+              struct qcow2_run *run, struct cdm_error *err)
 {
     const struct qcow2_image *img = c->img;
     memset(run, 0, sizeof *run);
@@ -888,7 +910,7 @@ void qcow2_decoder_put(struct qcow2_decoders *p, struct qcow2_decoder *d)
 }
 
 static int inflate_raw(struct qcow2_decoder *d, const uint8_t *in, size_t in_len, uint8_t *out,
-                       size_t out_len, uint64_t cluster_guest, char *err)
+                       size_t out_len, uint64_t cluster_guest, struct cdm_error *err)
 {
 #ifdef CDM_HAVE_LIBDEFLATE
     if (d->deflate == NULL) {
@@ -938,7 +960,7 @@ static int inflate_raw(struct qcow2_decoder *d, const uint8_t *in, size_t in_len
 
 #ifdef CDM_HAVE_ZSTD
 static int unzstd(struct qcow2_decoder *d, const uint8_t *in, size_t in_len, uint8_t *out,
-                  size_t out_len, uint64_t cluster_guest, char *err)
+                  size_t out_len, uint64_t cluster_guest, struct cdm_error *err)
 {
     if (d->zstd == NULL) {
         d->zstd = ZSTD_createDCtx();
@@ -979,7 +1001,7 @@ static int unzstd(struct qcow2_decoder *d, const uint8_t *in, size_t in_len, uin
  * -CDM_EUNSUPPORTED, with the message in ERR. */
 int qcow2_decompress(const struct qcow2_image *img, struct qcow2_decoder *d, const uint8_t *in,
                      size_t in_len, uint8_t *out, size_t out_len, uint64_t cluster_guest,
-                     char *err)
+                     struct cdm_error *err)
 {
     switch (img->info.compression_type) {
     case CDM_QCOW2_COMPRESSION_ZLIB:
@@ -1002,15 +1024,16 @@ int qcow2_decompress(const struct qcow2_image *img, struct qcow2_decoder *d, con
  * 0, -errno, -CDM_EFORMAT or -CDM_EUNSUPPORTED; the message is in CTX. */
 int cdm_qcow2_inspect(cdm_ctx *ctx, int fd, struct cdm_qcow2_info *out)
 {
-    char err[CDM_ERRMSG_MAX];
-    struct qcow2_image *img = malloc(sizeof *img);
+    struct cdm_file_reader fr;
     cdm_clear_error(ctx);
+    int rc = cdm_file_reader_init(&fr, fd, -1, -1, 0, &ctx->error);
+    if (rc < 0)
+        return rc;
+    struct qcow2_image *img = malloc(sizeof *img);
     if (img == NULL)
         return cdm_set_error(ctx, CDM_SIDE_SOURCE, -ENOMEM, "out of memory");
-    int rc = qcow2_open(img, fd, err);
-    if (rc < 0)
-        rc = cdm_set_error(ctx, CDM_SIDE_SOURCE, rc, "%s", err);
-    else
+    rc = qcow2_open(img, &fr.r, &ctx->error);
+    if (rc == 0)
         *out = img->info;
     free(img);
     return rc;

@@ -28,6 +28,7 @@
 #define QCOW2_MAX_SNAPSHOT_EXTRA 1024u          /* qemu's QCOW_MAX_SNAPSHOT_EXTRA_DATA */
 #define QCOW2_MAX_VIRTUAL_SIZE (1ull << 56)     /* L1/L2 layout limit (exclusive) */
 #define QCOW2_MAX_NAME 1023u                    /* longest backing file name */
+#define QCOW2_MAX_BACKING_FORMAT 15u            /* longest backing format (qemu's 16-byte field) */
 #define QCOW2_SUBCLUSTERS 32u                   /* per cluster with extended L2 entries */
 
 /* Header extension types. */
@@ -72,7 +73,7 @@ struct qcow2_region {
 
 /* An opened, validated image: the header facts plus derived shifts and masks. */
 struct qcow2_image {
-    int fd;
+    struct cdm_reader *src;         /* the image file: every byte is read through it */
     struct cdm_qcow2_info info;     /* what cdm_qcow2_inspect reports */
     uint64_t file_size;
     uint64_t virtual_size;
@@ -128,15 +129,15 @@ struct qcow2_decoders {
     struct qcow2_decoder dec[CDM_MAX_THREADS + 1];
 };
 
-/* Every error path fills a message buffer of CDM_ERRMSG_MAX bytes. */
+/* Every error path records its message in a struct cdm_error (side CDM_SIDE_SOURCE). */
 
-int qcow2_open(struct qcow2_image *img, int fd, char *err);
+int qcow2_open(struct qcow2_image *img, struct cdm_reader *src, struct cdm_error *err);
 bool qcow2_compression_supported(uint32_t compression_type);
 
 int qcow2_cache_init(struct qcow2_cache *c, const struct qcow2_image *img);
 void qcow2_cache_fini(struct qcow2_cache *c);
 int qcow2_map(struct qcow2_cache *c, uint64_t guest_off, uint64_t max_len,
-              struct qcow2_run *run, char *err);
+              struct qcow2_run *run, struct cdm_error *err);
 
 void qcow2_decoders_init(struct qcow2_decoders *p);
 void qcow2_decoders_fini(struct qcow2_decoders *p);
@@ -144,6 +145,6 @@ struct qcow2_decoder *qcow2_decoder_get(struct qcow2_decoders *p);
 void qcow2_decoder_put(struct qcow2_decoders *p, struct qcow2_decoder *d);
 int qcow2_decompress(const struct qcow2_image *img, struct qcow2_decoder *d,
                      const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len,
-                     uint64_t cluster_guest, char *err);
+                     uint64_t cluster_guest, struct cdm_error *err);
 
 #endif /* CDIMOVER_QCOW2_H */

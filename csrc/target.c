@@ -36,6 +36,7 @@ int cdm_target_init(struct cdm_target *t, int fd, int dfd, bool is_blockdev, uin
     return 0;
 }
 
+/* Release what cdm_target_init allocated in T (safe to call twice). */
 void cdm_target_fini(struct cdm_target *t)
 {
     if (t->zeros != NULL) {
@@ -56,49 +57,52 @@ static void flush_range(struct cdm_target *t, uint64_t off, uint64_t len)
     posix_fadvise(t->fd, (off_t)a, (off_t)(b - a), POSIX_FADV_DONTNEED);
 }
 
-static int write_data(struct cdm_target *t, struct cdm_worker *w, const uint8_t *buf,
+static int write_data(struct cdm_target *t, struct cdm_io *io, const uint8_t *buf,
                       uint64_t off, size_t len, bool *buffered)
 {
     if (t->dfd >= 0 && CDM_IS_ALIGNED(off, CDM_ALIGN) && CDM_IS_ALIGNED(len, CDM_ALIGN) &&
         CDM_IS_ALIGNED((uintptr_t)buf, CDM_ALIGN)) {
         int rc = cdm_pwrite_full(t->dfd, buf, len, off);
         if (rc == 0) {
-            w->stats.direct_write = 1;
-            w->stats.bytes_written += len;
+            io->stats.direct_write = 1;
+            io->stats.bytes_written += len;
             return 0;
         }
         if (rc != -EINVAL)
-            return cdm_worker_fail(w, CDM_SIDE_TARGET, rc, "write of %zu bytes at offset %llu: %s",
-                                   len, (unsigned long long)off, strerror(-rc));
+            return cdm_error_set(&io->error, CDM_SIDE_TARGET, rc,
+                                 "write of %zu bytes at offset %llu: %s", len,
+                                 (unsigned long long)off, strerror(-rc));
         /* EINVAL: this filesystem refuses this O_DIRECT request; write it buffered. */
     }
     int rc = cdm_pwrite_full(t->fd, buf, len, off);
     if (rc < 0)
-        return cdm_worker_fail(w, CDM_SIDE_TARGET, rc, "write of %zu bytes at offset %llu: %s",
-                               len, (unsigned long long)off, strerror(-rc));
-    w->stats.bytes_written += len;
+        return cdm_error_set(&io->error, CDM_SIDE_TARGET, rc,
+                             "write of %zu bytes at offset %llu: %s", len,
+                             (unsigned long long)off, strerror(-rc));
+    io->stats.bytes_written += len;
     *buffered = true;
     return 0;
 }
 
-/* Write LEN bytes of BUF at OFF as data.  0 or -errno (message in W). */
-int cdm_target_write(struct cdm_target *t, struct cdm_worker *w, const uint8_t *buf,
+/* Write LEN bytes of BUF at OFF as data (O_DIRECT when OFF, LEN and BUF are aligned and T has
+ * a direct fd).  0 or -errno (message and counters in IO). */
+int cdm_target_write(struct cdm_target *t, struct cdm_io *io, const uint8_t *buf,
                      uint64_t off, size_t len)
 {
     bool buffered = false;
-    int rc = write_data(t, w, buf, off, len, &buffered);
+    int rc = write_data(t, io, buf, off, len, &buffered);
     if (rc == 0 && buffered)
         flush_range(t, off, len);
     return rc;
 }
 
 /* Write LEN bytes of BUF at OFF, turning runs of all-zero SPARSE_SIZE blocks (aligned to
- * the target offset) into zeroed ranges.  0 or -errno (message in W). */
-int cdm_target_put(struct cdm_target *t, struct cdm_worker *w, const uint8_t *buf,
+ * the target offset) into zeroed ranges.  0 or -errno (message and counters in IO). */
+int cdm_target_put(struct cdm_target *t, struct cdm_io *io, const uint8_t *buf,
                    uint64_t off, size_t len)
 {
     if (!t->detect_zeros)
-        return cdm_target_write(t, w, buf, off, len);
+        return cdm_target_write(t, io, buf, off, len);
 
     bool buffered = false;
     uint64_t end = off + len;
@@ -112,10 +116,10 @@ int cdm_target_put(struct cdm_target *t, struct cdm_worker *w, const uint8_t *bu
         int z = cdm_is_zero(buf + (pos - off), (size_t)(block_end - pos));
         if (run_zero >= 0 && z != run_zero) {
             if (run_zero) {
-                w->stats.bytes_zero_data += pos - run_start;
-                rc = cdm_target_zero(t, w, run_start, pos - run_start);
+                io->stats.bytes_zero_data += pos - run_start;
+                rc = cdm_target_zero(t, io, run_start, pos - run_start);
             } else {
-                rc = write_data(t, w, buf + (run_start - off), run_start,
+                rc = write_data(t, io, buf + (run_start - off), run_start,
                                 (size_t)(pos - run_start), &buffered);
             }
             if (rc < 0)
@@ -126,10 +130,10 @@ int cdm_target_put(struct cdm_target *t, struct cdm_worker *w, const uint8_t *bu
         pos = block_end;
     }
     if (run_zero == 1) {
-        w->stats.bytes_zero_data += end - run_start;
-        rc = cdm_target_zero(t, w, run_start, end - run_start);
+        io->stats.bytes_zero_data += end - run_start;
+        rc = cdm_target_zero(t, io, run_start, end - run_start);
     } else if (run_zero == 0) {
-        rc = write_data(t, w, buf + (run_start - off), run_start, (size_t)(end - run_start),
+        rc = write_data(t, io, buf + (run_start - off), run_start, (size_t)(end - run_start),
                         &buffered);
     }
     if (rc == 0 && buffered)
@@ -137,8 +141,8 @@ int cdm_target_put(struct cdm_target *t, struct cdm_worker *w, const uint8_t *bu
     return rc;
 }
 
-/* Make T durable.  0 or -errno (message in CTX). */
-int cdm_target_sync(struct cdm_target *t, cdm_ctx *ctx)
+/* Make T durable.  0 or -errno (message in ERR). */
+int cdm_target_sync(struct cdm_target *t, struct cdm_error *err)
 {
     while (fdatasync(t->fd) < 0) {
         if (errno == EINTR)
@@ -146,7 +150,7 @@ int cdm_target_sync(struct cdm_target *t, cdm_ctx *ctx)
         if (errno == EINVAL || errno == EROFS)
             return 0; /* special files that cannot be synced */
         int rc = -errno;
-        return cdm_set_error(ctx, CDM_SIDE_TARGET, rc, "fdatasync: %s", strerror(-rc));
+        return cdm_error_set(err, CDM_SIDE_TARGET, rc, "fdatasync: %s", strerror(-rc));
     }
     return 0;
 }

@@ -79,23 +79,39 @@ static const int policy_methods[3][5] = {
     [CDM_ZP_WRITE] = {CDM_ZERO_WRITE, -1, -1, -1, -1},
 };
 
+/* Whether a zeroing method's failure RC means "try the next method".  ENOTTY, EOPNOTSUPP
+ * and friends: the method does not exist here, and it is skipped for a while.  EINVAL from
+ * fallocate or BLKZEROOUT: this range was refused (an alignment or size the filesystem or
+ * device does not take), so the next method handles this range only and the method stays in
+ * use.  Anything else is an error. */
+static bool method_refused(int rc, bool *remember)
+{
+    *remember = cdm_errno_unsupported(-rc);
+    return *remember || rc == -EINVAL;
+}
+
+/* Take method M of T unless it is being skipped (counting the skip down). */
+static bool method_usable(struct cdm_target *t, int m)
+{
+    if (m == CDM_ZERO_WRITE)
+        return true;
+    pthread_mutex_lock(&t->lock);
+    bool skip = t->skip[m] > 0;
+    if (skip)
+        t->skip[m]--;
+    pthread_mutex_unlock(&t->lock);
+    return !skip;
+}
+
 /* Zero [OFF, OFF+LEN) with the best method of T's policy; the caller handles alignment. */
-static int zero_aligned(struct cdm_target *t, struct cdm_copy_stats *st, uint64_t off,
-                        uint64_t len, char *why, size_t why_cap)
+static int zero_aligned(struct cdm_target *t, struct cdm_io *io, uint64_t off, uint64_t len)
 {
     const int *methods = policy_methods[t->policy >= 0 && t->policy <= CDM_ZP_WRITE ? t->policy : 0];
+    struct cdm_copy_stats *st = &io->stats;
     for (int i = 0; i < 5 && methods[i] >= 0; i++) {
         int m = methods[i];
-        if (m != CDM_ZERO_WRITE) {
-            bool skip;
-            pthread_mutex_lock(&t->lock);
-            skip = t->skip[m] > 0;
-            if (skip)
-                t->skip[m]--;
-            pthread_mutex_unlock(&t->lock);
-            if (skip)
-                continue;
-        }
+        if (!method_usable(t, m))
+            continue;
         int rc = try_method(t, m, off, len);
         st->zero_calls++;
         if (rc == 0) {
@@ -103,23 +119,38 @@ static int zero_aligned(struct cdm_target *t, struct cdm_copy_stats *st, uint64_
             st->bytes_zeroed += len;
             return 0;
         }
-        if (m == CDM_ZERO_WRITE || !cdm_errno_unsupported(-rc)) {
-            snprintf(why, why_cap, "zeroing %llu bytes at offset %llu: %s",
-                     (unsigned long long)len, (unsigned long long)off, strerror(-rc));
-            return rc;
+        bool remember = false;
+        if (m == CDM_ZERO_WRITE || !method_refused(rc, &remember))
+            return cdm_error_set(&io->error, CDM_SIDE_TARGET, rc,
+                                 "zeroing %llu bytes at offset %llu: %s",
+                                 (unsigned long long)len, (unsigned long long)off, strerror(-rc));
+        if (remember) {
+            pthread_mutex_lock(&t->lock);
+            t->skip[m] = CDM_REPROBE_AFTER;
+            pthread_mutex_unlock(&t->lock);
         }
-        pthread_mutex_lock(&t->lock);
-        t->skip[m] = CDM_REPROBE_AFTER;
-        pthread_mutex_unlock(&t->lock);
         st->zero_fallbacks++;
     }
     return -EIO; /* not reached: CDM_ZERO_WRITE either succeeds or returns */
 }
 
-/* Zero [OFF, OFF+LEN) of T, splitting off the edges that are not sector-aligned on a block
- * device (they are written).  0 or -errno with the reason in WHY. */
-int cdm_zero_range_why(struct cdm_target *t, struct cdm_copy_stats *st, uint64_t off,
-                       uint64_t len, char *why, size_t why_cap)
+/* Write zeros over the unaligned edge [OFF, OFF+LEN) of a device range. */
+static int zero_edge(struct cdm_target *t, struct cdm_io *io, uint64_t off, uint64_t len)
+{
+    if (len == 0)
+        return 0;
+    int rc = write_zeros(t, off, len);
+    if (rc < 0)
+        return cdm_error_set(&io->error, CDM_SIDE_TARGET, rc, "writing zeros at offset %llu: %s",
+                             (unsigned long long)off, strerror(-rc));
+    io->stats.bytes_zeroed += len;
+    io->stats.zero_methods |= 1u << CDM_ZERO_WRITE;
+    return 0;
+}
+
+/* Zero [OFF, OFF+LEN) of T by its policy, splitting off the edges that are not sector-aligned
+ * on a block device (they are written).  0 or -errno (message and counters in IO). */
+int cdm_zero_range_io(struct cdm_target *t, struct cdm_io *io, uint64_t off, uint64_t len)
 {
     uint64_t end = off + len;
     while (off < end) {
@@ -131,44 +162,29 @@ int cdm_zero_range_why(struct cdm_target *t, struct cdm_copy_stats *st, uint64_t
             if (a >= b)
                 a = b = piece_end;
         }
-        int rc = 0;
-        if (a > off) {
-            rc = write_zeros(t, off, a - off);
-            st->bytes_zeroed += a - off;
-            st->zero_methods |= 1u << CDM_ZERO_WRITE;
-        }
+        int rc = zero_edge(t, io, off, a - off);
         if (rc == 0 && b > a)
-            rc = zero_aligned(t, st, a, b - a, why, why_cap);
-        if (rc == 0 && piece_end > b) {
-            rc = write_zeros(t, b, piece_end - b);
-            st->bytes_zeroed += piece_end - b;
-            st->zero_methods |= 1u << CDM_ZERO_WRITE;
-        }
-        if (rc < 0) {
-            if (why[0] == '\0')
-                snprintf(why, why_cap, "writing zeros at offset %llu: %s",
-                         (unsigned long long)off, strerror(-rc));
+            rc = zero_aligned(t, io, a, b - a);
+        if (rc == 0)
+            rc = zero_edge(t, io, b, piece_end - b);
+        if (rc < 0)
             return rc;
-        }
         off = piece_end;
     }
     return 0;
 }
 
-/* Make [OFF, OFF+LEN) of T read as zeros; nothing when T is known to be zero. */
-int cdm_target_zero(struct cdm_target *t, struct cdm_worker *w, uint64_t off, uint64_t len)
+/* Make [OFF, OFF+LEN) of T read as zeros; nothing when T is known to be zero.  0 or -errno
+ * (message and counters in IO). */
+int cdm_target_zero(struct cdm_target *t, struct cdm_io *io, uint64_t off, uint64_t len)
 {
     if (len == 0)
         return 0;
     if (t->known_zero) {
-        w->stats.bytes_skipped += len;
+        io->stats.bytes_skipped += len;
         return 0;
     }
-    char why[CDM_ERRMSG_MAX] = "";
-    int rc = cdm_zero_range_why(t, &w->stats, off, len, why, sizeof why);
-    if (rc < 0)
-        return cdm_worker_fail(w, CDM_SIDE_TARGET, rc, "%s", why);
-    return 0;
+    return cdm_zero_range_io(t, io, off, len);
 }
 
 /* Zero [OFFSET, OFFSET+LENGTH) of FD with the best working method, as a copy would.
@@ -178,8 +194,8 @@ int cdm_zero_range(cdm_ctx *ctx, int fd, int is_blockdev, uint32_t sector, uint6
                    uint64_t length, struct cdm_copy_stats *stats)
 {
     struct cdm_target t;
-    struct cdm_copy_stats local;
-    memset(&local, 0, sizeof local);
+    struct cdm_io io;
+    memset(&io, 0, sizeof io);
     cdm_clear_error(ctx);
     if (offset + length < offset)
         return cdm_set_error(ctx, CDM_SIDE_TARGET, -EINVAL, "range overflows");
@@ -187,12 +203,11 @@ int cdm_zero_range(cdm_ctx *ctx, int fd, int is_blockdev, uint32_t sector, uint6
                              true, CDM_ZP_SPARSE);
     if (rc < 0)
         return cdm_set_error(ctx, CDM_SIDE_TARGET, rc, "cannot set up the target");
-    char why[CDM_ERRMSG_MAX] = "";
-    rc = cdm_zero_range_why(&t, &local, offset, length, why, sizeof why);
+    rc = cdm_zero_range_io(&t, &io, offset, length);
     cdm_target_fini(&t);
     if (stats != NULL)
-        cdm_stats_add(stats, &local);
+        cdm_stats_add(stats, &io.stats);
     if (rc < 0)
-        return cdm_set_error(ctx, CDM_SIDE_TARGET, rc, "%s", why);
+        return cdm_set_error(ctx, io.error.side, rc, "%s", io.error.msg);
     return 0;
 }

@@ -148,7 +148,6 @@ class Target:
     name: str = ""               # the final name in dir_fd
     partial: str = ""            # the name being written, until commit()
     marked: bool = False         # INCOMPLETE_XATTR set, until commit()
-    claim_fd: int = -1           # O_EXCL claim of a block device
     committed: bool = False
 
     def commit(self) -> None:
@@ -182,10 +181,10 @@ class Target:
     def close(self) -> None:
         if not self.committed:
             self.discard()
-        for fd in (self.direct_fd, self.claim_fd, self.fd, self.dir_fd):
+        for fd in (self.direct_fd, self.fd, self.dir_fd):
             if fd >= 0:
                 os.close(fd)
-        self.fd = self.direct_fd = self.claim_fd = self.dir_fd = -1
+        self.fd = self.direct_fd = self.dir_fd = -1
 
     def __enter__(self) -> Target:
         return self
@@ -408,14 +407,19 @@ def _open_device_target(c: Context, t: Target, size: int) -> Target:
     st = os.fstat(t.fd)
     if _device_read_only(st.st_rdev):
         raise OSError(errno.EROFS, "the block device is read-only", p)
+    # The descriptor the job writes through holds the claim itself: the kernel then lets
+    # its zeroing (discard, zero-out) drop the device's cache, which it refuses to a
+    # descriptor when another one holds the device exclusively.
     try:
-        t.claim_fd = claim_device(t.fd)
+        claimed = claim_device(t.fd, os.O_WRONLY)
     except OSError as e:
         if e.errno == errno.EBUSY:
             raise TargetInUseError(
                 f"{p}: the block device is in use (mounted, or claimed by another process or "
                 f"cdimover job); nothing was written") from None
         raise OSError(e.errno, e.strerror, p) from None
+    os.close(t.fd)
+    t.fd = claimed
     t.probe = _native.probe(c, t.fd, p)
     if t.probe.size < size:
         from ..sizing import format_size

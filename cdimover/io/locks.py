@@ -90,7 +90,8 @@ def lock_job(fd: int, *, exclusive: bool) -> bool:
     return True
 
 
-def claim_device(fd: int) -> int:
-    """Claim the block device FD refers to exclusively (``O_EXCL``) for as long as the
-    returned descriptor stays open.  OSError(EBUSY) when it is mounted or claimed already."""
-    return reopen(fd, os.O_RDONLY | os.O_EXCL)
+def claim_device(fd: int, flags: int = os.O_RDONLY) -> int:
+    """A new descriptor (opened with FLAGS) of the block device FD refers to, claiming the
+    device exclusively (``O_EXCL``) for as long as it stays open.  OSError(EBUSY) when the
+    device is mounted or claimed already."""
+    return reopen(fd, flags | os.O_EXCL)

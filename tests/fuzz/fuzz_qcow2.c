@@ -1,7 +1,7 @@
 /* fuzz_qcow2.c -- libFuzzer target for the QCOW2 reader (csrc/qcow2.c) and the conversion
  * job (csrc/convert.c).
  *
- * Each input is an image file.  It is opened and validated (header, extensions, tables),
+ * Each input is an image file, served by the file reader of a memfd.  It is opened and validated (header, extensions, tables),
  * then the whole guest disk is mapped through the L1/L2 tables run by run and every
  * compressed cluster is decompressed; the invariants the converter relies on are checked and
  * a violation aborts (a finding).  Small images are also converted for real into a memfd.
@@ -40,7 +40,7 @@ static void walk(struct qcow2_image *img)
 {
     struct qcow2_cache cache;
     struct qcow2_decoders pool;
-    char err[CDM_ERRMSG_MAX];
+    struct cdm_error err = {0};
     if (qcow2_cache_init(&cache, img) < 0)
         return;
     qcow2_decoders_init(&pool);
@@ -51,8 +51,9 @@ static void walk(struct qcow2_image *img)
     for (unsigned steps = 0; in != NULL && out != NULL && pos < limit && steps < MAP_STEPS;
          steps++) {
         struct qcow2_run run;
-        if (qcow2_map(&cache, pos, limit - pos, &run, err) < 0) {
-            check(err[0] != '\0', "error without a message", pos, 0);
+        cdm_error_clear(&err);
+        if (qcow2_map(&cache, pos, limit - pos, &run, &err) < 0) {
+            check(err.msg[0] != '\0', "error without a message", pos, 0);
             break;
         }
         check(run.guest_off == pos, "run starts elsewhere", run.guest_off, pos);
@@ -66,15 +67,17 @@ static void walk(struct qcow2_image *img)
             check(run.csize > 0 && run.csize <= 2 * img->cluster_size, "csize", run.csize, 0);
             check(run.host_off + run.csize <= img->file_size, "compressed past EOF",
                   run.host_off, run.csize);
-            size_t got = 0;
-            if (cdm_pread_full(img->fd, in, run.csize, run.host_off, &got) == 0 &&
-                got == run.csize) {
+            struct cdm_io io;
+            memset(&io, 0, sizeof io);
+            if (cdm_read(img->src, in, run.csize, run.host_off, CDM_READ_CACHED, &io) == 0) {
                 struct qcow2_decoder *d = qcow2_decoder_get(&pool);
                 check(d != NULL, "no decoder", 0, 0);
+                cdm_error_clear(&err);
                 int rc = qcow2_decompress(img, d, in, run.csize, out, img->cluster_size,
-                                          run.cluster_guest, err);
+                                          run.cluster_guest, &err);
                 qcow2_decoder_put(&pool, d);
-                check(rc == 0 || err[0] != '\0', "decompress error without a message", 0, 0);
+                check(rc == 0 || err.msg[0] != '\0', "decompress error without a message", 0,
+                      0);
             }
         }
         pos += run.length;
@@ -118,12 +121,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (ftruncate(src_fd, 0) < 0 || (size > 0 && pwrite(src_fd, data, size, 0) != (ssize_t)size))
         return 0;
 
+    /* The image is read only through a reader, as any source would serve it. */
+    struct cdm_file_reader fr;
+    struct cdm_error err = {0};
+    if (cdm_file_reader_init(&fr, src_fd, -1, src_fd, 0, &err) < 0)
+        abort();
     struct qcow2_image *img = malloc(sizeof *img);
-    char err[CDM_ERRMSG_MAX];
     if (img == NULL)
         return 0;
-    int rc = qcow2_open(img, src_fd, err);
-    check(rc == 0 || err[0] != '\0', "open error without a message", 0, 0);
+    int rc = qcow2_open(img, &fr.r, &err);
+    check(rc == 0 || err.msg[0] != '\0', "open error without a message", 0, 0);
     if (rc == 0) {
         walk(img);
         if (img->virtual_size <= CONVERT_LIMIT)
