@@ -26,7 +26,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
+from . import argtypes
+from .argtypes import MAX_THREADS
 from .errors import CdimoverError, CopyCancelled, Terminated
+from .units import format_size
 
 if TYPE_CHECKING:
     from .types import CopyResult
@@ -42,11 +45,7 @@ log = logging.getLogger("cdimover")
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    return format_size(int(n))
 
 
 class ProgressBar:
@@ -329,73 +328,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if same else EXIT_ERROR
 
 
-def _size_arg(text: str) -> int:
-    try:
-        n = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return n
-
-
-# The core's limits on tuning (csrc/internal.h CDM_ALIGN, CDM_MAX_REQUEST,
-# CDM_DEFAULT_REQUEST, CDM_MAX_THREADS, as cdm_check_copy_opts in csrc/copy.c applies them);
-# tests/test_cli.py checks that the core accepts each bound and refuses one step beyond it.
-REQUEST_ALIGN = 4096
-MAX_REQUEST = 64 << 20
-DEFAULT_REQUEST = 4 << 20
-MIN_SPARSE = 512
-MAX_THREADS = 16
-
-
-def _threads_arg(text: str) -> int:
-    """argparse type of --threads: 0 (the core's default, 4) to MAX_THREADS."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 0 <= n <= MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"must be between 0 (the default, 4) and "
-                                         f"{MAX_THREADS}, got {n}")
-    return n
-
-
-def _request_size_arg(text: str) -> int:
-    """argparse type of --request-size: a multiple of 4096 from 4 KiB to 64 MiB."""
-    n = _size_arg(text)
-    if not (REQUEST_ALIGN <= n <= MAX_REQUEST and n % REQUEST_ALIGN == 0):
-        raise argparse.ArgumentTypeError(
-            f"must be a multiple of {REQUEST_ALIGN} from 4 KiB to 64 MiB, got {n}")
-    return n
-
-
-def _sparse_size_arg(text: str) -> int:
-    """argparse type of --sparse-size: a power of two from 512 to 64 MiB (and at most the
-    request size, which main() checks once both are known)."""
-    n = _size_arg(text)
-    if not (MIN_SPARSE <= n <= MAX_REQUEST and n & (n - 1) == 0):
-        raise argparse.ArgumentTypeError(
-            f"must be a power of two from {MIN_SPARSE} to the request size, got {n}")
-    return n
-
-
 def _check_tuning(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The checks that involve two options: --sparse-size at most the request size."""
     sparse = getattr(args, "sparse_size", 0)
-    request = getattr(args, "request_size", 0) or DEFAULT_REQUEST
+    request = getattr(args, "request_size", 0) or argtypes.DEFAULT_REQUEST
     if sparse > request:
         parser.error(f"argument --sparse-size: must not exceed the request size ({request}), "
                      f"got {sparse}")
-
-
-def _quantity_arg(text: str) -> int:
-    from .sizing import parse_quantity
-
-    try:
-        return parse_quantity(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -419,10 +358,10 @@ def _parser() -> argparse.ArgumentParser:
     writing.add_argument("--preallocation", choices=("off", "falloc", "full"), default="off",
                          help="off: keep holes; falloc: reserve every block; full: write "
                          "every block (default: off)")
-    writing.add_argument("--target-size", type=_quantity_arg, default=None,
+    writing.add_argument("--target-size", type=argtypes.size, default=None,
                          help="grow a file target to this size (bytes or a Kubernetes "
                          "quantity such as 10Gi); never shrinks below the source")
-    writing.add_argument("--threads", type=_threads_arg, default=0,
+    writing.add_argument("--threads", type=argtypes.threads, default=0,
                          help=f"worker threads, 1 to {MAX_THREADS} (default: 0, meaning 4)")
     writing.add_argument("--progress", action="store_true",
                          help="show a progress bar even when stderr is not a terminal")
@@ -440,10 +379,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--scan", choices=("auto", "seek", "loop", "full"), default="auto",
                    help="how to find the source's data: SEEK_DATA, a loop device's backing "
                    "file, or a full read (default: auto)")
-    c.add_argument("--request-size", type=_request_size_arg, default=0,
+    c.add_argument("--request-size", type=argtypes.request_size, default=0,
                    help="bytes per I/O request: a multiple of 4096 from 4 KiB to 64 MiB "
                    "(default 4 MiB)")
-    c.add_argument("--sparse-size", type=_sparse_size_arg, default=0,
+    c.add_argument("--sparse-size", type=argtypes.sparse_size, default=0,
                    help="zero-detection granularity in bytes: a power of two from 512 to the "
                    "request size (default 4096)")
     c.add_argument("-f", "--source-format", choices=("auto", "raw"), default="auto",
@@ -481,7 +420,7 @@ def _parser() -> argparse.ArgumentParser:
     pa.add_argument("path", help="file or block device")
     pa.add_argument("--mode", choices=("off", "falloc", "full"), default="falloc",
                     help="falloc: reserve without writing; full: write every block")
-    pa.add_argument("--size", type=_quantity_arg, default=None,
+    pa.add_argument("--size", type=argtypes.size, default=None,
                     help="size in bytes or as a Kubernetes quantity (default: current size)")
     pa.add_argument("--create", action="store_true",
                     help="create (or replace) a blank disk instead of keeping the data")
@@ -513,7 +452,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="reserve every block of the target")
     cl.add_argument("--filesystem-overhead", default="0.06",
                     help="CDI's filesystem overhead for Filesystem volumes (default 0.06)")
-    cl.add_argument("--target-size", type=_quantity_arg, default=None,
+    cl.add_argument("--target-size", type=argtypes.size, default=None,
                     help="grow the target's disk.img to this size (e.g. 10Gi)")
     cl.add_argument("--force", action="store_true",
                     help="skip the check that the source is not in use")
@@ -527,7 +466,7 @@ def _parser() -> argparse.ArgumentParser:
     losub = lo.add_subparsers(dest="loop_command", metavar="ACTION", required=True)
     lc = losub.add_parser("create", parents=[common], help="create a backing file and attach it")
     lc.add_argument("file", help="backing file to create (must not exist)")
-    lc.add_argument("--size", type=_quantity_arg, required=True,
+    lc.add_argument("--size", type=argtypes.size, required=True,
                     help="size in bytes or as a quantity (e.g. 2G, 2Gi)")
     lc.add_argument("--fill", choices=("sparse", "zero"), default="sparse",
                     help="sparse file, or zeros written like the seed's dd (default sparse)")

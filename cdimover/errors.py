@@ -37,6 +37,20 @@ class TargetTooSmallError(CdimoverError):
         self.required = required
         self.available = available
 
+    @classmethod
+    def of(cls, where: str, required: int, available: int, *, what: str = "the image",
+           room: str = "", detail: str = "") -> TargetTooSmallError:
+        """The one wording of "too small": ``WHERE: target holds AVAILABLE[ ROOM] but WHAT
+        needs REQUIRED[ (DETAIL)]``, sizes in words and in bytes."""
+        from .units import format_size
+
+        text = (f"{where}: target holds {format_size(available)} ({available} bytes"
+                f"{' ' + room if room else ''}) but {what} needs {format_size(required)} "
+                f"({required} bytes)")
+        if detail:
+            text += f"; {detail}"
+        return cls(text, required=required, available=available)
+
 
 class CopyCancelled(CdimoverError):
     """The operation was cancelled (progress callback or signal); the target is incomplete."""

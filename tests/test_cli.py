@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cdimover import argtypes
 from cdimover.cli import main
 from conftest import TOOL_ENV
 from layouts import Layout, Segment, sha256_prefix, write_layout
@@ -322,14 +323,14 @@ def test_tuning_limits_are_the_cores(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     src, dst = tmp_path / "s.img", tmp_path / "d.img"
     write_layout(src, Layout((Segment("data", 1 << 20),), 3))
-    ok = [dict(threads=cli.MAX_THREADS), dict(request_size=cli.MAX_REQUEST),
-          dict(request_size=cli.REQUEST_ALIGN, sparse_size=cli.MIN_SPARSE),
-          dict(request_size=cli.MAX_REQUEST, sparse_size=cli.MAX_REQUEST)]
+    ok = [dict(threads=argtypes.MAX_THREADS), dict(request_size=argtypes.MAX_REQUEST),
+          dict(request_size=argtypes.REQUEST_ALIGN, sparse_size=argtypes.MIN_SPARSE),
+          dict(request_size=argtypes.MAX_REQUEST, sparse_size=argtypes.MAX_REQUEST)]
     for kw in ok:
         cdimover.copy(src, dst, reflink="never", **kw)  # type: ignore[arg-type]
-    bad = [dict(threads=cli.MAX_THREADS + 1), dict(request_size=cli.MAX_REQUEST + 4096),
-           dict(request_size=cli.REQUEST_ALIGN + 512), dict(sparse_size=cli.MIN_SPARSE // 2),
-           dict(sparse_size=cli.DEFAULT_REQUEST * 2)]
+    bad = [dict(threads=argtypes.MAX_THREADS + 1), dict(request_size=argtypes.MAX_REQUEST + 4096),
+           dict(request_size=argtypes.REQUEST_ALIGN + 512), dict(sparse_size=argtypes.MIN_SPARSE // 2),
+           dict(sparse_size=argtypes.DEFAULT_REQUEST * 2)]
     for kw in bad:
         with pytest.raises(OSError):
             cdimover.copy(src, dst, reflink="never", **kw)  # type: ignore[arg-type]

@@ -349,7 +349,8 @@ def test_block_target_too_small(tmp_path: Path, source_disk: Path) -> None:
     with loopdev.attached(backing) as dev:
         with pytest.raises(TargetTooSmallError) as ei:
             clone(src, dev)
-    assert "target holds 2.0 MiB but the image needs 4.0 MiB" in str(ei.value)
+    assert ("target holds 2.0 MiB (2097152 bytes) but the image needs 4.0 MiB (4194304 bytes)"
+            in str(ei.value))
     assert (ei.value.required, ei.value.available) == (4 * MiB, 2 * MiB)
     assert dev in str(ei.value)
     assert backing.read_bytes() == before, "nothing may be written before the size check"
@@ -403,8 +404,8 @@ def test_filesystem_target_edge_of_the_overhead_formula(
     with pytest.raises(TargetTooSmallError) as ei:
         clone(src, tgt, filesystem_overhead=overhead)
     assert (ei.value.required, ei.value.available) == (size, room)
-    assert (f"target holds {format_size(room)} but the image needs {format_size(size)}"
-            in str(ei.value))
+    assert (f"target holds {format_size(room)} ({room} bytes) but the image needs "
+            f"{format_size(size)} ({size} bytes)" in str(ei.value))
     assert f"{edge - 1} bytes) available with filesystem overhead {overhead}" in str(ei.value)
     assert not (tgt / "disk.img").exists(), "nothing may be written before the size check"
 
@@ -458,7 +459,8 @@ def test_target_size_refusals(tmp_path: Path, source_disk: Path,
     with pytest.raises(TargetTooSmallError) as ei:
         clone(source_disk, tgt, target_size="17Mi")
     assert (ei.value.required, ei.value.available) == (17 * MiB, 16 * MiB)
-    assert "target holds 16.0 MiB but the requested target_size needs 17.0 MiB" in str(ei.value)
+    assert "target holds 16.0 MiB (16777216 bytes) but the requested target_size needs 17.0 MiB" \
+        in str(ei.value)
     assert not (tgt / "disk.img").exists()
     clone(source_disk, tgt, target_size="16Mi")
     assert (tgt / "disk.img").stat().st_size == 16 * MiB
@@ -731,3 +733,14 @@ def test_failed_clone_names_the_target(tmp_path: Path, mounted_fs: MountFs) -> N
     filler.unlink()
     clone(src, tgt)
     assert sha256_prefix(tgt / "disk.img", 10 * MiB) == sha256_prefix(src / "disk.img", 10 * MiB)
+
+
+def test_overhead_checked_for_volumes_as_for_paths(tmp_path: Path) -> None:
+    src, dst = volume_dir(tmp_path, "src"), volume_dir(tmp_path, "dst")
+    random_file(src / "disk.img", MiB)
+    for bad in (2, -0.1, "abc"):
+        with pytest.raises(CloneValidationError, match="overhead"):
+            clone(src, dst, filesystem_overhead=bad)  # type: ignore[arg-type]
+        with pytest.raises(CloneValidationError, match="overhead"):
+            clone(Volume.open(src), Volume.open(dst), filesystem_overhead=bad)  # type: ignore[arg-type]
+    assert os.listdir(dst) == []

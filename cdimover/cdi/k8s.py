@@ -27,7 +27,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import yaml
 
 from ..errors import CloneValidationError
 from ..sizing import DEFAULT_OVERHEAD, Overhead, format_size, parse_quantity, usable_space
@@ -338,6 +337,8 @@ def clone_requests(manifest_text: str, *, default_namespace: str = "default"
     """
     if not _is_dns1123_label(default_namespace):
         raise ValueError(f"default_namespace {default_namespace!r} is not a DNS-1123 label")
+    import yaml     # only where manifests are parsed
+
     try:
         docs = list(yaml.safe_load_all(manifest_text))
     except yaml.YAMLError as e:
@@ -788,5 +789,7 @@ def clone_rbac_manifests(role_name: str, source_namespace: str, target_namespace
                       "namespace": target_namespace}],
         "roleRef": {"kind": "ClusterRole", "name": role_name, "apiGroup": RBAC_GROUP},
     }
+    import yaml
+
     return yaml.safe_dump_all([cluster_role, role_binding], sort_keys=False,
                               default_flow_style=False)

@@ -53,7 +53,8 @@ from ..ops.copy import copy as copy_disk
 from ..errors import CloneValidationError, SourceInUseError, TargetTooSmallError, \
     UnsafeVolumeError
 from ..io.locks import qemu_lock_holder
-from .k8s import CloneRequest, SourceInfo, validate_clone
+from .k8s import ARCHIVE, BLOCK, FILESYSTEM, KUBEVIRT, CloneRequest, SourceInfo, \
+    validate_clone
 from ..sizing import DEFAULT_OVERHEAD, Overhead, format_size, parse_overhead, parse_quantity, \
     usable_space
 from ..types import CopyResult
@@ -73,10 +74,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FILESYSTEM: Final = "Filesystem"
-BLOCK: Final = "Block"
-KUBEVIRT: Final = "kubevirt"
-ARCHIVE: Final = "archive"
 DISK_IMAGE: Final = "disk.img"
 """The disk's name at the root of a Filesystem volume."""
 DISK_IMAGE_MODE: Final = 0o660
@@ -402,11 +399,8 @@ def _check_distinct(src: Volume, dst: Volume, *, nested: bool) -> None:
 
 
 def _too_small(dst: Volume, needed: int, what: str, where: str) -> TargetTooSmallError:
-    return TargetTooSmallError(
-        f"{where}: target holds {format_size(dst.capacity)} but {what} needs "
-        f"{format_size(needed)} ({dst.capacity} < {needed} bytes; "
-        f"{dst.describe_capacity()})",
-        required=needed, available=dst.capacity)
+    return TargetTooSmallError.of(where, needed, dst.capacity, what=what,
+                                  detail=dst.describe_capacity())
 
 
 def _resolve_target_size(target_size: int | str | None, source_size: int,
@@ -481,6 +475,10 @@ def clone(source: PathOrVolume, target: PathOrVolume, *, content_type: str = KUB
             f"ContentType not one of: kubevirt, archive (got {content_type!r})")
     if not isinstance(preallocation, bool):
         raise TypeError(f"preallocation must be a bool, not {type(preallocation).__name__}")
+    try:
+        parse_overhead(filesystem_overhead)     # the same rule whether volumes or paths
+    except ValueError as e:
+        raise CloneValidationError(f"filesystem_overhead: {e}") from None
     src = _as_volume(source, filesystem_overhead)
     dst = _as_volume(target, filesystem_overhead)
     _check_rules(src, dst, content_type)

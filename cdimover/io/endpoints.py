@@ -336,19 +336,19 @@ def _holder(fd: int) -> str:
     return "another cdimover job"
 
 
-def _check_room(fd: int, path: str, need: int | None, freed: int) -> None:
-    """TargetTooSmallError when the filesystem of FD lacks room for NEED bytes (FREED: what
-    replacing the old content gives back); no check when NEED is None."""
+def check_room(fd: int, path: str, need: int | None, *, freed: int | None = None,
+               what: str = "the image") -> None:
+    """TargetTooSmallError when the filesystem of regular file FD lacks room for NEED bytes;
+    FREED is what replacing the file's content gives back (default: all it holds now).  No
+    check when NEED is None."""
     if need is None:
         return
     st = os.fstatvfs(fd)
+    if freed is None:
+        freed = os.fstat(fd).st_blocks * 512
     available = st.f_bavail * st.f_frsize + freed
     if need > available:
-        from ..sizing import format_size
-        raise TargetTooSmallError(
-            f"{path}: target holds {format_size(available)} ({available} bytes free) but "
-            f"the image needs {format_size(need)} ({need} bytes)",
-            required=need, available=available)
+        raise TargetTooSmallError.of(path, need, available, what=what, room="free")
 
 
 def _check_file_size(dir_fd: int, size: int, path: str) -> None:
@@ -422,11 +422,7 @@ def _open_device_target(c: Context, t: Target, size: int) -> Target:
     t.fd = claimed
     t.probe = _native.probe(c, t.fd, p)
     if t.probe.size < size:
-        from ..sizing import format_size
-        raise TargetTooSmallError(
-            f"{p}: target holds {format_size(t.probe.size)} ({t.probe.size} bytes) but the "
-            f"image needs {format_size(size)} ({size} bytes)",
-            required=size, available=t.probe.size)
+        raise TargetTooSmallError.of(p, size, t.probe.size)
     t.direct_fd = open_direct(t.fd, os.O_WRONLY)
     return t
 
@@ -443,7 +439,7 @@ def _open_file_target(c: Context, t: Target, place: Place, size: int,
     if not lock_job(t.fd, exclusive=True):
         raise TargetInUseError(f"{p}: in use by {_holder(t.fd)}; nothing was written")
     _check_file_size(t.dir_fd, size, p)
-    _check_room(t.fd, p, need, os.fstat(t.fd).st_blocks * 512)
+    check_room(t.fd, p, need)
     if incomplete_marker(t.fd) is not None:
         log.info("%s: an earlier job did not finish; replacing its output", p)
     t.marked = _mark_incomplete(t.fd, p)
@@ -486,7 +482,7 @@ def _create_file_target(c: Context, t: Target, place: Place, size: int,
     t.created = True
     if place.exact_mode:
         os.fchmod(t.fd, place.mode)
-    _check_room(t.fd, p, need, os.fstat(t.fd).st_blocks * 512)
+    check_room(t.fd, p, need)
     os.ftruncate(t.fd, 0)
     try:
         os.ftruncate(t.fd, size)

@@ -28,8 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeAlias
 
-import yaml
-
+from .._native import const
 from ..errors import ConfigurationError
 
 __all__ = [
@@ -61,27 +60,26 @@ __all__ = [
 
 StrPath: TypeAlias = "str | os.PathLike[str]"
 
-# ioctl numbers from <linux/loop.h>.
-LOOP_SET_FD: Final = 0x4C00
-LOOP_CLR_FD: Final = 0x4C01
-LOOP_SET_STATUS64: Final = 0x4C04
-LOOP_GET_STATUS64: Final = 0x4C05
-LOOP_SET_DIRECT_IO: Final = 0x4C08
-LOOP_SET_BLOCK_SIZE: Final = 0x4C09
-LOOP_CONFIGURE: Final = 0x4C0A
-LOOP_CTL_GET_FREE: Final = 0x4C82
-# From <linux/fs.h>: _IO(0x12, 104) and _IOR(0x12, 114, size_t) with the generic (x86-64,
-# arm64) ioctl encoding and an 8-byte size_t.
-BLKSSZGET: Final = 0x1268
-BLKGETSIZE64: Final = 0x80081272
+# ioctl numbers and flags from <linux/loop.h> and <linux/fs.h>, as this machine's compiler saw
+# them when the native core was built.
+LOOP_SET_FD: Final = const("LOOP_SET_FD")
+LOOP_CLR_FD: Final = const("LOOP_CLR_FD")
+LOOP_SET_STATUS64: Final = const("LOOP_SET_STATUS64")
+LOOP_GET_STATUS64: Final = const("LOOP_GET_STATUS64")
+LOOP_SET_DIRECT_IO: Final = const("LOOP_SET_DIRECT_IO")
+LOOP_SET_BLOCK_SIZE: Final = const("LOOP_SET_BLOCK_SIZE")
+LOOP_CONFIGURE: Final = const("LOOP_CONFIGURE")
+LOOP_CTL_GET_FREE: Final = const("LOOP_CTL_GET_FREE")
+BLKSSZGET: Final = const("BLKSSZGET")
+BLKGETSIZE64: Final = const("BLKGETSIZE64")
 
-LO_NAME_SIZE: Final = 64
+LO_NAME_SIZE: Final = const("LO_NAME_SIZE")
 LOOP_MAJOR: Final = 7
 
-LO_FLAGS_READ_ONLY: Final = 1
-LO_FLAGS_AUTOCLEAR: Final = 4
-LO_FLAGS_PARTSCAN: Final = 8
-LO_FLAGS_DIRECT_IO: Final = 16
+LO_FLAGS_READ_ONLY: Final = const("LO_FLAGS_READ_ONLY")
+LO_FLAGS_AUTOCLEAR: Final = const("LO_FLAGS_AUTOCLEAR")
+LO_FLAGS_PARTSCAN: Final = const("LO_FLAGS_PARTSCAN")
+LO_FLAGS_DIRECT_IO: Final = const("LO_FLAGS_DIRECT_IO")
 
 
 class LoopFlag(enum.IntFlag):
@@ -600,4 +598,6 @@ def persistent_volume_manifest(name: str, device_path: str, node: str, size: int
                 "key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}},
         },
     }
+    import yaml     # only where manifests are written
+
     return yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False)

@@ -16,17 +16,12 @@ import time
 
 from .. import _native
 from .._native import Context
+from ..io.endpoints import check_room
 from ..io.fs import open_direct
 from ..errors import TargetTooSmallError
 from ..types import PREALLOCATION_MODES, AllocMethod, PreallocResult
 
-__all__ = ["preallocate", "create_blank", "check_capacity", "preallocation_mode"]
-
-
-def format_size(n: int) -> str:
-    """N bytes for an error message (sizing, and its decimal arithmetic, loads on demand)."""
-    from ..sizing import format_size as fmt
-    return fmt(n)
+__all__ = ["preallocate", "create_blank", "preallocation_mode"]
 
 
 def preallocation_mode(mode: str | bool) -> str:
@@ -38,18 +33,6 @@ def preallocation_mode(mode: str | bool) -> str:
     if mode not in PREALLOCATION_MODES:
         raise ValueError(f"preallocation={mode!r}: expected 'off', 'falloc' or 'full'")
     return mode
-
-
-def check_capacity(path: str, fd: int, need: int, *, what: str = "the image") -> None:
-    """Fail fast when the filesystem holding regular file FD cannot take NEED more bytes
-    (counting the blocks FD already holds, which the write reuses or replaces)."""
-    st = os.fstatvfs(fd)
-    available = st.f_bavail * st.f_frsize + os.fstat(fd).st_blocks * 512
-    if need > available:
-        raise TargetTooSmallError(
-            f"{path}: target holds {format_size(available)} ({available} bytes free) but "
-            f"{what} needs {format_size(need)} ({need} bytes)",
-            required=need, available=available)
 
 
 def _preallocate_fd(ctx: Context, path: str, fd: int, direct_fd: int, probe: _native.Probe,
@@ -81,12 +64,10 @@ def preallocate(path: str | os.PathLike[str], *, mode: str = "falloc",
                 raise ValueError(f"size must not be negative: {want}")
             if pr.is_blockdev:
                 if want > pr.size:
-                    raise TargetTooSmallError(
-                        f"{p}: target holds {format_size(pr.size)} but {format_size(want)} "
-                        "were asked for", required=want, available=pr.size)
+                    raise TargetTooSmallError.of(p, want, pr.size, what="the preallocation")
             else:
                 if mode != "off":
-                    check_capacity(p, fd, want, what="the preallocation")
+                    check_room(fd, p, want, what="the preallocation")
                 if want > pr.size:
                     os.ftruncate(fd, want)
             mask, allocated = 0, 0
@@ -140,9 +121,7 @@ def create_blank(path: str | os.PathLike[str], size: int, *, preallocation: str 
             with Context() as ctx:
                 pr = _native.probe(ctx, fd, p)
                 if size > pr.size:
-                    raise TargetTooSmallError(
-                        f"{p}: target holds {format_size(pr.size)} but the blank disk needs "
-                        f"{format_size(size)}", required=size, available=pr.size)
+                    raise TargetTooSmallError.of(p, size, pr.size, what="the blank disk")
                 stats = _native.new_stats()
                 if mode == "off":
                     _native.zero_range(ctx, fd, True, pr.logical_sector, 0, size, stats,

@@ -39,10 +39,7 @@ def _open_fd(ctx: Context, fd: int, size: int, name: str) -> Target:
     """A Target for the caller's descriptor FD (not closed by the Writer)."""
     pr = _native.probe(ctx, fd, name)
     if pr.is_blockdev and pr.size < size:
-        from ..sizing import format_size
-        raise TargetTooSmallError(
-            f"{name}: target holds {format_size(pr.size)} ({pr.size} bytes) but the image "
-            f"needs {format_size(size)} ({size} bytes)", required=size, available=pr.size)
+        raise TargetTooSmallError.of(name, size, pr.size)
     if pr.is_regular and pr.size < size:
         os.ftruncate(fd, size)
         pr = _native.probe(ctx, fd, name)

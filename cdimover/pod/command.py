@@ -10,8 +10,8 @@ import tempfile
 import time
 from typing import Final
 
+from .. import argtypes
 from ..errors import Terminated
-from ..sizing import parse_quantity
 from .clone import run_clone
 from .config import CloneConfig, ImportConfig, clone_config, get_env, import_config
 from .importer import run_import
@@ -23,44 +23,6 @@ __all__ = ["register", "DEFAULT_ADDRESS"]
 # Where CDI's controllers scrape a pod: port 8443 on every address of the pod.  (The metrics
 # module, and with it prometheus_client and http.server, loads only when a pod command runs.)
 DEFAULT_ADDRESS: Final = ":8443"
-
-
-def _size(text: str) -> int:
-    """argparse type: a byte count or Kubernetes quantity."""
-    try:
-        return parse_quantity(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _count(text: str) -> int:
-    """argparse type: a small whole number (a thread count)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 0 <= value < 1 << 16:
-        raise argparse.ArgumentTypeError("must be between 0 and 65535")
-    return value
-
-
-def _request_size(text: str) -> int:
-    """argparse type: a request size that fits the core's 32-bit field."""
-    value = _size(text)
-    if value >= 1 << 32:
-        raise argparse.ArgumentTypeError("must be below 4 GiB")
-    return value
-
-
-def _seconds(text: str) -> float:
-    """argparse type: seconds, 0 to 3600."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= value <= 3600:
-        raise argparse.ArgumentTypeError("must be between 0 and 3600 seconds")
-    return value
 
 
 def _report(args: argparse.Namespace, message: str, source: str, target: str,
@@ -160,14 +122,14 @@ def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
                         "METRICS_TLS_KEY_FILE)")
     shared.add_argument("--metrics-http", action="store_true",
                         help="serve metrics over plain HTTP instead of HTTPS")
-    shared.add_argument("--metrics-linger", type=_seconds, default=0.0, metavar="SECONDS",
+    shared.add_argument("--metrics-linger", type=argtypes.seconds, default=0.0, metavar="SECONDS",
                         help="keep serving the final metrics this long after success "
                         "(default 0)")
     shared.add_argument("--destination", metavar="PATH",
                         help="the target volume (overrides DESTINATION)")
-    shared.add_argument("--threads", type=_count, default=0,
+    shared.add_argument("--threads", type=argtypes.threads, default=0,
                         help="worker threads of the copy (default: the copy's)")
-    shared.add_argument("--request-size", type=_request_size, default=0, metavar="SIZE",
+    shared.add_argument("--request-size", type=argtypes.request_size, default=0, metavar="SIZE",
                         help="bytes per I/O request (default: the copy's)")
 
     c = pods.add_parser(

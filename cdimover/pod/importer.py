@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ChecksumMismatchError, TargetTooSmallError
-from ..sizing import format_size
 from .config import ImportConfig
 from .progress import Hasher, Progress
 
@@ -74,11 +73,9 @@ def _import_disk(cfg: ImportConfig, progress: Progress, *, threads: int,
         image = _inspect_image(src.fd, cfg.endpoint)
         vol = Volume.open(cfg.destination, cfg.filesystem_overhead)
         if image.virtual_size > vol.capacity:
-            raise TargetTooSmallError(
-                f"{vol.disk_path}: the {image.format} image's virtual size "
-                f"{format_size(image.virtual_size)} does not fit the "
-                f"{vol.describe_capacity()}", required=image.virtual_size,
-                available=vol.capacity)
+            raise TargetTooSmallError.of(vol.disk_path, image.virtual_size, vol.capacity,
+                                         what=f"the {image.format} image's virtual size",
+                                         detail=vol.describe_capacity())
         block = vol.mode == BLOCK
         grow_to: int | None = None
         if cfg.image_size is not None and not block:
