@@ -179,7 +179,7 @@ def test_symlink_swap_race_never_escapes(shared_dir: Path, side: str, user: str)
     assert (base / "outside.img").read_bytes() == secret
 
 
-def test_disk_img_symlink_is_refused(tmp_path: Path) -> None:
+def _disk_img_symlink_is_refused(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
@@ -191,7 +191,7 @@ def test_disk_img_symlink_is_refused(tmp_path: Path) -> None:
     assert os.listdir(dst) == []
 
 
-def test_volume_path_symlink_is_refused(tmp_path: Path) -> None:
+def _volume_path_symlink_is_refused(tmp_path: Path) -> None:
     real = tmp_path / "real"
     real.mkdir()
     (real / "disk.img").write_bytes(b"x" * 4096)
@@ -201,7 +201,7 @@ def test_volume_path_symlink_is_refused(tmp_path: Path) -> None:
     assert Volume.open(tmp_path / "link", follow_symlinks=True).virtual_size == 4096
 
 
-def test_volume_swapped_after_inspection_is_refused(tmp_path: Path) -> None:
+def _volume_swapped_after_inspection_is_refused(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
@@ -219,7 +219,7 @@ def test_volume_swapped_after_inspection_is_refused(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "dst") == [] and os.listdir(tmp_path / "moved") == []
 
 
-def test_destination_disk_img_symlink_to_another_directory(tmp_path: Path) -> None:
+def _destination_disk_img_symlink_to_another_directory(tmp_path: Path) -> None:
     # DESTINATION=<dir>/disk.img where disk.img links to another directory: refused, and
     # nothing lands in that directory.
     vol, elsewhere = tmp_path / "vol", tmp_path / "elsewhere"
@@ -244,8 +244,7 @@ def test_destination_disk_img_symlink_to_another_directory(tmp_path: Path) -> No
     assert os.listdir(elsewhere) == []
 
 
-@pytest.mark.parametrize("kind", ["raw", "qcow2"])
-def test_source_shrinking_during_the_copy_fails(tmp_path: Path, kind: str) -> None:
+def _source_shrinking_during_the_copy_fails(tmp_path: Path, kind: str) -> None:
     src = tmp_path / "src.img"
     src.write_bytes(os.urandom(8 * MiB))
     if kind == "qcow2":
@@ -275,8 +274,7 @@ def _slow(event: threading.Event, release: threading.Event) -> Callable[[int, in
     return progress
 
 
-@pytest.mark.parametrize("existing", [False, True])
-def test_two_jobs_on_one_file_target(tmp_path: Path, existing: bool) -> None:
+def _two_jobs_on_one_file_target(tmp_path: Path, existing: bool) -> None:
     a, b, dst = tmp_path / "a.img", tmp_path / "b.img", tmp_path / "dst.img"
     a.write_bytes(os.urandom(4 * MiB))
     b.write_bytes(os.urandom(4 * MiB))
@@ -303,6 +301,42 @@ def test_two_jobs_on_one_file_target(tmp_path: Path, existing: bool) -> None:
         t.join(60)
     assert not errors, errors
     assert _digest(dst) == _digest(a)
+
+
+# The scenarios above, each run as root and as uid 107 without capabilities (in a forked
+# child, on a directory the user owns).
+SCENARIOS = [
+    ("disk-img-symlink", _disk_img_symlink_is_refused, {}),
+    ("volume-path-symlink", _volume_path_symlink_is_refused, {}),
+    ("volume-swapped", _volume_swapped_after_inspection_is_refused, {}),
+    ("destination-symlink", _destination_disk_img_symlink_to_another_directory, {}),
+    ("shrinking-raw", _source_shrinking_during_the_copy_fails, {"kind": "raw"}),
+    ("shrinking-qcow2", _source_shrinking_during_the_copy_fails, {"kind": "qcow2"}),
+    ("two-jobs-new-file", _two_jobs_on_one_file_target, {"existing": False}),
+    ("two-jobs-existing-file", _two_jobs_on_one_file_target, {"existing": True}),
+]
+
+
+@pytest.mark.parametrize("user", ["root", "uid107"])
+@pytest.mark.parametrize("scenario,kwargs", [(fn, kw) for _, fn, kw in SCENARIOS],
+                         ids=[name for name, _, _ in SCENARIOS])
+def test_hostile_scenario(shared_dir: Path, user: str, scenario: Callable[..., None],
+                          kwargs: dict[str, object]) -> None:
+    if user == "root":
+        scenario(shared_dir, **kwargs)
+        return
+    need_root()
+    if kwargs.get("kind") == "qcow2":
+        need_tool("qemu-img")
+    import cdimover.cdi.k8s  # noqa: F401 - loaded before the fork: uid 107 cannot read /root
+    import cdimover.pod.config  # noqa: F401
+    os.chown(shared_dir, QEMU_UID, QEMU_UID)
+
+    def child() -> tuple[int]:
+        scenario(shared_dir, **kwargs)
+        return (1,)
+
+    assert _run_as(user, child) == (1,)
 
 
 def test_two_clones_onto_one_block_target(tmp_path: Path) -> None:
