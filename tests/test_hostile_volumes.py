@@ -385,6 +385,10 @@ def test_mounted_block_device_is_never_written(tmp_path: Path, mounted_fs) -> No
         cdimover.copy(img, dev)
     with pytest.raises(TargetInUseError, match="mounted"):
         cdimover.convert(img, dev)
+    with pytest.raises(TargetInUseError, match="mounted"):
+        cdimover.create_blank(dev, 1 * MiB)
+    with pytest.raises(TargetInUseError, match="mounted"):
+        cdimover.preallocate(dev, mode="falloc")
     fd = os.open(dev, os.O_RDONLY)
     try:
         assert hashlib.sha256(os.pread(fd, 16 * MiB, 0)).hexdigest() == before

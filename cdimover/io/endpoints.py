@@ -34,7 +34,8 @@ from .fs import fsync_dir, kind, open_beneath, open_dir, open_direct
 from .locks import claim_device, lock_job, qemu_lock_holder
 from ..types import ScanMethod
 
-__all__ = ["Source", "Target", "Place", "Scan", "open_source", "open_target",
+__all__ = ["Source", "Target", "Place", "Scan", "open_source", "open_target", "open_for_job",
+           "check_room",
            "PARTIAL_SUFFIX", "INCOMPLETE_XATTR", "incomplete_marker"]
 
 log = logging.getLogger(__name__)
@@ -492,6 +493,37 @@ def _create_file_target(c: Context, t: Target, place: Place, size: int,
     t.fresh = True
     t.direct_fd = open_direct(t.fd, os.O_WRONLY)
     return t
+
+
+def open_for_job(path: str) -> int:
+    """Open the existing file or block device PATH for writing in place, locked as a job's
+    target: a block device claimed (``O_EXCL`` on the returned descriptor: a mounted or claimed
+    device is refused), a file under cdimover's exclusive job lock and not locked by QEMU.
+    TargetInUseError otherwise; OSError naming PATH when it cannot be opened."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        os.set_blocking(fd, True)
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode):
+            try:
+                claimed = claim_device(fd, os.O_WRONLY)
+            except OSError as e:
+                if e.errno == errno.EBUSY:
+                    raise TargetInUseError(f"{path}: the block device is in use (mounted, or "
+                                           f"claimed by another process or cdimover job); "
+                                           f"nothing was written") from None
+                raise OSError(e.errno, e.strerror, path) from None
+            os.close(fd)
+            return claimed
+        if qemu_lock_holder(fd) is not None:
+            raise TargetInUseError(f"{path}: locked by a running QEMU; power the VM off "
+                                   f"first; nothing was written")
+        if not lock_job(fd, exclusive=True):
+            raise TargetInUseError(f"{path}: in use by {_holder(fd)}; nothing was written")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def open_target(target: str | os.PathLike[str] | Place, size: int, *,

@@ -16,7 +16,7 @@ import time
 
 from .. import _native
 from .._native import Context
-from ..io.endpoints import check_room
+from ..io.endpoints import check_room, open_for_job
 from ..io.fs import open_direct
 from ..errors import TargetTooSmallError
 from ..types import PREALLOCATION_MODES, AllocMethod, PreallocResult
@@ -54,7 +54,7 @@ def preallocate(path: str | os.PathLike[str], *, mode: str = "falloc",
     mode = preallocation_mode(mode)
     p = os.fspath(path)
     start = time.monotonic()
-    fd = os.open(p, os.O_WRONLY | os.O_CLOEXEC)
+    fd = open_for_job(p)
     direct = -1
     try:
         with Context() as ctx:
@@ -115,7 +115,7 @@ def create_blank(path: str | os.PathLike[str], size: int, *, preallocation: str 
         st = None
     if st is not None and stat.S_ISBLK(st.st_mode):
         start = time.monotonic()
-        fd = os.open(p, os.O_WRONLY | os.O_CLOEXEC)
+        fd = open_for_job(p)
         direct = open_direct(fd, os.O_WRONLY)
         try:
             with Context() as ctx:
