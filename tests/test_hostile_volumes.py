@@ -16,7 +16,7 @@ import random
 import shutil
 import stat
 import subprocess
-import sys
+
 import tempfile
 import threading
 import time
@@ -35,7 +35,7 @@ from cdimover.errors import (
 )
 from cdimover.pod import clone_config, import_config
 from cdimover.cdi.volume import Volume, clone
-from conftest import TOOL_ENV, need, need_loop, need_root, need_tool
+from conftest import TOOL_ENV, need_loop, need_root, need_tool
 
 KiB, MiB = 1 << 10, 1 << 20
 QEMU_UID = 107
@@ -267,11 +267,33 @@ def _source_shrinking_during_the_copy_fails(tmp_path: Path, kind: str) -> None:
     assert not dst.exists() and not (tmp_path / "dst.img.cdimover-partial").exists()
 
 
-def _slow(event: threading.Event, release: threading.Event) -> Callable[[int, int], None]:
-    def progress(done: int, total: int) -> None:
-        event.set()
+def _second_job_refused(first: Callable[[Callable[[int, int], None]], object],
+                        second: Callable[[], object], match: str) -> None:
+    """Run FIRST in a thread with a progress callback that holds it mid-job; meanwhile SECOND
+    must raise TargetInUseError matching MATCH; then FIRST must complete without error."""
+    running, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def hold(done: int, total: int) -> None:
+        running.set()
         release.wait(30)
-    return progress
+
+    def run() -> None:
+        try:
+            first(hold)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        assert running.wait(30)
+        with pytest.raises(TargetInUseError, match=match):
+            second()
+    finally:
+        release.set()
+        t.join(60)
+    assert not errors, errors
 
 
 def _two_jobs_on_one_file_target(tmp_path: Path, existing: bool) -> None:
@@ -280,26 +302,10 @@ def _two_jobs_on_one_file_target(tmp_path: Path, existing: bool) -> None:
     b.write_bytes(os.urandom(4 * MiB))
     if existing:
         dst.write_bytes(os.urandom(1 * MiB))
-    running, release = threading.Event(), threading.Event()
-    errors: list[BaseException] = []
-
-    def first() -> None:
-        try:
-            cdimover.copy(a, dst, reflink="never", threads=1, request_size=64 * KiB,
-                          progress=_slow(running, release))
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    t = threading.Thread(target=first)
-    t.start()
-    try:
-        assert running.wait(30)
-        with pytest.raises(TargetInUseError, match="nothing was written|being written"):
-            cdimover.copy(b, dst, reflink="never")
-    finally:
-        release.set()
-        t.join(60)
-    assert not errors, errors
+    _second_job_refused(
+        lambda hold: cdimover.copy(a, dst, reflink="never", threads=1, request_size=64 * KiB,
+                                   progress=hold),
+        lambda: cdimover.copy(b, dst, reflink="never"), "nothing was written|being written")
     assert _digest(dst) == _digest(a)
 
 
@@ -347,26 +353,10 @@ def test_two_clones_onto_one_block_target(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "disk.img").write_bytes(os.urandom(4 * MiB))
-    running, release = threading.Event(), threading.Event()
-    errors: list[BaseException] = []
     with loopdev.attached(a) as adev, loopdev.attached(tgt) as tdev:
-        def first() -> None:
-            try:
-                clone(adev, tdev, threads=1, request_size=64 * KiB,
-                      progress=_slow(running, release))
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        t = threading.Thread(target=first)
-        t.start()
-        try:
-            assert running.wait(30)
-            with pytest.raises(TargetInUseError, match="in use"):
-                clone(src, tdev)
-        finally:
-            release.set()
-            t.join(60)
-    assert not errors, errors
+        _second_job_refused(
+            lambda hold: clone(adev, tdev, threads=1, request_size=64 * KiB, progress=hold),
+            lambda: clone(src, tdev), "in use")
     assert _digest(tgt) == _digest(a)
 
 

@@ -627,13 +627,9 @@ clone(sys.argv[1], sys.argv[2], progress=seen, threads=1, request_size=4096)
 """
 
 
-def test_killed_clone_is_rerun(tmp_path: Path, mounted_fs: MountFs) -> None:
-    need_loop()
-    src = volume_dir(tmp_path, "src")
-    size = 40 * MiB
-    random_file(src / "disk.img", size)
-    tgt = volume_dir(mounted_fs("ext4", 96 * MiB), "pvc")   # another filesystem: no reflink
-    marker = tmp_path / "progress"
+def kill_mid_clone(src: Path, tgt: Path, marker: Path) -> int:
+    """Run a slow clone of SRC into TGT in a child and SIGKILL it once it made progress
+    (MARKER appears); the child's pid."""
     proc = subprocess.Popen([sys.executable, "-c", KILLED_CLONE, str(src), str(tgt), str(marker)])
     try:
         deadline = time.monotonic() + 20
@@ -647,6 +643,17 @@ def test_killed_clone_is_rerun(tmp_path: Path, mounted_fs: MountFs) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    return proc.pid
+
+
+def test_killed_clone_is_rerun(tmp_path: Path, mounted_fs: MountFs) -> None:
+    need_loop()
+    src = volume_dir(tmp_path, "src")
+    size = 40 * MiB
+    random_file(src / "disk.img", size)
+    tgt = volume_dir(mounted_fs("ext4", 96 * MiB), "pvc")   # another filesystem: no reflink
+    marker = tmp_path / "progress"
+    kill_mid_clone(src, tgt, marker)
     # The new disk was being written under a partial name: nothing named disk.img yet, and the
     # partial file is not taken for a disk.
     partial = tgt / "disk.img.cdimover-partial"
@@ -672,24 +679,12 @@ def test_killed_clone_over_an_existing_disk_is_marked(tmp_path: Path,
     tgt = volume_dir(mounted_fs("ext4", 96 * MiB), "pvc")
     random_file(tgt / "disk.img", 8 * MiB)            # an older disk, replaced in place
     marker = tmp_path / "progress"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_CLONE, str(src), str(tgt), str(marker)])
-    try:
-        deadline = time.monotonic() + 20
-        while not marker.exists():
-            assert proc.poll() is None, "the clone ended before it could be killed"
-            assert time.monotonic() < deadline, "no progress from the clone"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(10) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    pid = kill_mid_clone(src, tgt, marker)
     # The half-written disk says so: an xattr naming the job, and a clone from it is refused.
     mark = json.loads(os.getxattr(tgt / "disk.img", "user.cdimover.incomplete"))
-    assert mark["pid"] == proc.pid
+    assert mark["pid"] == pid
     vol = Volume.open(tgt)
-    assert vol.incomplete is not None and str(proc.pid) in vol.incomplete
+    assert vol.incomplete is not None and str(pid) in vol.incomplete
     other = volume_dir(tmp_path, "other")
     with pytest.raises(CloneValidationError, match="incomplete"):
         clone(vol, other)
