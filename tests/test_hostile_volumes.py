@@ -16,7 +16,6 @@ import random
 import shutil
 import stat
 import subprocess
-
 import tempfile
 import threading
 import time
