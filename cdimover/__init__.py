@@ -19,6 +19,7 @@ from .errors import (
     ImageFormatError,
     SourceInUseError,
     TargetTooSmallError,
+    UnsafeArchiveError,
     UnsafeImageError,
     UnsupportedImageError,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "ImageFormatError",
     "SourceInUseError",
     "TargetTooSmallError",
+    "UnsafeArchiveError",
     "UnsafeImageError",
     "UnsupportedImageError",
 ]

@@ -17,6 +17,7 @@ __all__ = [
     "CloneValidationError",
     "ConfigurationError",
     "ChecksumMismatchError",
+    "UnsafeArchiveError",
 ]
 
 
@@ -64,3 +65,9 @@ class ConfigurationError(CdimoverError, ValueError):
 
 class ChecksumMismatchError(CdimoverError):
     """The source's digest differs from the expected checksum; the written image was removed."""
+
+
+class UnsafeArchiveError(CdimoverError, ValueError):
+    """An archive was refused: a member would land outside the destination or go through a
+    symbolic link, is of a refused kind (device node, FIFO, hard link to a file the archive
+    did not extract), exceeds a limit, or the archive is malformed."""
