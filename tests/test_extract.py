@@ -586,3 +586,61 @@ def test_unprivileged_traversal_and_symlinks(tmp_path: Path) -> None:
         assert os.readlink(outer / "dest" / "out") == ".."
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The import pod (IMPORTER_CONTENTTYPE=archive)
+
+
+def run_import(tmp_path: Path, archive: Path, dest: Path,
+               **env: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """``cdimover pod import`` of ARCHIVE into DEST: (process, termination message)."""
+    log = tmp_path / "termination-log"
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("IMPORTER_", "DESTINATION", "OWNER_UID"))}
+    environ.update(IMPORTER_ENDPOINT=str(archive), IMPORTER_CONTENTTYPE="archive",
+                   DESTINATION=str(dest), OWNER_UID="uid-1", PYTHONPATH=str(ROOT), **env)
+    p = subprocess.run([sys.executable, "-m", "cdimover", "pod", "import", "--termination-log",
+                        str(log), "--metrics-address", "none"], env=environ,
+                       capture_output=True, text=True, timeout=120)
+    return p, log.read_text() if log.exists() else ""
+
+
+def test_pod_import_refuses_the_traversal_archive(tmp_path: Path, outer: Path) -> None:
+    dest = outer / "dest"
+    archive = cve_2025_4517(tmp_path / "cve.tar", dest)
+    before = snapshot(outer, skip=dest)
+    p, message = run_import(tmp_path, archive, dest)
+    assert p.returncode == 1
+    assert message.startswith("Unable to process data: unsafe archive member 'a/b/c/")
+    assert message.endswith(": its path goes through the symbolic link 'a', which is never "
+                            "followed")
+    assert p.stderr.startswith("cdimover: unsafe archive member") and p.stderr.count("\n") == 1
+    assert snapshot(outer, skip=dest) == before
+    assert (outer / "flag").read_text() == "original\n"
+
+
+def test_pod_checksum_mismatch_removes_what_the_archive_created(tmp_path: Path,
+                                                               outer: Path) -> None:
+    dest = outer / "dest"
+    (dest / "kept").write_text("there before\n")
+    a = Archive(tmp_path / "a.tar")
+    a.add("tree/sub/f", data=b"x" * 5000)
+    a.add("tree/out", tarfile.SYMTYPE, link=str(outer / "secret"))
+    a.add("top", tarfile.SYMTYPE, link=str(outer / "secret"))
+    a.add("disk.img", data=os.urandom(8192))
+    archive = a.close()
+    before = snapshot(outer, skip=dest)
+    p, message = run_import(tmp_path, archive, dest, IMPORTER_CHECKSUM="sha256:" + "0" * 64)
+    assert p.returncode == 1
+    assert message == (f"Unable to process data: checksum mismatch: IMPORTER_CHECKSUM is "
+                       f"sha256:{'0' * 64} but {archive} has sha256:{sha256(archive)}; the "
+                       f"written image was removed")
+    assert sorted(os.listdir(dest)) == ["kept"]
+    assert snapshot(outer, skip=dest) == before
+    # and with the right checksum, the same archive is extracted
+    p, message = run_import(tmp_path, archive, dest, IMPORTER_CHECKSUM=f"sha256:{sha256(archive)}")
+    assert p.returncode == 0, p.stderr
+    assert message == '{"message":"Import Complete","preallocationApplied":false}'
+    assert (dest / "tree" / "sub" / "f").read_bytes() == b"x" * 5000
+    assert os.readlink(dest / "top") == str(outer / "secret")
