@@ -6,10 +6,11 @@ Usage:  python3 bench/metrics_load.py [--size 1G] [--clients 500] [--runs 3]
 In one process, as a pod runs: a MetricsServer (HTTPS, self-signed certificate) serving a
 ProgressCounter, and ``cdimover.copy(SRC, DST, request_size=...)`` of a dense SIZE file whose
 progress callback feeds the counter.  In a child process, CLIENTS slow clients: each connects,
-sends a ClientHello, completes the handshake, then sends its request one byte a second, and
-reconnects whenever the server closes it (a third of them stop mid-handshake instead).  Each
-round times one copy without and one with the clients (page-cache-warm source, fdatasync'd
-target), and reports the server process's thread count and RSS with the clients connected.
+completes the TLS handshake, then sends its request one byte a second (a third of them send
+half a ClientHello and wait instead), and reconnects a second after the server closes it.
+Each round times one copy without and one with the clients (page-cache-warm source,
+fdatasync'd target) and reports this process's thread count, RSS and CPU time, and the
+clients' CPU use.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import signal
 import ssl
 import statistics
@@ -34,11 +36,8 @@ def _size(text: str) -> int:
     return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
 
 
-async def _client(port: int, stall_handshake: bool, stop: asyncio.Event) -> None:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    while not stop.is_set():
+async def _client(port: int, stall_handshake: bool, ctx: ssl.SSLContext) -> None:
+    while True:
         try:
             if stall_handshake:
                 # A TCP connection that sends half a ClientHello and waits.
@@ -55,16 +54,23 @@ async def _client(port: int, stall_handshake: bool, stop: asyncio.Event) -> None
                     await asyncio.sleep(1.0)
             writer.close()
         except (OSError, asyncio.TimeoutError, ssl.SSLError):
-            await asyncio.sleep(0.2)
+            pass
+        await asyncio.sleep(1.0)   # a slow client reconnects slowly too
 
 
 async def _clients(port: int, n: int) -> None:
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    tasks = [asyncio.create_task(_client(port, i % 3 == 2, stop)) for i in range(n)]
-    await stop.wait()
-    for t in tasks:
-        t.cancel()
+    """Run N clients until SIGTERM ends the process (its default action)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    tasks = [asyncio.create_task(_client(port, i % 3 == 2, ctx)) for i in range(n)]
+    await asyncio.gather(*tasks)
+
+
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process so far."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _status() -> tuple[int, int]:
@@ -100,30 +106,46 @@ def main() -> None:
         server = MetricsServer(new_registry(counter), "127.0.0.1:0", certfile=cert,
                                keyfile=key).start()
 
-        def copy() -> float:
+        cpu: dict[str, list[float]] = {"quiet": [], "loaded": []}
+
+        def progress(done: int, total: int) -> None:
+            counter.set(100 * done / total)
+
+        def copy(kind: str = "") -> float:
             if os.path.exists(dst):
                 os.unlink(dst)
-            t = time.monotonic()
-            def progress(done: int, total: int) -> None:
-                counter.set(100 * done / total)
-
+            c, t = _cpu(), time.monotonic()
             cdimover.copy(src, dst, request_size=args.request_size, progress=progress)
-            return time.monotonic() - t
+            t, c = time.monotonic() - t, _cpu() - c
+            if kind:
+                cpu[kind].append(c)
+            return t
 
         copy()   # warm the page cache with the source
         quiet, loaded, status = [], [], []
+        clients_cpu: list[float] = []
+        clients_total = 0.0
         try:
             for _ in range(args.runs):
-                quiet.append(copy())
+                quiet.append(copy("quiet"))
+                born = time.monotonic()
                 p = subprocess.Popen([sys.executable, __file__, "--client-port",
                                       str(server.port), "--clients", str(args.clients)])
                 try:
-                    time.sleep(5)
+                    time.sleep(8)
                     status.append(_status())
-                    loaded.append(copy())
+                    loaded.append(copy("loaded"))
                 finally:
                     p.send_signal(signal.SIGTERM)
-                    p.wait(timeout=30)
+                    try:
+                        p.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
+                    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    used = ru.ru_utime + ru.ru_stime - clients_total
+                    clients_total += used
+                    clients_cpu.append(used / (time.monotonic() - born))
                 time.sleep(2)
         finally:
             server.stop()
@@ -134,6 +156,10 @@ def main() -> None:
         print(f"  {args.clients} slow clients: median {lo:.2f} s  best {min(loaded):.2f} s  runs "
               f"{[round(x, 2) for x in loaded]}  (median {100 * (lo / q - 1):+.0f} %)")
         print(f"  threads / RSS with clients: {[(t, f'{r >> 10} MiB') for t, r in status]}")
+        print(f"  this process's CPU seconds during the copy: quiet "
+              f"{statistics.median(cpu['quiet']):.2f}, with clients "
+              f"{statistics.median(cpu['loaded']):.2f} (medians); the clients' process: "
+              f"{statistics.median(clients_cpu):.2f} CPU s/s")
 
 
 if __name__ == "__main__":

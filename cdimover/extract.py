@@ -263,6 +263,8 @@ class _Extractor:
             raise IsADirectoryError(errno.EISDIR, "a directory is in the way of the archive "
                                     "member", name)
         os.unlink(leaf, dir_fd=dfd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1:
+            self._inodes.discard(st.st_dev << 64 | st.st_ino)  # gone: its number may recur
         self._modified.add(parts[:-1])
         return st
 
