@@ -10,17 +10,22 @@ the ``ownerUID`` of the object it works for, valued in percent (0 to 100) and ne
 ``_total`` sample, as CDI's Go counters do (no ``_created`` sample).
 
 :class:`MetricsServer` serves a registry's text exposition on every path (``/metrics`` is what
-controllers ask for) from one daemon thread running an event loop (``selectors``), so a scrape is
-answered while the main thread waits in the native copy (which releases the GIL), and no number
-of clients costs more than that one thread.  Connections are bounded: at most
-``max_connections`` at once (32); at the limit a new connection is accepted and replaces the
-oldest one still waiting for its request (an idle or stalled client), or is closed at once when
-every connection is already being answered.  Each connection must complete its TLS handshake,
-request line and headers within ``header_timeout`` seconds (5) and be answered within
-``deadline`` seconds (10) of being accepted, or it is closed.  One request per connection
-(``Connection: close``); request heads above 8 KiB are answered 431.  With a certificate and key
-it serves HTTPS (TLS 1.2 or later, no renegotiation); the handshake is non-blocking, in the
-loop, so a stalled client holds up nobody.
+controllers ask for) from one daemon thread running an event loop (``selectors``), so a scrape
+is answered while the main thread waits in the native copy (which releases the GIL), and no
+number of clients costs more than that one thread.
+
+- At most ``max_connections`` (32) at once.  At the limit a new connection is accepted and
+  replaces the oldest connection that has waited ``evict_after`` seconds (1) or more for its
+  request (an idle or stalled client); when there is none it is closed at once, before any
+  TLS work, so clients that reconnect as fast as they are dropped cost at most 32 handshakes
+  a second.
+- A connection must complete its TLS handshake, request line and headers within
+  ``header_timeout`` seconds (5), and be answered within ``deadline`` seconds (10), of being
+  accepted, or it is closed.
+- One request per connection (``Connection: close``); a request head above 8 KiB is answered
+  431, a method other than GET or HEAD 405.
+- With a certificate and key it serves HTTPS (TLS 1.2 or later, no renegotiation); the
+  handshake is non-blocking, in the loop, so a stalled client holds up nobody.
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ HEADER_TIMEOUT: Final = 5.0
 request line and headers)."""
 DEADLINE: Final = 10.0
 """Default seconds from accepting a connection to the end of its response."""
+EVICT_AFTER: Final = 1.0
+"""Default seconds a connection waits for its request before a new one may replace it."""
 _MAX_HEAD: Final = 8192
 _ACCEPT_BURST: Final = 64
 _ACCEPT_PAUSE: Final = 0.1   # after EMFILE and the like
@@ -226,13 +233,14 @@ _HANDSHAKE, _READ, _WRITE = 0, 1, 2
 class _Connection:
     """One client: its socket, where it is in the exchange, and its deadlines."""
 
-    __slots__ = ("sock", "peer", "state", "head_by", "done_by", "inbuf", "outbuf")
+    __slots__ = ("sock", "peer", "state", "born", "head_by", "done_by", "inbuf", "outbuf")
 
     def __init__(self, sock: socket.socket, peer: object, state: int, now: float,
                  header_timeout: float, deadline: float) -> None:
         self.sock = sock
         self.peer = peer
         self.state = state
+        self.born = now
         self.head_by = now + header_timeout
         self.done_by = now + deadline
         self.inbuf = b""
@@ -256,13 +264,14 @@ class _Loop:
 
     def __init__(self, listener: socket.socket, tls: ssl.SSLContext | None,
                  registry: CollectorRegistry, *, max_connections: int,
-                 header_timeout: float, deadline: float) -> None:
+                 header_timeout: float, deadline: float, evict_after: float) -> None:
         self.listener = listener
         self.tls = tls
         self.registry = registry
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.deadline = deadline
+        self.evict_after = evict_after
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
@@ -336,7 +345,7 @@ class _Loop:
                 self.accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
                 return
             if len(self.conns) >= self.max_connections and not self._evict():
-                sock.close()   # every slot is answering a request: refuse this one
+                sock.close()   # no slot to take: refused before any TLS work
                 continue
             sock.setblocking(False)
             state = _READ
@@ -354,9 +363,12 @@ class _Loop:
             self.sel.register(sock, selectors.EVENT_READ, "conn")
 
     def _evict(self) -> bool:
-        """Close the oldest connection still waiting for its request; False when there is
-        none (every connection is being answered)."""
+        """Close the oldest connection that has waited EVICT_AFTER seconds or more for its
+        request; False when there is none."""
+        oldest = time.monotonic() - self.evict_after
         for sock, conn in self.conns.items():
+            if conn.born > oldest:
+                return False   # in accept order: the rest are younger still
             if conn.state != _WRITE:
                 log.debug("metrics: closing %s to make room", conn.peer)
                 self._close(sock)
@@ -476,20 +488,22 @@ class MetricsServer:
 
     HTTPS when CERTFILE and KEYFILE (PEM files) are given, plain HTTP otherwise.  Use as a
     context manager, or call :meth:`start` and :meth:`stop`; :attr:`port` is the bound port
-    (useful with port 0).  MAX_CONNECTIONS, HEADER_TIMEOUT and DEADLINE bound the clients as
-    the module docstring says; all the serving happens in one daemon thread.
+    (useful with port 0).  MAX_CONNECTIONS, HEADER_TIMEOUT, DEADLINE and EVICT_AFTER bound the
+    clients as the module docstring says; all the serving happens in one daemon thread.
     """
 
     def __init__(self, registry: CollectorRegistry, address: str, *,
                  certfile: str | None = None, keyfile: str | None = None,
                  max_connections: int = MAX_CONNECTIONS,
-                 header_timeout: float = HEADER_TIMEOUT, deadline: float = DEADLINE) -> None:
+                 header_timeout: float = HEADER_TIMEOUT, deadline: float = DEADLINE,
+                 evict_after: float = EVICT_AFTER) -> None:
         if (certfile is None) != (keyfile is None):
             raise ConfigurationError("metrics TLS: a certificate needs its key and a key its "
                                      "certificate")
-        if max_connections < 1 or header_timeout <= 0 or deadline < header_timeout:
-            raise ValueError("max_connections must be at least 1, header_timeout positive "
-                             "and deadline at least header_timeout")
+        if max_connections < 1 or header_timeout <= 0 or deadline < header_timeout \
+                or evict_after < 0:
+            raise ValueError("max_connections must be at least 1, header_timeout positive, "
+                             "deadline at least header_timeout and evict_after not negative")
         self.registry = registry
         self.address = address
         self.host, self.requested_port = parse_address(address)
@@ -497,6 +511,7 @@ class MetricsServer:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.deadline = deadline
+        self.evict_after = evict_after
         self._listener: socket.socket | None = None
         self._loop: _Loop | None = None
         self._thread: threading.Thread | None = None
@@ -533,7 +548,8 @@ class MetricsServer:
                 raise OSError(e.errno, f"cannot serve metrics: {e.strerror}",
                               self.address) from None
         loop = _Loop(listener, self.tls, self.registry, max_connections=self.max_connections,
-                     header_timeout=self.header_timeout, deadline=self.deadline)
+                     header_timeout=self.header_timeout, deadline=self.deadline,
+                     evict_after=self.evict_after)
         self._listener, self._loop = listener, loop
         self._thread = threading.Thread(target=loop.run, name="cdimover-metrics", daemon=True)
         self._thread.start()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cdimover.metrics import (HEADER_TIMEOUT, MetricsServer, ProgressCounter, new_registry,
-                              self_signed_certificate)
+from cdimover.metrics import (EVICT_AFTER, HEADER_TIMEOUT, MetricsServer, ProgressCounter,
+                              new_registry, self_signed_certificate)
 
 UID = "owner-1"
 SAMPLE = f'kubevirt_cdi_import_progress_total{{ownerUID="{UID}"}} 42.0'
@@ -108,6 +108,9 @@ def test_scrapes_answer_under_200_idle_and_stalled_clients(
         for _ in range(200):  # nothing at all
             connect(server.port, clients)
         started = time.monotonic()
+        # Clients that connected a moment ago keep their slots (the others were closed at
+        # once); once they have waited EVICT_AFTER, a new client takes the oldest one's.
+        time.sleep(EVICT_AFTER + 0.2)
         for _ in range(5):
             took, body = scrape(server.url)
             assert SAMPLE in body.splitlines()
@@ -159,18 +162,23 @@ def test_stalled_and_trickling_clients_are_closed_at_the_header_timeout(
         assert SAMPLE in scrape(server.url)[1].splitlines()
 
 
-def test_at_the_limit_the_oldest_waiting_connection_makes_room(
+def test_at_the_limit_new_clients_are_refused_until_one_has_waited(
         counter: ProgressCounter, clients: list[socket.socket]) -> None:
-    with MetricsServer(new_registry(counter), "127.0.0.1:0", max_connections=4) as server:
+    with MetricsServer(new_registry(counter), "127.0.0.1:0", max_connections=4,
+                       evict_after=0.5) as server:
         first = [connect(server.port, clients) for _ in range(4)]
-        time.sleep(0.2)
-        newest = connect(server.port, clients)
+        born = time.monotonic()
+        early = connect(server.port, clients)
+        assert closed_by_server(early, 0.3)             # every slot is young: refused
+        assert not any(closed_by_server(s, 0.05) for s in first)
+        time.sleep(max(0.0, born + 0.6 - time.monotonic()))
+        late = connect(server.port, clients)
         assert closed_by_server(first[0], 1.0)          # the oldest made room
-        assert not any(closed_by_server(s, 0.2) for s in first[1:])
-        newest.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-        newest.settimeout(2)
+        assert not any(closed_by_server(s, 0.1) for s in first[1:])
+        late.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        late.settimeout(2)
         reply = b""
-        while chunk := newest.recv(4096):
+        while chunk := late.recv(4096):
             reply += chunk
         assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and SAMPLE.encode() in reply
 
