@@ -59,6 +59,9 @@ _ZERO: Final = bytes(_BLOCK)
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _NS_MAX: Final = (1 << 63) - 1
+# tarfile's stream reads: larger than its 10 KiB default for fewer calls on big members; not
+# much larger, since it copies its buffer's remainder on every read of a small member.
+_STREAM_BUFFER: Final = 64 << 10
 # Header members tarfile reads whole into memory before it hands out the next member.
 _HEADER_TYPES: Final = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
                         tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
@@ -484,7 +487,8 @@ def extract_tar(stream: BinaryIO, dest_dir_fd: int, *, limits: Limits = Limits()
         def report() -> None:
             progress(reader.count)
     try:
-        with tarfile.open(fileobj=cast(BinaryIO, reader), mode="r|*", tarinfo=_Info) as tf:
+        with tarfile.open(fileobj=cast(BinaryIO, reader), mode="r|*", tarinfo=_Info,
+                          bufsize=_STREAM_BUFFER) as tf:
             while True:
                 m = tf.next()
                 if m is None:
