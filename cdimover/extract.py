@@ -120,9 +120,23 @@ def open_dir_nofollow(path: str | os.PathLike[str]) -> int:
 
 class _HeaderLimitedInfo(tarfile.TarInfo):
     """A TarInfo whose PAX and GNU long-name headers are refused above a size, before the
-    parser reads them into memory."""
+    parser reads them into memory, and for which a short or corrupt header is an error:
+    tarfile would end the archive there, silently, after the members it has read."""
 
     max_header_bytes = Limits().max_header_bytes
+
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str,
+                errors: str) -> _HeaderLimitedInfo:
+        if len(buf) != tarfile.BLOCKSIZE:
+            raise UnsafeArchiveError("truncated archive: it ends without an end-of-archive "
+                                     "block, or inside a header")
+        if buf.count(0) == tarfile.BLOCKSIZE:
+            return super().frombuf(buf, encoding, errors)  # the end-of-archive block: raises
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except tarfile.HeaderError as e:
+            raise UnsafeArchiveError(f"malformed archive: a header is corrupt ({e})") from None
 
     def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _HEADER_TYPES and self.size > self.max_header_bytes:

@@ -7,6 +7,7 @@ without capabilities.  Sparse members come from GNU tar's ``-S`` and keep their 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -16,7 +17,7 @@ import sys
 import tarfile
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -293,6 +294,37 @@ def test_malformed_and_truncated_archives(tmp_path: Path, outer: Path) -> None:
         f.truncate(512 + (16 << 10))
     with pytest.raises(UnsafeArchiveError):
         extract(cut, outer / "dest")
+
+
+def three_members(path: Path) -> bytes:
+    """A plain archive of three 1000-byte files f0, f1, f2 (1536 bytes each); its bytes."""
+    a = Archive(path)
+    for i in range(3):
+        a.add(f"f{i}", data=bytes([65 + i]) * 1000)
+    return a.close().read_bytes()
+
+
+@pytest.mark.parametrize("cut, message", [
+    (lambda b: b[:3 * 1536], "truncated archive: it ends without an end-of-archive block, or "
+     "inside a header"),
+    (lambda b: b[:1536 + 200], "truncated archive: it ends without an end-of-archive block, "
+     "or inside a header"),
+    (lambda b: gzip.compress(b)[:-40], "truncated archive: it ends without an end-of-archive "
+     "block, or inside a header"),
+    (lambda b: b[:1536 + 148] + b"0001234\0" + b[1536 + 156:], "malformed archive: a header is "
+     "corrupt (bad checksum)"),
+])
+def test_truncated_or_corrupt_archives_are_not_cut_short_silently(
+        tmp_path: Path, outer: Path, cut: Callable[[bytes], bytes], message: str) -> None:
+    """tarfile ends an archive quietly at a short or corrupt header once it has read a
+    member; the import must not report such an archive extracted."""
+    whole = three_members(tmp_path / "three.tar")
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(cut(whole))
+    with pytest.raises(UnsafeArchiveError) as e:
+        extract(bad, outer / "dest")
+    assert str(e.value) == message
+    assert extract(tmp_path / "three.tar", outer / "dest").files == 3
 
 
 def test_works_without_extraction_filters(tmp_path: Path, outer: Path,
