@@ -40,6 +40,7 @@ from .errors import (
     SourceInUseError,
     TargetInUseError,
     TargetTooSmallError,
+    UnsafeArchiveError,
     UnsafeImageError,
     UnsafeVolumeError,
     UnsupportedImageError,
@@ -108,6 +109,7 @@ __all__ = [
     "TargetInUseError",
     "UnsafeVolumeError",
     "TargetTooSmallError",
+    "UnsafeArchiveError",
     "UnsafeImageError",
     "UnsupportedImageError",
 ]

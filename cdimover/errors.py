@@ -21,6 +21,7 @@ __all__ = [
     "ConfigurationError",
     "ChecksumMismatchError",
     "Terminated",
+    "UnsafeArchiveError",
 ]
 
 
@@ -98,6 +99,12 @@ class ConfigurationError(CdimoverError, ValueError):
 
 class ChecksumMismatchError(CdimoverError):
     """The source's digest differs from the expected checksum; the written image was removed."""
+
+
+class UnsafeArchiveError(CdimoverError, ValueError):
+    """An archive was refused: a member would land outside the destination or go through a
+    symbolic link, is of a refused kind (device node, FIFO, hard link to a file the archive
+    did not extract), exceeds a limit, or the archive is malformed."""
 
 
 class Terminated(BaseException):

@@ -63,7 +63,9 @@ def open_dir(path: str, *, dir_fd: int | None = None, follow: bool = False) -> i
     try:
         return os.open(path, flags, dir_fd=dir_fd)
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        if e.errno == errno.ELOOP or (
+                e.errno == errno.ENOTDIR and not follow
+                and stat.S_ISLNK(os.stat(path, dir_fd=dir_fd, follow_symlinks=False).st_mode)):
             raise OSError(errno.ELOOP, "is a symbolic link, which is never followed here",
                           path) from None
         raise
@@ -92,8 +94,8 @@ def open_beneath(dir_fd: int, name: str, flags: int, mode: int = 0o600, *,
 
 def remove_beneath(dir_fd: int, name: str) -> None:
     """Remove entry NAME of DIR_FD whatever it is, never following a symlink; a directory is
-    removed with its whole tree, each level opened with ``O_NOFOLLOW``.  A missing entry is
-    not an error."""
+    removed with its whole tree, depth first with an explicit stack (no recursion limit), each
+    level opened with ``O_NOFOLLOW``.  A missing entry is not an error."""
     check_name(name)
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -105,13 +107,30 @@ def remove_beneath(dir_fd: int, name: str) -> None:
         except FileNotFoundError:
             pass
         return
-    sub = open_dir(name, dir_fd=dir_fd)
+    fd = open_dir(name, dir_fd=dir_fd)
+    # Frames: (parent descriptor, name in it, the directory's descriptor, children left).
+    stack: list[tuple[int, str, int, list[str]]] = [(dir_fd, name, fd, os.listdir(fd))]
     try:
-        for child in os.listdir(sub):
-            remove_beneath(sub, child)
+        while stack:
+            pfd, pname, dfd, children = stack[-1]
+            if not children:
+                stack.pop()
+                os.close(dfd)
+                os.rmdir(pname, dir_fd=pfd)
+                continue
+            child = children.pop()
+            try:
+                cst = os.stat(child, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(cst.st_mode):
+                cfd = open_dir(child, dir_fd=dfd)
+                stack.append((dfd, child, cfd, os.listdir(cfd)))
+            else:
+                os.unlink(child, dir_fd=dfd)
     finally:
-        os.close(sub)
-    os.rmdir(name, dir_fd=dir_fd)
+        for _, _, dfd, _ in stack:
+            os.close(dfd)
 
 
 def fsync_dir(dir_fd: int) -> None:

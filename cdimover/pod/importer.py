@@ -5,9 +5,6 @@ checksum verified before the disk is declared complete."""
 from __future__ import annotations
 
 import os
-import shutil
-import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -112,53 +109,36 @@ def _start_hasher(cfg: ImportConfig, progress: Progress,
     return Hasher(cfg.endpoint, cfg.checksum, progress.hashed, fd=fd).start()
 
 
-def _archive_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """tarfile's "data" filter (no absolute paths, no escapes, no devices, no setuid bits),
-    and no ownership, as ``tar x --no-same-owner`` extracts."""
-    safe = tarfile.data_filter(member, dest)
-    safe.uid = safe.gid = None  # type: ignore[assignment]
-    safe.uname = safe.gname = None  # type: ignore[assignment]
-    return safe
-
-
 def _import_archive(cfg: ImportConfig, progress: Progress) -> bool:
-    """Extract the tar archive (optionally compressed) at CFG.endpoint into the destination
-    directory; progress counts archive bytes read."""
-    extracted: set[str] = set()
-    hasher = _start_hasher(cfg, progress)
-    try:
-        with open(cfg.endpoint, "rb") as raw:
-            total = os.fstat(raw.fileno()).st_size
-            with tarfile.open(fileobj=raw, mode="r:*") as tar:
-                def members() -> Iterator[tarfile.TarInfo]:
-                    for m in tar:
-                        extracted.add(m.name.lstrip("/").split("/", 1)[0])
-                        yield m
-                        progress.copied(min(raw.tell(), total), total)
+    """Extract the tar archive (optionally compressed) at CFG.endpoint beneath the
+    destination directory with :func:`cdimover.io.extract.extract_tar`: nothing is written
+    outside it and no link is followed; progress counts archive bytes read.  The archive is
+    opened once (the checksum pass reads the same open file).  On a checksum mismatch the
+    entries the archive created or replaced at the top of the destination are removed,
+    without following links."""
+    from ..io.extract import extract_tar, open_dir_nofollow, remove_entries
 
-                tar.extractall(cfg.destination, members=members(), filter=_archive_filter)
-        os.sync()  # the extracted files are durable before success is reported
-        progress.copied(total, total)
-    except BaseException:
-        if hasher is not None:
-            hasher.stop()
-        raise
-    if hasher is not None:
+    with open(cfg.endpoint, "rb") as raw:
+        dest_fd = open_dir_nofollow(cfg.destination)
         try:
-            hasher.verify()
-        except ChecksumMismatchError:
-            for name in extracted:
-                if name in ("", ".", ".."):
-                    continue
-                p = os.path.join(cfg.destination, name)
-                if os.path.isdir(p) and not os.path.islink(p):
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    try:
-                        os.unlink(p)
-                    except FileNotFoundError:
-                        pass
-            raise
+            hasher = _start_hasher(cfg, progress, raw.fileno())
+            try:
+                total = os.fstat(raw.fileno()).st_size
+                result = extract_tar(
+                    raw, dest_fd, progress=lambda n: progress.copied(min(n, total), total))
+                progress.copied(total, total)  # extract_tar synced what it wrote
+            except BaseException:
+                if hasher is not None:
+                    hasher.stop()
+                raise
+            if hasher is not None:
+                try:
+                    hasher.verify()
+                except ChecksumMismatchError:
+                    remove_entries(dest_fd, result.entries)
+                    raise
+        finally:
+            os.close(dest_fd)
     return False
 
 

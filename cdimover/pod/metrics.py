@@ -10,27 +10,41 @@ the ``ownerUID`` of the object it works for, valued in percent (0 to 100) and ne
 ``_total`` sample, as CDI's Go counters do (no ``_created`` sample).
 
 :class:`MetricsServer` serves a registry's text exposition on every path (``/metrics`` is what
-controllers ask for) from a ``ThreadingHTTPServer`` in a daemon thread, so a scrape is answered
-while the main thread waits in the native copy (which releases the GIL).  With a certificate
-and key it serves HTTPS; the TLS handshake runs in the thread of each connection, never in the
-accepting thread, so a stalled client cannot hold up other scrapes.
+controllers ask for) from one daemon thread running an event loop (``selectors``), so a scrape
+is answered while the main thread waits in the native copy (which releases the GIL), and no
+number of clients costs more than that one thread.
+
+- At most ``max_connections`` (32) at once.  At the limit a new connection is accepted and
+  replaces the oldest connection that has waited ``evict_after`` seconds (1) or more for its
+  request (an idle or stalled client); when there is none it is closed at once, before any
+  TLS work, so clients that reconnect as fast as they are dropped cost at most 32 handshakes
+  a second.
+- A connection must complete its TLS handshake, request line and headers within
+  ``header_timeout`` seconds (5), and be answered within ``deadline`` seconds (10), of being
+  accepted, or it is closed.
+- One request per connection (``Connection: close``); a request head above 8 KiB is answered
+  431, a method other than GET or HEAD 405.
+- With a certificate and key it serves HTTPS (TLS 1.2 or later, no renegotiation); the
+  handshake is non-blocking, in the loop, so a stalled client holds up nobody.
 """
 
 from __future__ import annotations
 
 import errno
+import gzip
 import logging
+import selectors
 import socket
-import socketserver
 import ssl
 import threading
+import time
+import urllib.parse
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Final, Literal
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.exposition import MetricsHandler
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
 from ..errors import ConfigurationError
@@ -57,8 +71,18 @@ IMPORT_PROGRESS: Final = "kubevirt_cdi_import_progress"
 _NAMES: Final = {"clone": CLONE_PROGRESS, "import": IMPORT_PROGRESS}
 _HELP: Final = {"clone": "The clone progress in percentage",
                 "import": "The import progress in percentage"}
-# Seconds a connection may stay silent (TLS handshake, request line) before it is dropped.
-_CONNECTION_TIMEOUT: Final = 10.0
+MAX_CONNECTIONS: Final = 32
+"""Connections served at once by default."""
+HEADER_TIMEOUT: Final = 5.0
+"""Default seconds from accepting a connection to its complete request head (TLS handshake,
+request line and headers)."""
+DEADLINE: Final = 10.0
+"""Default seconds from accepting a connection to the end of its response."""
+EVICT_AFTER: Final = 1.0
+"""Default seconds a connection waits for its request before a new one may replace it."""
+_MAX_HEAD: Final = 8192
+_ACCEPT_BURST: Final = 64
+_ACCEPT_PAUSE: Final = 0.1   # after EMFILE and the like
 
 
 class ProgressCounter(Collector):
@@ -132,41 +156,6 @@ def parse_address(text: str, *, what: str = "--metrics-address") -> tuple[str, i
     return host, int(port_text)
 
 
-class _Server(ThreadingHTTPServer):
-    """A ThreadingHTTPServer for one family, dual-stack when bound to every IPv6 address,
-    whose connections are TLS-wrapped when it has an SSL context."""
-
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 family: socket.AddressFamily, tls: ssl.SSLContext | None) -> None:
-        self.address_family = family
-        self.tls = tls
-        super().__init__(address, handler)
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            # Every address of both families, as Go's ":8443" listens.
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        # TCPServer's bind, without HTTPServer's reverse DNS lookup of the bound address
-        # (which can hang in a pod without DNS).
-        socketserver.TCPServer.server_bind(self)
-        self.server_name = str(self.server_address[0])
-        self.server_port = int(self.server_address[1])
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        conn, addr = self.socket.accept()
-        conn.settimeout(_CONNECTION_TIMEOUT)
-        if self.tls is not None:
-            # The handshake happens on the first read, in the connection's own thread.
-            conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
-        return conn, addr
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        log.debug("metrics: request from %s failed", client_address, exc_info=True)
-
-
 def _family_for(host: str) -> tuple[str, socket.AddressFamily]:
     """The address to bind and its family: an empty host is every address (IPv6 dual-stack
     where the kernel has IPv6, else IPv4)."""
@@ -186,6 +175,7 @@ def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
     """A server-side TLS context (TLS 1.2 or later) with CERTFILE and KEYFILE (PEM)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     try:
         ctx.load_cert_chain(certfile, keyfile)
     except ssl.SSLError as e:
@@ -237,32 +227,301 @@ def self_signed_certificate(directory: str, *, days: int = 365) -> tuple[str, st
     return certfile, keyfile
 
 
+_HANDSHAKE, _READ, _WRITE = 0, 1, 2
+
+
+class _Connection:
+    """One client: its socket, where it is in the exchange, and its deadlines."""
+
+    __slots__ = ("sock", "peer", "state", "born", "head_by", "done_by", "inbuf", "outbuf")
+
+    def __init__(self, sock: socket.socket, peer: object, state: int, now: float,
+                 header_timeout: float, deadline: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.state = state
+        self.born = now
+        self.head_by = now + header_timeout
+        self.done_by = now + deadline
+        self.inbuf = b""
+        self.outbuf = b""
+
+    def expires(self) -> float:
+        """When this connection is closed unless it has progressed."""
+        return self.done_by if self.state == _WRITE else min(self.head_by, self.done_by)
+
+
+def _response(status: str, headers: list[tuple[str, str]], body: bytes, *,
+              head_only: bool = False) -> bytes:
+    lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers),
+             f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + (b"" if head_only else body)
+
+
+class _Loop:
+    """The event loop serving LISTENER: accepts, TLS handshakes, reads request heads and
+    writes responses, all non-blocking, in the one thread that calls :meth:`run`."""
+
+    def __init__(self, listener: socket.socket, tls: ssl.SSLContext | None,
+                 registry: CollectorRegistry, *, max_connections: int,
+                 header_timeout: float, deadline: float, evict_after: float) -> None:
+        self.listener = listener
+        self.tls = tls
+        self.registry = registry
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.deadline = deadline
+        self.evict_after = evict_after
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.stopping = False
+        # In accept order, so the first one found waiting for its request is the oldest.
+        self.conns: dict[socket.socket, _Connection] = {}
+        self.accept_paused_until = 0.0
+
+    def stop(self) -> None:
+        """Ask the loop to end (from any thread)."""
+        self.stopping = True
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`; then close every connection (not the listener)."""
+        self.sel.register(self.listener, selectors.EVENT_READ, "accept")
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                wake = [c.expires() for c in self.conns.values()]
+                if self.accept_paused_until:
+                    wake.append(self.accept_paused_until)
+                timeout = max(0.0, min(wake) - now) if wake else None
+                for key, _ in self.sel.select(timeout):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._drain_wake()
+                    else:
+                        self._step(key.fileobj)  # type: ignore[arg-type]
+                self._expire()
+        finally:
+            for sock in list(self.conns):
+                self._close(sock)
+            self.sel.close()
+            self.wake_r.close()
+            self.wake_w.close()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self.wake_r.recv(64):
+                pass
+        except OSError:
+            pass
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        if self.accept_paused_until and now >= self.accept_paused_until:
+            self.accept_paused_until = 0.0
+            self.sel.register(self.listener, selectors.EVENT_READ, "accept")
+        for sock, conn in list(self.conns.items()):
+            if now >= conn.expires():
+                log.debug("metrics: closing %s: too slow", conn.peer)
+                self._close(sock)
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BURST):
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:
+                # Out of descriptors or memory: stop accepting for a moment rather than spin.
+                log.warning("metrics: cannot accept a connection: %s", e.strerror or e)
+                self.sel.unregister(self.listener)
+                self.accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
+                return
+            if len(self.conns) >= self.max_connections and not self._evict():
+                sock.close()   # no slot to take: refused before any TLS work
+                continue
+            sock.setblocking(False)
+            state = _READ
+            if self.tls is not None:
+                try:
+                    sock = self.tls.wrap_socket(sock, server_side=True,
+                                                do_handshake_on_connect=False)
+                except (OSError, ValueError):
+                    sock.close()
+                    continue
+                state = _HANDSHAKE
+            now = time.monotonic()
+            self.conns[sock] = _Connection(sock, peer, state, now, self.header_timeout,
+                                           self.deadline)
+            self.sel.register(sock, selectors.EVENT_READ, "conn")
+
+    def _evict(self) -> bool:
+        """Close the oldest connection that has waited EVICT_AFTER seconds or more for its
+        request; False when there is none."""
+        oldest = time.monotonic() - self.evict_after
+        for sock, conn in self.conns.items():
+            if conn.born > oldest:
+                return False   # in accept order: the rest are younger still
+            if conn.state != _WRITE:
+                log.debug("metrics: closing %s to make room", conn.peer)
+                self._close(sock)
+                return True
+        return False
+
+    def _close(self, sock: socket.socket) -> None:
+        self.conns.pop(sock, None)
+        try:
+            self.sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+    def _want(self, sock: socket.socket, events: int) -> None:
+        self.sel.modify(sock, events, "conn")
+
+    def _step(self, sock: socket.socket) -> None:
+        """Advance SOCK's exchange as far as it goes without blocking."""
+        conn = self.conns.get(sock)
+        if conn is None:
+            return
+        try:
+            if conn.state == _HANDSHAKE:
+                assert isinstance(sock, ssl.SSLSocket)
+                sock.do_handshake()
+                conn.state = _READ
+            if conn.state == _READ:
+                while True:
+                    data = sock.recv(4096)
+                    if not data:
+                        self._close(sock)   # gone before asking
+                        return
+                    conn.inbuf += data
+                    end = conn.inbuf.find(b"\r\n\r\n")
+                    if end < 0:
+                        end = conn.inbuf.find(b"\n\n")
+                    if 0 <= end <= _MAX_HEAD:
+                        conn.outbuf = self._answer(conn.inbuf[:end])
+                        break
+                    if len(conn.inbuf) > _MAX_HEAD:
+                        conn.outbuf = _response("431 Request Header Fields Too Large", [],
+                                                b"")
+                        break
+                conn.state = _WRITE
+                conn.inbuf = b""
+            while conn.outbuf:
+                n = sock.send(conn.outbuf)
+                conn.outbuf = conn.outbuf[n:]
+            self._close(sock)
+        except ssl.SSLWantReadError:
+            self._want(sock, selectors.EVENT_READ)
+        except ssl.SSLWantWriteError:
+            self._want(sock, selectors.EVENT_WRITE)
+        except (BlockingIOError, InterruptedError):
+            self._want(sock, selectors.EVENT_WRITE if conn.state == _WRITE
+                       else selectors.EVENT_READ)
+        except Exception:  # noqa: BLE001 - one client's failure never stops the server
+            log.debug("metrics: connection from %s failed", conn.peer, exc_info=True)
+            self._close(sock)
+
+    def _answer(self, head: bytes) -> bytes:
+        """The response to the request HEAD (request line and headers): the exposition for
+        GET (and its headers for HEAD) on every path, as prometheus_client's handler does
+        (``Accept`` picks the format, ``name[]`` restricts, gzip when accepted)."""
+        lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+        parts = lines[0].split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return _response("400 Bad Request", [], b"")
+        method, target, _ = parts
+        if method not in ("GET", "HEAD"):
+            return _response("405 Method Not Allowed", [("Allow", "GET, HEAD")], b"")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        params = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)
+        registry: Collector = self.registry
+        if "name[]" in params:
+            registry = self.registry.restricted_registry(params["name[]"])
+        try:
+            encoder, content_type = choose_encoder(headers.get("accept", ""))
+            body = encoder(registry)
+        except Exception:  # noqa: BLE001 - a collector's failure is the scrape's, not ours
+            log.warning("metrics: cannot render the exposition", exc_info=True)
+            return _response("500 Internal Server Error", [], b"")
+        out = [("Content-Type", content_type)]
+        if gzip_accepted(headers.get("accept-encoding", "")):
+            body = gzip.compress(body)
+            out.append(("Content-Encoding", "gzip"))
+        return _response("200 OK", out, body, head_only=method == "HEAD")
+
+
+def _listen(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
+    """A non-blocking listening socket on (HOST, PORT); every address of both families when
+    HOST is the IPv6 wildcard, as Go's ":8443" listens."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class MetricsServer:
     """Serve REGISTRY's Prometheus text exposition at ADDRESS (``HOST:PORT``).
 
     HTTPS when CERTFILE and KEYFILE (PEM files) are given, plain HTTP otherwise.  Use as a
     context manager, or call :meth:`start` and :meth:`stop`; :attr:`port` is the bound port
-    (useful with port 0).
+    (useful with port 0).  MAX_CONNECTIONS, HEADER_TIMEOUT, DEADLINE and EVICT_AFTER bound the
+    clients as the module docstring says; all the serving happens in one daemon thread.
     """
 
     def __init__(self, registry: CollectorRegistry, address: str, *,
-                 certfile: str | None = None, keyfile: str | None = None) -> None:
+                 certfile: str | None = None, keyfile: str | None = None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 header_timeout: float = HEADER_TIMEOUT, deadline: float = DEADLINE,
+                 evict_after: float = EVICT_AFTER) -> None:
         if (certfile is None) != (keyfile is None):
             raise ConfigurationError("metrics TLS: a certificate needs its key and a key its "
                                      "certificate")
+        if max_connections < 1 or header_timeout <= 0 or deadline < header_timeout \
+                or evict_after < 0:
+            raise ValueError("max_connections must be at least 1, header_timeout positive, "
+                             "deadline at least header_timeout and evict_after not negative")
         self.registry = registry
         self.address = address
         self.host, self.requested_port = parse_address(address)
         self.tls = tls_context(certfile, keyfile) if certfile and keyfile else None
-        self._server: _Server | None = None
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.deadline = deadline
+        self.evict_after = evict_after
+        self._listener: socket.socket | None = None
+        self._loop: _Loop | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         """The port bound (the requested one, or the kernel's choice for port 0)."""
-        if self._server is None:
+        if self._listener is None:
             return self.requested_port
-        return int(self._server.server_address[1])
+        return int(self._listener.getsockname()[1])
 
     @property
     def url(self) -> str:
@@ -274,39 +533,40 @@ class MetricsServer:
         return f"{scheme}://{host}:{self.port}/metrics"
 
     def start(self) -> MetricsServer:
-        """Bind and start serving in a daemon thread.  OSError (EADDRINUSE...) naming the
-        address when the socket cannot be bound."""
-        if self._server is not None:
+        """Bind (in the calling thread) and start serving in a daemon thread.  OSError
+        (EADDRINUSE...) naming the address when the socket cannot be bound."""
+        if self._listener is not None:
             return self
         bind_host, family = _family_for(self.host)
-        handler: type[BaseHTTPRequestHandler] = MetricsHandler.factory(self.registry)
         try:
-            self._server = _Server((bind_host, self.requested_port), handler, family, self.tls)
+            listener = _listen(bind_host, self.requested_port, family)
         except OSError as e:
             if self.host == "" and family == socket.AF_INET6 and e.errno in (
                     errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                self._server = _Server(("0.0.0.0", self.requested_port), handler,
-                                       socket.AF_INET, self.tls)
+                listener = _listen("0.0.0.0", self.requested_port, socket.AF_INET)
             else:
                 raise OSError(e.errno, f"cannot serve metrics: {e.strerror}",
                               self.address) from None
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.2},
-                                        name="cdimover-metrics", daemon=True)
+        loop = _Loop(listener, self.tls, self.registry, max_connections=self.max_connections,
+                     header_timeout=self.header_timeout, deadline=self.deadline,
+                     evict_after=self.evict_after)
+        self._listener, self._loop = listener, loop
+        self._thread = threading.Thread(target=loop.run, name="cdimover-metrics", daemon=True)
         self._thread.start()
         log.info("serving progress metrics on %s", self.url)
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the socket (idempotent)."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None:
+        """Stop serving, close every connection and the socket (idempotent)."""
+        listener, loop, thread = self._listener, self._loop, self._thread
+        self._listener = self._loop = self._thread = None
+        if listener is None:
             return
-        server.shutdown()
-        server.server_close()
+        if loop is not None:
+            loop.stop()
         if thread is not None:
             thread.join(timeout=5)
+        listener.close()
 
     def __enter__(self) -> MetricsServer:
         return self.start()

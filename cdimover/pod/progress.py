@@ -51,7 +51,12 @@ class Progress:
 
 
 class Hasher:
-    """Hash a file in a daemon thread, 4 MiB at a time, reporting progress; stoppable."""
+    """Hash a file in a daemon thread, 4 MiB at a time, reporting progress; stoppable.
+
+    What it read is dropped from the page cache as it goes (``POSIX_FADV_DONTNEED`` after
+    each chunk, and over the whole file at the end), so a pass over a large source does not
+    fill the pod's memory cgroup with cache; pages another reader brings in again are that
+    reader's."""
 
     def __init__(self, path: str, checksum: Checksum,
                  progress: Callable[[int, int], None], *, fd: int | None = None) -> None:
@@ -88,9 +93,11 @@ class Hasher:
                     if n == 0:
                         break
                     h.update(view[:n])
+                    _drop_cache(fd, done, n)
                     done += n
                     self.progress(done, total)
             finally:
+                _drop_cache(fd, 0, 0)  # and what readahead brought in beyond the last chunk
                 os.close(fd)
             if not self._stop.is_set():
                 self._digest = h.hexdigest()
@@ -111,6 +118,15 @@ class Hasher:
             raise ChecksumMismatchError(
                 f"checksum mismatch: IMPORTER_CHECKSUM is {self.checksum} but {self.path} has "
                 f"{self.checksum.algorithm}:{self._digest}; the written image was removed")
+
+
+def _drop_cache(fd: int, offset: int, length: int) -> None:
+    """Drop FD's clean cached pages in [OFFSET, OFFSET+LENGTH) (LENGTH 0: to the end); a
+    file that cannot be advised (a pipe) keeps them."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
 
 
 def sync_quietly(path: str) -> None:
