@@ -780,3 +780,32 @@ def test_metrics_default_to_https_with_a_self_signed_certificate(
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+def test_import_decides_the_format_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The importer examines the image once (format probe, header, refusals) and hands what it
+    # found to the conversion: nothing about the format is read twice.
+    from cdimover.ops import convert as convert_mod
+    from cdimover.pod.config import import_config
+    from cdimover.pod.importer import run_import
+
+    qemu_img = need_tool("qemu-img")
+    raw = tmp_path / "image.raw"
+    write_layout(raw, SMALL)
+    image = tmp_path / "image.qcow2"
+    subprocess.run([qemu_img, "convert", "-O", "qcow2", str(raw), str(image)], check=True,
+                   env=TOOL_ENV)
+    dst = tmp_path / "data"
+    dst.mkdir()
+    calls: list[str] = []
+    real = convert_mod.choose_format
+
+    def counting(*args: object, **kwargs: object) -> str:
+        calls.append("choose_format")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(convert_mod, "choose_format", counting)
+    cfg = import_config({"IMPORTER_ENDPOINT": str(image), "DESTINATION": str(dst)})
+    run_import(cfg, ProgressCounter("import", UID))
+    assert calls == ["choose_format"]
+    assert sha256_prefix(dst / "disk.img", SMALL.size) == sha256_prefix(raw, SMALL.size)

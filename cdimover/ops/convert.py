@@ -17,14 +17,14 @@ from collections.abc import Callable
 from .. import _native
 from .._native import Context, ProgressFn
 from ..errors import ImageFormatError, UnsafeImageError
-from ..formats.qcow2 import Format, choose_format, inspect_fd, refusal
+from ..formats.qcow2 import Format, ImageInfo, choose_format, inspect_fd, refusal
 from ..io.endpoints import Place, Source, open_source, open_target
 from ..types import CopyResult, ScanMethod
 from .copy import Tuning, check_target_size, copy_endpoints, copy_opts, final_size_for, \
     grow_target, make_result, room_needed
 from .prealloc import preallocation_mode
 
-__all__ = ["convert"]
+__all__ = ["convert", "examine"]
 
 
 def convert(source: str | os.PathLike[str] | Source, target: str | os.PathLike[str] | Place, *,
@@ -32,7 +32,8 @@ def convert(source: str | os.PathLike[str] | Source, target: str | os.PathLike[s
             target_is_zero: bool = False, progress: ProgressFn | None = None,
             target_size: int | None = None, threads: int = 0, request_size: int = 0,
             context: Context | None = None,
-            verify: Callable[[], object] | None = None) -> CopyResult:
+            verify: Callable[[], object] | None = None,
+            image: ImageInfo | None = None) -> CopyResult:
     """Write the guest disk of SOURCE (QCOW2 or RAW) to TARGET as RAW, bit-exact, sparse and
     durable.
 
@@ -52,6 +53,8 @@ def convert(source: str | os.PathLike[str] | Source, target: str | os.PathLike[s
     - TARGET_IS_ZERO: an existing block-device target is known to read as zeros.
     - PROGRESS: progress(done, total) in guest bytes, as for copy().
     - VERIFY: called once the data is durable, before the target is declared complete.
+    - IMAGE: what :func:`examine` found for SOURCE (an open Source), so that the format and
+      header are not decided twice.
 
     Raises ImageFormatError for malformed images and the corrupt bit, UnsafeImageError for
     backing and external data files, UnsupportedImageError for encryption, unknown features
@@ -69,7 +72,9 @@ def convert(source: str | os.PathLike[str] | Source, target: str | os.PathLike[s
             return _convert_open(ctx, source, target, source_format=source_format,
                                  target_is_zero=target_is_zero, progress=progress,
                                  start=start, preallocation=prealloc, target_size=target_size,
-                                 tuning=tuning, verify=verify)
+                                 tuning=tuning, verify=verify, image=image)
+        if image is not None:
+            raise ValueError("image= describes an open Source; pass that Source as source")
         with open_source(source, ctx=ctx) as src:
             return _convert_open(ctx, src, target, source_format=source_format,
                                  target_is_zero=target_is_zero, progress=progress,
@@ -80,19 +85,39 @@ def convert(source: str | os.PathLike[str] | Source, target: str | os.PathLike[s
             ctx.close()
 
 
-def _convert_open(ctx: Context, src: Source, target: str | os.PathLike[str] | Place, *,
-                  source_format: str, target_is_zero: bool, progress: ProgressFn | None,
-                  start: float, preallocation: str, target_size: int | None,
-                  tuning: Tuning, verify: Callable[[], object] | None) -> CopyResult:
-    """convert() once the source is open."""
-    if choose_format(src.fd, src.size, source_format, src.path) == "raw":
-        return copy_endpoints(ctx, src, target, prealloc=preallocation, target_size=target_size,
-                          reflink="auto", target_is_zero=target_is_zero, progress=progress,
-                          tuning=tuning, start=start, verify=verify)
-    info = inspect_fd(ctx, src.fd, src.path, "qcow2", src.probe)
+def examine(src: Source, source_format: Format = "auto", *,
+            context: Context | None = None) -> ImageInfo:
+    """Decide, once, what the open SOURCE holds and whether it may be converted: the format
+    probe (containers raise UnsupportedImageError), the QCOW2 header validated and the
+    refusals applied (backing or data files, encryption...).  The ImageInfo (format "raw" or
+    "qcow2", virtual size) can be handed to convert(image=...) so nothing is read again."""
+    if source_format not in ("auto", "raw", "qcow2"):
+        raise ValueError(f"source_format={source_format!r}: expected 'auto', 'raw' or 'qcow2'")
+    ctx = context or Context()
+    try:
+        fmt = choose_format(src.fd, src.size, source_format, src.path)
+        info = inspect_fd(ctx, src.fd, src.path, fmt, src.probe)
+    finally:
+        if context is None:
+            ctx.close()
     refused = refusal(info)
     if refused is not None:
         raise refused
+    return info
+
+
+def _convert_open(ctx: Context, src: Source, target: str | os.PathLike[str] | Place, *,
+                  source_format: str, target_is_zero: bool, progress: ProgressFn | None,
+                  start: float, preallocation: str, target_size: int | None,
+                  tuning: Tuning, verify: Callable[[], object] | None,
+                  image: ImageInfo | None = None) -> CopyResult:
+    """convert() once the source is open (IMAGE: what examine() found, if the caller has it)."""
+    info = image if image is not None else examine(src, source_format,  # type: ignore[arg-type]
+                                                   context=ctx)
+    if info.format == "raw":
+        return copy_endpoints(ctx, src, target, prealloc=preallocation, target_size=target_size,
+                              reflink="auto", target_is_zero=target_is_zero, progress=progress,
+                              tuning=tuning, start=start, verify=verify)
     final_size = final_size_for(info.virtual_size, target_size)
     # A QCOW2 image's clusters may expand (compression): its data may need the virtual size.
     need = room_needed(final_size, preallocation, None)

@@ -5,7 +5,6 @@ checksum verified before the disk is declared complete."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ChecksumMismatchError, TargetTooSmallError
@@ -16,36 +15,6 @@ if TYPE_CHECKING:
     from .metrics import ProgressCounter
 
 __all__ = ["run_import"]
-
-
-@dataclass(frozen=True, slots=True)
-class _Image:
-    """A source image: its format ("raw" or "qcow2") and virtual size."""
-
-    format: str
-    virtual_size: int
-
-
-def _inspect_image(fd: int, path: str) -> _Image:
-    """Identify the image open as FD (named PATH) with the one format probe (cdimover.detect):
-    QCOW2 or RAW; the containers cdimover does not convert (VMDK, VHDX, VDI, VHD, QED, LUKS,
-    compressed images, tar, ...) raise UnsupportedImageError rather than being copied as
-    RAW."""
-    from .._native import Context, probe
-    from ..io.detect import require_supported
-
-    size = os.lseek(fd, 0, os.SEEK_END)
-    found = require_supported(fd, size, path)
-    if found.format != "qcow2":
-        return _Image("raw", size)
-    from ..formats.qcow2 import inspect_fd, refusal
-
-    with Context() as ctx:
-        info = inspect_fd(ctx, fd, path, "qcow2", probe(ctx, fd, path))
-    refused = refusal(info)  # backing or data files, encryption: before any write
-    if refused is not None:
-        raise refused
-    return _Image("qcow2", info.virtual_size)
 
 
 def _wipe_device(path: str, length: int) -> None:
@@ -63,11 +32,11 @@ def _import_disk(cfg: ImportConfig, progress: Progress, *, threads: int,
     The image is opened once; its checksum, when asked for, is verified before the disk is
     declared complete (a new disk.img is then never left behind)."""
     from ..io.endpoints import open_source
-    from ..ops.convert import convert
+    from ..ops.convert import convert, examine
     from ..cdi.volume import BLOCK, Volume, target_place
 
     with open_source(cfg.endpoint) as src:
-        image = _inspect_image(src.fd, cfg.endpoint)
+        image = examine(src)        # the format and header, decided once for the whole import
         vol = Volume.open(cfg.destination, cfg.filesystem_overhead)
         if image.virtual_size > vol.capacity:
             raise TargetTooSmallError.of(vol.disk_path, image.virtual_size, vol.capacity,
@@ -82,8 +51,7 @@ def _import_disk(cfg: ImportConfig, progress: Progress, *, threads: int,
         hasher = _start_hasher(cfg, progress, src.fd)
         place, dir_fd = target_place(vol)
         try:
-            result = convert(src, place, source_format="qcow2" if image.format == "qcow2"
-                             else "raw",
+            result = convert(src, place, image=image,
                              preallocation="falloc" if cfg.preallocation else "off",
                              progress=progress.copied, target_size=grow_to, threads=threads,
                              request_size=request_size,
