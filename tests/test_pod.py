@@ -119,8 +119,11 @@ def popen() -> Iterator[Callable[..., subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
 
     def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+        # A pod gets SIGINT's default disposition even when this suite runs in a background
+        # job, which starts with SIGINT ignored (and Python then keeps it ignored).
         p = subprocess.Popen(args, env=pod_env(**env), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         procs.append(p)
         return p
 
