@@ -221,10 +221,14 @@ def _cmd_prealloc(args: argparse.Namespace) -> int:
 
 
 def _cmd_clone(args: argparse.Namespace) -> int:
-    from .cdi.volume import clone
+    from .cdi.volume import Volume, clone
 
+    # Paths typed on the command line are the user's own: a symbolic link such as
+    # /dev/disk/by-id/... is followed there (never inside a volume).
+    source = Volume.open(args.source, args.filesystem_overhead, follow_symlinks=True)
+    target = Volume.open(args.target, args.filesystem_overhead, follow_symlinks=True)
     with _progress(args, "clone") as cb:
-        r = clone(args.source, args.target, content_type=args.content_type,
+        r = clone(source, target, content_type=args.content_type,
                   preallocation=args.preallocation, filesystem_overhead=args.filesystem_overhead,
                   target_size=args.target_size, force=args.force, progress=cb)
     if r.copy is not None:

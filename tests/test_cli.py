@@ -477,3 +477,22 @@ def test_readme_manifests_are_clone_requests() -> None:
         ("fedora-clone", "golden-images", "fedora-40", 10 << 30),
         ("fedora-vm-disk", "golden-images", "fedora-40", 10 << 30)]
     assert all(r.target_namespace == "vms" and r.cross_namespace for r in reqs)
+
+
+def test_clone_follows_a_device_link_typed_by_the_user(tmp_path: Path) -> None:
+    # /dev/disk/by-id/... style: the command line follows a link the user typed.
+    from cdimover.io import loopdev
+    from conftest import need_loop
+
+    need_loop()
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(1 << 20)
+    (src / "disk.img").write_bytes(data)
+    backing = tmp_path / "dev.img"
+    backing.write_bytes(b"\0" * (2 << 20))
+    with loopdev.attached(backing) as dev:
+        link = tmp_path / "by-id-disk"
+        os.symlink(dev, link)
+        assert main(["clone", "-q", "--content-type", "kubevirt", str(src), str(link)]) == 0
+    assert backing.read_bytes()[:1 << 20] == data
