@@ -61,22 +61,8 @@ static uint64_t be64(const uint8_t *p)
     return (uint64_t)be32(p) << 32 | be32(p + 4);
 }
 
-static int fail(struct cdm_error *err, int rc, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
 /* Record a failure of the image (the source) in ERR, first one winning; returns its code. */
-static int fail(struct cdm_error *err, int rc, const char *fmt, ...)
-{
-    if (err->rc == 0 && rc < 0) {
-        va_list ap;
-        va_start(ap, fmt);
-        cdm_vformat_error(err->msg, sizeof err->msg, fmt, ap);
-        va_end(ap);
-        err->side = CDM_SIDE_SOURCE;
-        err->rc = rc;
-    }
-    return err->rc != 0 ? err->rc : rc;
-}
+#define fail(err, rc, ...) cdm_error_set((err), CDM_SIDE_SOURCE, (rc), __VA_ARGS__)
 
 /* Read LEN bytes of metadata at OFF_HOST through the image's reader (the page cache keeps
  * it), zero-filling what lies past the end of the image as it was opened.  0 or -errno
