@@ -18,10 +18,8 @@ read-only, mounted or claimed, and is claimed (``O_EXCL``) for the job.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import socket
 import stat
 import time
 from dataclasses import dataclass
@@ -200,6 +198,8 @@ def incomplete_marker(fd: int) -> dict[str, object] | None:
         raw = os.getxattr(fd, INCOMPLETE_XATTR)
     except OSError:
         return None
+    import json     # only where a mark is read or written
+
     try:
         value = json.loads(raw)
     except ValueError:
@@ -372,7 +372,9 @@ def _check_file_size(dir_fd: int, size: int, path: str) -> None:
 
 def _mark_incomplete(fd: int, path: str) -> bool:
     """Set INCOMPLETE_XATTR on FD; False where the filesystem has no user xattrs."""
-    value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+    import json
+
+    value = json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
                         "started": round(time.time())}).encode()
     try:
         os.setxattr(fd, INCOMPLETE_XATTR, value)
