@@ -21,7 +21,7 @@ from ..formats.qcow2 import Format, ImageInfo, choose_format, inspect_fd, refusa
 from ..io.endpoints import Place, Source, open_source, open_target
 from ..types import CopyResult, ScanMethod
 from .copy import Tuning, check_target_size, copy_endpoints, copy_opts, final_size_for, \
-    grow_target, make_result, room_needed
+    finish_job, make_result, room_needed
 from .prealloc import preallocation_mode
 
 __all__ = ["convert", "examine"]
@@ -134,12 +134,8 @@ def _convert_open(ctx: Context, src: Source, target: str | os.PathLike[str] | Pl
                                       paths=paths)
         except (ImageFormatError, UnsafeImageError) as e:
             raise type(e)(f"{src.path}: {e}") from None
-        src.verify_unchanged(ctx)
-        if dst.probe.is_regular:
-            grow_target(ctx, dst, info.virtual_size, final_size, preallocation, stats, paths)
-        if verify is not None:
-            verify()
-        dst.commit()
+        finish_job(ctx, src, dst, info.virtual_size, final_size, preallocation, stats, paths,
+                   verify)
         return make_result(
             src.path, dst, stats, source_format="qcow2", virtual_size=info.virtual_size,
             start=start, scan_method=ScanMethod.QCOW2, preallocation=preallocation,

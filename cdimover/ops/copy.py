@@ -103,6 +103,20 @@ def grow_target(ctx: Context, dst: Target, virtual_size: int, final_size: int,
         os.fsync(dst.fd)
 
 
+def finish_job(ctx: Context, src: Source, dst: Target, virtual_size: int, final_size: int,
+               preallocation: str, stats: Any, paths: tuple[str, str],
+               verify: Callable[[], object] | None) -> None:
+    """The end of every job once the bytes are on the target: the source checked unchanged
+    (also after a reflink, which the core's own check never sees), a file target grown to
+    FINAL_SIZE, VERIFY called, and the target committed."""
+    src.verify_unchanged(ctx)
+    if dst.probe.is_regular:
+        grow_target(ctx, dst, virtual_size, final_size, preallocation, stats, paths)
+    if verify is not None:
+        verify()
+    dst.commit()
+
+
 def make_result(src_path: str, dst: Target, stats: Any, *, source_format: str,
                 virtual_size: int, start: float, scan_method: ScanMethod, preallocation: str,
                 final_size: int, reflinked: bool = False, scan_note: str = "") -> CopyResult:
@@ -218,13 +232,8 @@ def copy_endpoints(ctx: Context, src: Source, target: str | os.PathLike[str] | P
                              target_is_zero=target_is_zero, preallocation=prealloc,
                              tuning=tuning)
             _native.run_copy(ctx, src.fd, dst.fd, opts, stats, progress=progress,
-                     paths=paths)
-        src.verify_unchanged(ctx)
-        if dst.probe.is_regular:
-            grow_target(ctx, dst, src.size, final_size, prealloc, stats, paths)
-        if verify is not None:
-            verify()
-        dst.commit()
+                             paths=paths)
+        finish_job(ctx, src, dst, src.size, final_size, prealloc, stats, paths, verify)
         return make_result(src.path, dst, stats, source_format="raw",
                            virtual_size=src.size, start=start, scan_method=scan_method,
                            preallocation=prealloc, final_size=final_size,
