@@ -100,9 +100,8 @@ static int open_source(cdm_ctx *ctx, struct cdm_file_reader *fr, int src_fd,
         return cdm_set_error(ctx, CDM_SIDE_NONE, -EINVAL, "unknown scan method %d",
                              opts->scan_method);
     }
-    int rc = cdm_file_reader_init(fr, src_fd, opts->src_direct_fd, map_fd, map_offset,
-                                  &ctx->error);
-    return rc;
+    return cdm_file_reader_init(fr, src_fd, opts->src_direct_fd, map_fd, map_offset,
+                                &ctx->error);
 }
 
 /* Copy OPTS->size bytes from SRC_FD to DST_FD (offset 0 of both) keeping the target sparse

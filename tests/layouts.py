@@ -68,6 +68,15 @@ def write_layout(path: str | os.PathLike[str], layout: Layout, *, fd: int | None
             os.close(fd)
 
 
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The sha256 of the whole file at PATH, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def sha256_prefix(path: str | os.PathLike[str], size: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -5,7 +5,6 @@ format; RAW, ISO 9660 and QCOW2 are not containers; random bytes are RAW."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -23,16 +22,10 @@ from cdimover.io import detect as detect_mod
 from cdimover.cli import main
 from cdimover.io.detect import FORMATS, HEAD_SIZE, Detected, detect, detect_path
 from conftest import TOOL_ENV, need_tool
+from layouts import sha256_file as sha256
 
 MiB = 1 << 20
 
-
-def sha256(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _run(*args: str | Path, **kw: object) -> None:

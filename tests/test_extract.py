@@ -26,6 +26,7 @@ import cdimover
 from cdimover.errors import CdimoverError, UnsafeArchiveError
 from cdimover.io.extract import ExtractResult, Limits, extract_tar, open_dir_nofollow, remove_entries
 from conftest import need, need_root, need_tool
+from layouts import sha256_file as sha256
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,13 +77,6 @@ def snapshot(root: Path, skip: Path | None = None) -> Snapshot:
     out[str(root)] = ("dir", 0, st.st_mtime_ns, "")
     return out
 
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def extract(archive: Path, dest: Path, **kw: object) -> ExtractResult:

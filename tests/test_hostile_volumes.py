@@ -35,6 +35,7 @@ from cdimover.errors import (
 from cdimover.pod import clone_config, import_config
 from cdimover.cdi.volume import Volume, clone
 from conftest import TOOL_ENV, need_loop, need_root, need_tool
+from layouts import sha256_file
 
 KiB, MiB = 1 << 10, 1 << 20
 QEMU_UID = 107
@@ -60,10 +61,6 @@ def _racer(a: bytes, b: bytes, stop: str) -> int:
     return swaps
 
 
-def _digest(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
 def _race(base: Path, side: str, trials: int) -> tuple[int, int, int, int]:
     """TRIALS clones of BASE/src into BASE/dst while a forked racer swaps disk.img of SIDE's
     volume with a symlink to BASE/outside.img: (escapes, successes, refusals, swaps)."""
@@ -80,7 +77,7 @@ def _race(base: Path, side: str, trials: int) -> tuple[int, int, int, int]:
         finally:
             os._exit(0)
     os.close(w)
-    secret = _digest(base / "outside.img")
+    secret = sha256_file(base / "outside.img")
     escapes = successes = refusals = 0
     try:
         for _ in range(trials):
@@ -90,9 +87,9 @@ def _race(base: Path, side: str, trials: int) -> tuple[int, int, int, int]:
                 refusals += 1
                 continue
             successes += 1
-            if side == "source" and _digest(dst / "disk.img") == secret:
+            if side == "source" and sha256_file(dst / "disk.img") == secret:
                 escapes += 1
-        if side == "target" and _digest(base / "outside.img") != secret:
+        if side == "target" and sha256_file(base / "outside.img") != secret:
             escapes += 1
     finally:
         stop.touch()
@@ -305,7 +302,7 @@ def _two_jobs_on_one_file_target(tmp_path: Path, existing: bool) -> None:
         lambda hold: cdimover.copy(a, dst, reflink="never", threads=1, request_size=64 * KiB,
                                    progress=hold),
         lambda: cdimover.copy(b, dst, reflink="never"), "nothing was written|being written")
-    assert _digest(dst) == _digest(a)
+    assert sha256_file(dst) == sha256_file(a)
 
 
 # The scenarios above, each run as root and as uid 107 without capabilities (in a forked
@@ -356,7 +353,7 @@ def test_two_clones_onto_one_block_target(tmp_path: Path) -> None:
         _second_job_refused(
             lambda hold: clone(adev, tdev, threads=1, request_size=64 * KiB, progress=hold),
             lambda: clone(src, tdev), "in use")
-    assert _digest(tgt) == _digest(a)
+    assert sha256_file(tgt) == sha256_file(a)
 
 
 def test_mounted_block_device_is_never_written(tmp_path: Path, mounted_fs) -> None:  # type: ignore[no-untyped-def]

@@ -32,6 +32,7 @@ from cdimover.pod import MAX_MESSAGE, failure_message, success_message
 from cdimover.sizing import usable_space
 from conftest import TOOL_ENV, need, need_root, need_tool
 from layouts import Layout, Segment, nonzero_blocks, sha256_prefix, write_layout
+from layouts import sha256_file as sha256
 
 MiB = 1 << 20
 UID = "0b8c1e6a-5f1d-4b59-9a35-7c1f2d3e4a5b"
@@ -179,13 +180,6 @@ def volume(tmp_path: Path, name: str, mode: str, layout: Layout | None,
 def disk_of(vol: str) -> str:
     return os.path.join(vol, "disk.img") if os.path.isdir(vol) else vol
 
-
-def sha256(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def clone_env(source: str, destination: str, **more: str) -> dict[str, str]:

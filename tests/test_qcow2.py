@@ -28,6 +28,7 @@ from cdimover import UnsupportedImageError
 from cdimover import ImageInfo, convert
 from cdimover.formats.qcow2 import info_json, inspect
 from conftest import TOOL_ENV, need_tool
+from layouts import sha256_file as sha256
 
 MiB = 1 << 20
 # qemu tools must not inherit a sanitizer runtime preloaded for the extension (they hang).
@@ -68,13 +69,6 @@ def qemu_info(qemu: tuple[str, str], img: Path) -> dict[str, Any]:
                        capture_output=True, text=True, env=TOOL_ENV)
     return dict(json.loads(r.stdout))
 
-
-def sha256(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def data_bytes(path: Path | str) -> int:
