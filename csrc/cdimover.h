@@ -19,7 +19,7 @@
 #include <stdint.h>
 
 /* cffi:begin */
-#define CDM_ABI_VERSION 2
+#define CDM_ABI_VERSION 3
 
 enum {
     CDM_EFORMAT = 1000,       /* malformed image */
@@ -255,6 +255,44 @@ int cdm_qcow2_inspect(cdm_ctx *ctx, int fd, struct cdm_qcow2_info *out);
  * -CDM_ECANCELED. */
 int cdm_qcow2_convert(cdm_ctx *ctx, int src_fd, int dst_fd, const struct cdm_copy_opts *opts,
                       struct cdm_copy_stats *stats);
+/* ---- Sequential streams (stream.c): a byte stream, maybe compressed, holding a RAW or
+ * QCOW2 image, decoded on the fly onto a writer in one pass (ABI 3). */
+enum cdm_format { CDM_FORMAT_AUTO = 0, CDM_FORMAT_RAW = 1, CDM_FORMAT_QCOW2 = 2 };
+enum cdm_compression {
+    CDM_COMPRESSION_AUTO = 0,     /* detected by magic bytes */
+    CDM_COMPRESSION_NONE = 1,
+    CDM_COMPRESSION_GZIP = 2,
+    CDM_COMPRESSION_XZ = 3,
+    CDM_COMPRESSION_ZSTD = 4
+};
+enum cdm_hash {
+    CDM_HASH_NONE = 0, CDM_HASH_MD5 = 1, CDM_HASH_SHA1 = 2, CDM_HASH_SHA256 = 3,
+    CDM_HASH_SHA512 = 4
+};
+
+struct cdm_stream_opts {
+    int format;                   /* CDM_FORMAT_*: what the decompressed stream holds */
+    int compression;              /* CDM_COMPRESSION_* */
+    int hash;                     /* CDM_HASH_*: over the bytes as received (before decoding) */
+    uint64_t mem_limit;           /* bytes a sequential QCOW2 conversion may hold; 0 = 64 MiB */
+};
+
+struct cdm_stream_result {
+    uint64_t bytes_in;            /* bytes received (compressed) */
+    uint64_t bytes_out;           /* bytes after decompression */
+    uint64_t image_size;          /* guest bytes: RAW = bytes_out, QCOW2 = virtual size */
+    uint64_t peak_held;           /* most bytes held at once by a QCOW2 conversion */
+    int format;                   /* CDM_FORMAT_* found */
+    int compression;              /* CDM_COMPRESSION_* found */
+    uint32_t digest_len;          /* bytes of DIGEST (0: no hash) */
+    uint8_t digest[64];
+};
+
+/* Read SRC_FD to its end and decode it onto W (which stays open: the caller finishes or
+ * aborts it).  RAW goes to offset 0 onwards; a QCOW2 is converted.  0, -errno, -CDM_E*; the
+ * message in CTX.  A stream that decodes to more than the writer's size is -CDM_ETOOSMALL. */
+int cdm_stream_fd(cdm_ctx *ctx, int src_fd, cdm_writer *w, const struct cdm_stream_opts *opts,
+                  struct cdm_stream_result *res);
 /* cffi:end */
 
 #endif /* CDIMOVER_H */
