@@ -6,6 +6,7 @@ Python exceptions.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,14 +15,21 @@ from typing import Any
 
 from ._cdimover import ffi, lib  # type: ignore[import-not-found]
 from .errors import (
+    AuthenticationError,
     CopyCancelled,
+    HttpStatusError,
     ImageFormatError,
+    NetworkError,
+    ProtocolError,
+    RemoteNotFoundError,
+    SourceChangedError,
+    TlsError,
     TargetTooSmallError,
     UnsafeImageError,
     UnsupportedImageError,
 )
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 if lib.CDM_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"cdimover's native core has ABI {lib.CDM_ABI_VERSION}, the Python layer expects "
@@ -37,7 +45,22 @@ _LIB_ERRORS: dict[int, type[Exception]] = {
     lib.CDM_EUNSAFE: UnsafeImageError,
     lib.CDM_ETOOSMALL: TargetTooSmallError,
     lib.CDM_ECANCELED: CopyCancelled,
+    lib.CDM_ETLS: TlsError,
+    lib.CDM_ENETWORK: NetworkError,
+    lib.CDM_EPROTOCOL: ProtocolError,
+    lib.CDM_ECHANGED: SourceChangedError,
 }
+
+
+def _http_error(msg: str) -> HttpStatusError:
+    m = re.search(r"HTTP (\d{3})", msg)
+    status = int(m.group(1)) if m else 0
+    cls: type[HttpStatusError] = HttpStatusError
+    if status in (401, 403, 407):
+        cls = AuthenticationError
+    elif status in (404, 410):
+        cls = RemoteNotFoundError
+    return cls(msg, status)
 
 # Exceptions raised at the very entry of a callback (before its try:) land here, per thread.
 _pending = threading.local()
@@ -167,6 +190,8 @@ def check(rc: int, ctx: Context, paths: Sequence[str | None] = (None, None)) -> 
     msg = ctx.message()
     if err in _LIB_ERRORS:
         raise _LIB_ERRORS[err](msg)
+    if err == lib.CDM_EHTTP:
+        raise _http_error(msg)
     side = ctx.side()
     path = None
     if side == lib.CDM_SIDE_SOURCE:
@@ -329,6 +354,154 @@ class NativeWriter:
 
     def abort(self) -> None:
         self._run(lib.cdm_writer_abort, self._ptr)
+
+    def free(self) -> None:
+        ffi.release(self._ptr)
+
+
+# ---- remote sources ----------------------------------------------------------------------
+
+HASHES = {"": 0, "md5": 1, "sha1": 2, "sha256": 3, "sha512": 4}
+FORMATS = {"auto": 0, "raw": 1, "qcow2": 2}
+FORMAT_NAMES = {1: "raw", 2: "qcow2"}
+COMPRESSIONS = {"auto": 0, "none": 1, "gzip": 2, "xz": 3, "zstd": 4}
+COMPRESSION_NAMES = {1: "none", 2: "gzip", 3: "xz", 4: "zstd"}
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """What is known of a remote source: from its first answer, and counters so far."""
+
+    url: str
+    size: int | None
+    ranges: bool
+    http_version: int
+    etag: str
+    last_modified: str
+    content_type: str
+    bytes_fetched: int
+    requests: int
+    retries: int
+    restarts: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamResult:
+    """What a stream decoded: bytes received and produced, the image found, the digest."""
+
+    bytes_in: int
+    bytes_out: int
+    image_size: int
+    peak_held: int
+    format: str
+    compression: str
+    digest: bytes
+
+
+def _stream_result(res: Any) -> StreamResult:
+    return StreamResult(
+        bytes_in=int(res.bytes_in), bytes_out=int(res.bytes_out),
+        image_size=int(res.image_size), peak_held=int(res.peak_held),
+        format=FORMAT_NAMES.get(int(res.format), "raw"),
+        compression=COMPRESSION_NAMES.get(int(res.compression), "none"),
+        digest=bytes(ffi.buffer(res.digest, int(res.digest_len))))
+
+
+def new_stream_opts(*, format: str = "auto", compression: str = "auto", hash: str = "",
+                    mem_limit: int = 0) -> Any:
+    opts = ffi.new("struct cdm_stream_opts *")
+    opts.format = FORMATS[format]
+    opts.compression = COMPRESSIONS[compression]
+    opts.hash = HASHES[hash]
+    opts.mem_limit = mem_limit
+    return opts
+
+
+class NativeSource:
+    """An owned ``cdm_source`` on an HTTP(S) URL, opened (first request made) at creation.
+    Secrets are handed to the core in memory only, never through argv or the environment."""
+
+    def __init__(self, ctx: Context, url: str, *, user: str | None = None,
+                 password: str | None = None, ca_file: str | None = None,
+                 proxy_ca_file: str | None = None, headers: Sequence[str] = (),
+                 user_agent: str = "cdimover", insecure: bool = False,
+                 no_ranges: bool = False, max_redirects: int = 10, retries: int = 5,
+                 retry_delay_ms: int = 500, idle_timeout: int = 600,
+                 connect_timeout: int = 30) -> None:
+        self.url = url
+        keep: list[Any] = []
+
+        def cstr(s: str | None) -> Any:
+            if s is None:
+                return ffi.NULL
+            b = ffi.new("char[]", s.encode())
+            keep.append(b)
+            return b
+
+        opts = ffi.new("struct cdm_http_opts *")
+        opts.url = cstr(url)
+        opts.user = cstr(user)
+        opts.password = cstr(password)
+        opts.ca_file = cstr(ca_file)
+        opts.proxy_ca_file = cstr(proxy_ca_file)
+        opts.headers = cstr("\n".join(headers)) if headers else ffi.NULL
+        opts.user_agent = cstr(user_agent)
+        opts.flags = ((lib.CDM_HTTP_INSECURE if insecure else 0) |
+                      (lib.CDM_HTTP_NO_RANGES if no_ranges else 0))
+        opts.max_redirects = max_redirects
+        opts.retries = retries
+        opts.retry_delay_ms = retry_delay_ms
+        opts.idle_timeout = idle_timeout
+        opts.connect_timeout = connect_timeout
+        out = ffi.new("cdm_source **")
+        try:
+            ctx.call(lib.cdm_http_open, opts, out)
+        finally:
+            for b in keep:      # the core keeps its own copies: wipe ours
+                ffi.memmove(b, b"\0" * len(b), len(b))
+        self._ptr: Any = ffi.gc(out[0], lib.cdm_source_free)
+
+    def info(self) -> SourceInfo:
+        i = ffi.new("struct cdm_source_info *")
+        lib.cdm_source_info(self._ptr, i)
+        return SourceInfo(
+            url=cstring(i.url), size=int(i.size) if i.size_known else None,
+            ranges=bool(i.ranges), http_version=int(i.http_version), etag=cstring(i.etag),
+            last_modified=cstring(i.last_modified), content_type=cstring(i.content_type),
+            bytes_fetched=int(i.bytes_fetched), requests=int(i.requests),
+            retries=int(i.retries), restarts=int(i.restarts))
+
+    def pread(self, ctx: Context, length: int, offset: int) -> bytes:
+        buf = ffi.new("uint8_t[]", max(length, 1))
+        ctx.call(lib.cdm_source_pread, self._ptr, buf, length, offset, paths=(self.url,))
+        return bytes(ffi.buffer(buf, length))
+
+    def qcow2_inspect(self, ctx: Context) -> Any:
+        out = ffi.new("struct cdm_qcow2_info *")
+        ctx.call(lib.cdm_source_qcow2_inspect, self._ptr, out, paths=(self.url,))
+        return out
+
+    def copy(self, ctx: Context, dst_fd: int, opts: Any, stats: Any, *, hash: str = "",
+             progress: ProgressFn | None = None,
+             paths: Sequence[str | None] = (None, None)) -> StreamResult:
+        res = ffi.new("struct cdm_stream_result *")
+        ctx.call(lib.cdm_source_copy, self._ptr, dst_fd, opts, HASHES[hash], stats, res,
+                 progress=progress, paths=paths)
+        return _stream_result(res)
+
+    def qcow2_convert(self, ctx: Context, dst_fd: int, opts: Any, stats: Any, *,
+                      progress: ProgressFn | None = None,
+                      paths: Sequence[str | None] = (None, None)) -> None:
+        ctx.call(lib.cdm_source_qcow2_convert, self._ptr, dst_fd, opts, stats,
+                 progress=progress, paths=paths)
+
+    def stream(self, ctx: Context, writer: NativeWriter, opts: Any, *,
+               progress: ProgressFn | None = None,
+               paths: Sequence[str | None] = (None, None)) -> StreamResult:
+        res = ffi.new("struct cdm_stream_result *")
+        ctx.call(lib.cdm_source_stream, self._ptr, writer._ptr, opts, res, progress=progress,
+                 paths=paths)
+        return _stream_result(res)
 
     def free(self) -> None:
         ffi.release(self._ptr)

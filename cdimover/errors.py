@@ -22,6 +22,14 @@ __all__ = [
     "ChecksumMismatchError",
     "Terminated",
     "UnsafeArchiveError",
+    "RemoteError",
+    "HttpStatusError",
+    "AuthenticationError",
+    "RemoteNotFoundError",
+    "TlsError",
+    "NetworkError",
+    "ProtocolError",
+    "SourceChangedError",
 ]
 
 
@@ -105,6 +113,44 @@ class UnsafeArchiveError(CdimoverError, ValueError):
     """An archive was refused: a member would land outside the destination or go through a
     symbolic link, is of a refused kind (device node, FIFO, hard link to a file the archive
     did not extract), exceeds a limit, or the archive is malformed."""
+
+
+class RemoteError(CdimoverError):
+    """A remote source (HTTP, HTTPS) failed: the subclasses say how."""
+
+
+class HttpStatusError(RemoteError):
+    """The server answered with an error status (``status``); not retried unless 5xx."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuthenticationError(HttpStatusError):
+    """401 or 403 (407 from a proxy): credentials missing, wrong, or not allowed."""
+
+
+class RemoteNotFoundError(HttpStatusError):
+    """404 or 410: no such file on the server."""
+
+
+class TlsError(RemoteError):
+    """TLS failed: the server's certificate is not trusted, the CA bundle is unusable, or the
+    handshake failed."""
+
+
+class NetworkError(RemoteError):
+    """The connection failed, broke or stayed idle, after the retries."""
+
+
+class ProtocolError(RemoteError):
+    """The server broke the protocol: a body longer or shorter than announced, a whole file
+    where a range was asked for, oversized headers, too many redirects."""
+
+
+class SourceChangedError(RemoteError):
+    """The remote file changed during the transfer (ETag, Last-Modified or size)."""
 
 
 class Terminated(BaseException):

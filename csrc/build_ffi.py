@@ -66,6 +66,16 @@ elif not os.environ.get("CDIMOVER_WITHOUT_LIBDEFLATE"):
     raise RuntimeError("cdimover needs libdeflate's headers to build; install them "
                        f"({DEBIAN_HINT}) or set CDIMOVER_WITHOUT_LIBDEFLATE=1")
 
+# HTTP(S) sources: libcurl (with OpenSSL); hashes of streams: OpenSSL's libcrypto.  Required.
+if not _links("curl/curl.h", "curl", "curl_version()"):
+    raise RuntimeError("cdimover needs libcurl's headers to build (HTTP and HTTPS sources); "
+                       "install them (apt-get install libcurl4-openssl-dev)")
+libraries.append("curl")
+if not _links("openssl/evp.h", "crypto", "EVP_sha256()"):
+    raise RuntimeError("cdimover needs OpenSSL's headers to build (checksums); install them "
+                       "(apt-get install libssl-dev)")
+libraries.append("crypto")
+
 ffibuilder = FFI()
 ffibuilder.cdef(API[1])
 ffibuilder.cdef('extern "Python" int _cdm_progress_cb(void *, uint64_t, uint64_t);')

@@ -26,7 +26,12 @@ enum {
     CDM_EUNSUPPORTED = 1001,  /* well-formed image using an unsupported feature */
     CDM_EUNSAFE = 1002,       /* image refers to other files */
     CDM_ETOOSMALL = 1003,     /* target cannot hold the source */
-    CDM_ECANCELED = 1004      /* stopped by the progress callback or cdm_ctx_cancel */
+    CDM_ECANCELED = 1004,     /* stopped by the progress callback or cdm_ctx_cancel */
+    CDM_EHTTP = 1005,         /* the server answered with an error status (cdm_source_info) */
+    CDM_ETLS = 1006,          /* TLS failed: untrusted certificate, bad CA bundle, handshake */
+    CDM_ENETWORK = 1007,      /* connection failed, dropped or idle, after the retries */
+    CDM_EPROTOCOL = 1008,     /* the server broke the protocol (length, ranges, headers) */
+    CDM_ECHANGED = 1009       /* the remote file changed during the transfer */
 };
 
 /* Which endpoint an error concerns (cdm_ctx_errside). */
@@ -293,6 +298,71 @@ struct cdm_stream_result {
  * message in CTX.  A stream that decodes to more than the writer's size is -CDM_ETOOSMALL. */
 int cdm_stream_fd(cdm_ctx *ctx, int src_fd, cdm_writer *w, const struct cdm_stream_opts *opts,
                   struct cdm_stream_result *res);
+/* ---- Remote sources (http.c, source.c; libcurl) ----------------------------------------
+ * A source is read either at random (byte ranges, several connections at once: one per
+ * worker) or as one sequential stream decoded on the fly (cdm_source_stream).  Failed
+ * requests are retried from the last byte received. */
+typedef struct cdm_source cdm_source;
+
+enum cdm_http_flags {
+    CDM_HTTP_INSECURE = 1,        /* do not verify the server's certificate */
+    CDM_HTTP_NO_RANGES = 2        /* never ask for byte ranges */
+};
+
+struct cdm_http_opts {
+    const char *url;              /* http:// or https:// without user information */
+    const char *user;             /* basic auth user, or NULL */
+    const char *password;
+    const char *ca_file;          /* PEM bundle trusted instead of the system's, or NULL */
+    const char *proxy_ca_file;    /* PEM bundle for an HTTPS proxy, or NULL */
+    const char *headers;          /* extra request headers, "Name: value" lines, or NULL */
+    const char *user_agent;       /* NULL: "cdimover" */
+    uint32_t flags;               /* CDM_HTTP_* */
+    uint32_t max_redirects;       /* redirects followed at most; 0 = 10 */
+    uint32_t retries;             /* repetitions of a failed request */
+    uint32_t retry_delay_ms;      /* first pause before a retry, doubled each time (max 10 s) */
+    uint32_t idle_timeout;        /* seconds below 1 KiB/s before giving up; 0 = 600 */
+    uint32_t connect_timeout;     /* seconds; 0 = 30 */
+};
+
+struct cdm_source_info {
+    uint64_t size;                /* bytes, when size_known */
+    uint64_t bytes_fetched;       /* body bytes received so far by every request */
+    uint64_t requests;            /* requests made */
+    uint32_t retries;             /* requests repeated after a failure */
+    uint32_t restarts;            /* streams restarted from byte 0 (no ranges) */
+    int size_known;
+    int ranges;                   /* byte ranges are served */
+    int http_version;             /* 1 or 2 */
+    int status;                   /* status of the last failed request, else of the first */
+    char etag[256];
+    char last_modified[64];
+    char content_type[128];
+    char url[2048];               /* after redirects */
+};
+
+/* Open URL: one request (a range of the first bytes) learns the size, whether ranges are
+ * served, the validators (ETag, Last-Modified) and the first bytes.  0, -errno, -CDM_EHTTP,
+ * -CDM_ETLS, -CDM_ENETWORK, -CDM_EPROTOCOL; the message in CTX. */
+int cdm_http_open(cdm_ctx *ctx, const struct cdm_http_opts *opts, cdm_source **out);
+void cdm_source_free(cdm_source *src);
+int cdm_source_info(const cdm_source *src, struct cdm_source_info *out);
+/* Read exactly LEN bytes at OFF (the first bytes come from what the open fetched; beyond
+ * them only when ranges are served: -ESPIPE otherwise). */
+int cdm_source_pread(cdm_ctx *ctx, cdm_source *src, void *buf, size_t len, uint64_t off);
+/* RAW copy of the whole source by ranges (OPTS->size = its size; scan_method and map_fd are
+ * ignored).  With HASH, the bytes are hashed in offset order into RES->digest. */
+int cdm_source_copy(cdm_ctx *ctx, cdm_source *src, int dst_fd, const struct cdm_copy_opts *opts,
+                    int hash, struct cdm_copy_stats *stats, struct cdm_stream_result *res);
+int cdm_source_qcow2_inspect(cdm_ctx *ctx, cdm_source *src, struct cdm_qcow2_info *out);
+/* QCOW2 conversion by ranges: metadata, then only the allocated clusters. */
+int cdm_source_qcow2_convert(cdm_ctx *ctx, cdm_source *src, int dst_fd,
+                             const struct cdm_copy_opts *opts, struct cdm_copy_stats *stats);
+/* The whole source as one stream through the decoders of cdm_stream_fd onto W.  A broken
+ * transfer resumes at the last byte received when ranges are served, and restarts from
+ * byte 0 otherwise. */
+int cdm_source_stream(cdm_ctx *ctx, cdm_source *src, cdm_writer *w,
+                      const struct cdm_stream_opts *opts, struct cdm_stream_result *res);
 /* cffi:end */
 
 #endif /* CDIMOVER_H */

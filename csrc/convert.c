@@ -427,10 +427,18 @@ int cdm_qcow2_convert(cdm_ctx *ctx, int src_fd, int dst_fd, const struct cdm_cop
     rc = cdm_file_reader_init(&fr, src_fd, opts->src_direct_fd, src_fd, 0, &ctx->error);
     if (rc < 0)
         return rc;
+    return cdm_qcow2_convert_reader(ctx, &fr.r, dst_fd, opts, stats);
+}
+
+/* The conversion from any reader SRC (OPTS checked by cdm_job_begin). */
+int cdm_qcow2_convert_reader(cdm_ctx *ctx, struct cdm_reader *src, int dst_fd,
+                             const struct cdm_copy_opts *opts, struct cdm_copy_stats *stats)
+{
+    uint32_t request = opts->request_size ? opts->request_size : CDM_DEFAULT_REQUEST;
     struct conv_state *s = calloc(1, sizeof *s);
     if (s == NULL)
         return cdm_set_error(ctx, CDM_SIDE_NONE, -ENOMEM, "out of memory");
-    rc = conv_open(ctx, s, &fr.r, opts, request);
+    int rc = conv_open(ctx, s, src, opts, request);
     if (rc < 0) {
         free(s);
         return rc;
@@ -443,7 +451,7 @@ int cdm_qcow2_convert(cdm_ctx *ctx, int src_fd, int dst_fd, const struct cdm_cop
         .scratch_size = span_capacity(s->img.cluster_size) + (size_t)s->img.cluster_size,
         .scan_method = CDM_SCAN_QCOW2,
     };
-    rc = cdm_job_drive(ctx, &fr.r, dst_fd, opts, &p, stats);
+    rc = cdm_job_drive(ctx, src, dst_fd, opts, &p, stats);
     qcow2_decoders_fini(&s->decoders);
     qcow2_cache_fini(&s->cache);
     free(s);

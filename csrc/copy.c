@@ -13,9 +13,11 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "stream.h"
 
 struct copy_state {
     struct cdm_reader *src;
+    struct cdm_hasher *hash;    /* ordered mode: the bytes are hashed in offset order */
     bool full_read;
     uint64_t size;
     uint32_t request;
@@ -73,7 +75,21 @@ static int copy_work(struct cdm_worker *w, const struct cdm_item *item)
                       &w->io);
     if (rc < 0)
         return rc;
+    if (job->emit != NULL)
+        return 0;           /* written by copy_emit, in order */
     return cdm_target_put(job->target, &w->io, w->buf, item->offset, (size_t)item->length);
+}
+
+/* Ordered mode: hash the item's bytes, then write them. */
+static int copy_emit(struct cdm_worker *w, const struct cdm_item *item, uint8_t *buf)
+{
+    struct copy_state *s = w->job->state;
+    if (item->kind == CDM_ITEM_HOLE)
+        return 0;
+    int rc = cdm_hasher_update(s->hash, buf, (size_t)item->length, &w->io.error);
+    if (rc < 0)
+        return rc;
+    return cdm_target_put(w->job->target, &w->io, buf, item->offset, (size_t)item->length);
 }
 
 /* Open the file reader of SRC_FD for OPTS' scan method into FR.  0 or -errno/-EINVAL. */
@@ -120,21 +136,33 @@ int cdm_copy(cdm_ctx *ctx, int src_fd, int dst_fd, const struct cdm_copy_opts *o
     rc = open_source(ctx, &fr, src_fd, opts);
     if (rc < 0)
         return rc;
+    return cdm_copy_reader(ctx, &fr.r, dst_fd, opts, NULL, stats);
+}
 
+/* The RAW copy from any reader SRC (OPTS checked by cdm_job_begin): by its extent map unless
+ * OPTS->scan_method is CDM_SCAN_FULL_READ or the reader has none.  With HASH (a full read in
+ * ordered mode), every byte goes through HASH in offset order before it is written. */
+int cdm_copy_reader(cdm_ctx *ctx, struct cdm_reader *src, int dst_fd,
+                    const struct cdm_copy_opts *opts, struct cdm_hasher *hash,
+                    struct cdm_copy_stats *stats)
+{
     struct copy_state s;
     memset(&s, 0, sizeof s);
-    s.src = &fr.r;
-    s.full_read = opts->scan_method == CDM_SCAN_FULL_READ;
+    s.src = src;
+    s.hash = hash;
+    s.full_read = opts->scan_method == CDM_SCAN_FULL_READ || src->ops->next_data == NULL ||
+                  hash != NULL;
     s.size = opts->size;
-    s.request = request;
+    s.request = opts->request_size ? opts->request_size : CDM_DEFAULT_REQUEST;
     struct cdm_producer p = {
         .state = &s,
         .next = copy_next,
         .work = copy_work,
-        .buf_size = request,
-        .scan_method = opts->scan_method,
+        .buf_size = s.request,
+        .scan_method = s.full_read ? CDM_SCAN_FULL_READ : opts->scan_method,
+        .emit = hash != NULL ? copy_emit : NULL,
     };
-    return cdm_job_drive(ctx, &fr.r, dst_fd, opts, &p, stats);
+    return cdm_job_drive(ctx, src, dst_fd, opts, &p, stats);
 }
 
 /* Make DST_FD share all of SRC_FD's extents (FICLONE), then fdatasync it.  0 or -errno:

@@ -266,6 +266,8 @@ struct cdm_producer {
     size_t buf_size;
     size_t scratch_size;
     int scan_method;        /* reported in the statistics */
+    cdm_emit_fn emit;       /* non-NULL: ordered mode (see pool.c) */
+    unsigned window;
 };
 
 int cdm_job_begin(cdm_ctx *ctx, const struct cdm_copy_opts *opts, uint32_t *request,
@@ -273,5 +275,36 @@ int cdm_job_begin(cdm_ctx *ctx, const struct cdm_copy_opts *opts, uint32_t *requ
 int cdm_job_drive(cdm_ctx *ctx, struct cdm_reader *src, int dst_fd,
                   const struct cdm_copy_opts *opts, const struct cdm_producer *p,
                   struct cdm_copy_stats *stats);
+
+/* Producers over any reader (copy.c, convert.c, qcow2.c). */
+struct cdm_hasher;
+int cdm_copy_reader(cdm_ctx *ctx, struct cdm_reader *src, int dst_fd,
+                    const struct cdm_copy_opts *opts, struct cdm_hasher *hash,
+                    struct cdm_copy_stats *stats);
+int cdm_qcow2_convert_reader(cdm_ctx *ctx, struct cdm_reader *src, int dst_fd,
+                             const struct cdm_copy_opts *opts, struct cdm_copy_stats *stats);
+int cdm_qcow2_inspect_reader(cdm_ctx *ctx, struct cdm_reader *src, struct cdm_qcow2_info *out);
+
+/* ---- remote sources (source.c, http.c) -------------------------------------------------- */
+
+struct cdm_pipeline;
+
+struct cdm_source_ops {
+    /* The source as a random-access reader, or NULL when it has none (no ranges).  With
+     * RANDOM false, a reader that may serve only the first bytes. */
+    struct cdm_reader *(*reader)(cdm_source *src, bool random);
+    /* Push the whole source, in order, into the pipeline made by MAKE (called again to start
+     * over from byte 0 when a transfer cannot resume).  0 or error (message in ERR). */
+    int (*stream)(cdm_source *src, cdm_ctx *ctx, cdm_writer *w,
+                  const struct cdm_stream_opts *opts, struct cdm_stream_result *res);
+    void (*info)(const cdm_source *src, struct cdm_source_info *out);
+    /* Which context an operation runs under (for cancellation and progress), or NULL. */
+    void (*bind)(cdm_source *src, cdm_ctx *ctx);
+    void (*destroy)(cdm_source *src);
+};
+
+struct cdm_source {
+    const struct cdm_source_ops *ops;
+};
 
 #endif /* CDIMOVER_INTERNAL_H */

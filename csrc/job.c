@@ -81,6 +81,8 @@ int cdm_job_drive(cdm_ctx *ctx, struct cdm_reader *src, int dst_fd,
     job.state = p->state;
     job.next = p->next;
     job.work = p->work;
+    job.emit = p->emit;
+    job.window = p->window;
     job.buf_size = p->buf_size;
     job.scratch_size = p->scratch_size;
     job.nthreads = opts->threads;

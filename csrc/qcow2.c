@@ -1015,10 +1015,16 @@ int cdm_qcow2_inspect(cdm_ctx *ctx, int fd, struct cdm_qcow2_info *out)
     int rc = cdm_file_reader_init(&fr, fd, -1, -1, 0, &ctx->error);
     if (rc < 0)
         return rc;
+    return cdm_qcow2_inspect_reader(ctx, &fr.r, out);
+}
+
+/* cdm_qcow2_inspect of any reader. */
+int cdm_qcow2_inspect_reader(cdm_ctx *ctx, struct cdm_reader *src, struct cdm_qcow2_info *out)
+{
     struct qcow2_image *img = malloc(sizeof *img);
     if (img == NULL)
         return cdm_set_error(ctx, CDM_SIDE_SOURCE, -ENOMEM, "out of memory");
-    rc = qcow2_open(img, &fr.r, &ctx->error);
+    int rc = qcow2_open(img, src, &ctx->error);
     if (rc == 0)
         *out = img->info;
     free(img);
