@@ -422,8 +422,8 @@ class NativeSource:
     Secrets are handed to the core in memory only, never through argv or the environment."""
 
     def __init__(self, ctx: Context, url: str, *, user: str | None = None,
-                 password: str | None = None, ca_file: str | None = None,
-                 proxy_ca_file: str | None = None, headers: Sequence[str] = (),
+                 password: str | None = None, ca_pem: str | None = None,
+                 proxy_ca_pem: str | None = None, headers: Sequence[str] = (),
                  user_agent: str = "cdimover", insecure: bool = False,
                  no_ranges: bool = False, max_redirects: int = 10, retries: int = 5,
                  retry_delay_ms: int = 500, idle_timeout: int = 600,
@@ -442,8 +442,8 @@ class NativeSource:
         opts.url = cstr(url)
         opts.user = cstr(user)
         opts.password = cstr(password)
-        opts.ca_file = cstr(ca_file)
-        opts.proxy_ca_file = cstr(proxy_ca_file)
+        opts.ca_pem = cstr(ca_pem)
+        opts.proxy_ca_pem = cstr(proxy_ca_pem)
         opts.headers = cstr("\n".join(headers)) if headers else ffi.NULL
         opts.user_agent = cstr(user_agent)
         opts.flags = ((lib.CDM_HTTP_INSECURE if insecure else 0) |

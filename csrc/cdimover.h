@@ -313,8 +313,8 @@ struct cdm_http_opts {
     const char *url;              /* http:// or https:// without user information */
     const char *user;             /* basic auth user, or NULL */
     const char *password;
-    const char *ca_file;          /* PEM bundle trusted instead of the system's, or NULL */
-    const char *proxy_ca_file;    /* PEM bundle for an HTTPS proxy, or NULL */
+    const char *ca_pem;           /* PEM certificates trusted besides the system's, or NULL */
+    const char *proxy_ca_pem;     /* the same for an HTTPS proxy, or NULL */
     const char *headers;          /* extra request headers, "Name: value" lines, or NULL */
     const char *user_agent;       /* NULL: "cdimover" */
     uint32_t flags;               /* CDM_HTTP_* */

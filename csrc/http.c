@@ -53,8 +53,8 @@ struct http_source {
     char *password;
     bool creds;             /* send USER/PASSWORD and HEADERS (same origin as given) */
     struct curl_slist *headers;
-    char *ca_file;
-    char *proxy_ca_file;
+    char *ca_pem;
+    char *proxy_ca_pem;
     char *user_agent;
     uint32_t flags;
     uint32_t max_redirects;
@@ -374,10 +374,14 @@ static void setup_easy(struct http_source *h, struct xfer *x, const char *url, c
         curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 0L);
         curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 0L);
     }
-    if (h->ca_file != NULL)
-        curl_easy_setopt(e, CURLOPT_CAINFO, h->ca_file);
-    if (h->proxy_ca_file != NULL)
-        curl_easy_setopt(e, CURLOPT_PROXY_CAINFO, h->proxy_ca_file);
+    if (h->ca_pem != NULL) {
+        struct curl_blob blob = {h->ca_pem, strlen(h->ca_pem), CURL_BLOB_NOCOPY};
+        curl_easy_setopt(e, CURLOPT_CAINFO_BLOB, &blob);
+    }
+    if (h->proxy_ca_pem != NULL) {
+        struct curl_blob blob = {h->proxy_ca_pem, strlen(h->proxy_ca_pem), CURL_BLOB_NOCOPY};
+        curl_easy_setopt(e, CURLOPT_PROXY_CAINFO_BLOB, &blob);
+    }
     if (h->creds && h->user != NULL) {
         curl_easy_setopt(e, CURLOPT_HTTPAUTH, (long)CURLAUTH_BASIC);
         curl_easy_setopt(e, CURLOPT_USERNAME, h->user);
@@ -740,8 +744,8 @@ static void http_destroy(cdm_source *src)
     wipe_free(h->user);
     wipe_free(h->password);
     free(h->url);
-    free(h->ca_file);
-    free(h->proxy_ca_file);
+    free(h->ca_pem);
+    free(h->proxy_ca_pem);
     free(h->user_agent);
     free(h->head);
     pthread_mutex_destroy(&h->lock);
@@ -852,8 +856,8 @@ int cdm_http_open(cdm_ctx *ctx, const struct cdm_http_opts *opts, cdm_source **o
     h->creds = true;
     int rc = 0;
     if (dup_opt(&h->url, opts->url) < 0 || dup_opt(&h->user, opts->user) < 0 ||
-        dup_opt(&h->password, opts->password) < 0 || dup_opt(&h->ca_file, opts->ca_file) < 0 ||
-        dup_opt(&h->proxy_ca_file, opts->proxy_ca_file) < 0 ||
+        dup_opt(&h->password, opts->password) < 0 || dup_opt(&h->ca_pem, opts->ca_pem) < 0 ||
+        dup_opt(&h->proxy_ca_pem, opts->proxy_ca_pem) < 0 ||
         dup_opt(&h->user_agent, opts->user_agent ? opts->user_agent : "cdimover") < 0 ||
         (h->head = malloc(HEAD_BYTES)) == NULL)
         rc = cdm_set_error(ctx, CDM_SIDE_NONE, -ENOMEM, "out of memory");

@@ -46,7 +46,7 @@ from typing import Final
 
 from ..errors import UnsupportedImageError
 
-__all__ = ["Detected", "detect", "detect_path", "require_supported", "require_raw",
+__all__ = ["Detected", "detect", "detect_head", "detect_path", "require_supported", "require_raw",
            "unsupported", "FORMATS", "HEAD_SIZE"]
 
 HEAD_SIZE: Final = 4096
@@ -121,14 +121,9 @@ def _qcow(head: bytes) -> Detected:
     return Detected("qcow2", f"QCOW2 (unknown version {version})", False)
 
 
-def detect(fd: int, size: int) -> Detected:
-    """The format of the image open on FD (a regular file or block device of SIZE bytes).
-
-    Reads at most 4 KiB at offset 0, 8 bytes at 0x8001 and 512 bytes at SIZE - 512 with
-    ``os.pread`` (the file offset is untouched); follows nothing.  Unrecognised bytes are
-    RAW.  OSError from the reads propagates.
-    """
-    head = os.pread(fd, min(HEAD_SIZE, size), 0) if size > 0 else b""
+def detect_head(head: bytes) -> Detected | None:
+    """The format shown by the first bytes HEAD of an image (up to 4 KiB), or None when they
+    show none (footers and the ISO descriptor are not looked at)."""
     if head.startswith(QCOW_MAGIC):
         return _qcow(head)
     for offset, magic, found in _HEAD_MAGIC:
@@ -137,6 +132,20 @@ def detect(fd: int, size: int) -> Detected:
     if len(head) >= 10 and head[:3] == b"BZh" and head[3] in b"123456789" \
             and head[4:10] in _BZIP2_BLOCK:
         return _c("bzip2", "bzip2-compressed")
+    return None
+
+
+def detect(fd: int, size: int) -> Detected:
+    """The format of the image open on FD (a regular file or block device of SIZE bytes).
+
+    Reads at most 4 KiB at offset 0, 8 bytes at 0x8001 and 512 bytes at SIZE - 512 with
+    ``os.pread`` (the file offset is untouched); follows nothing.  Unrecognised bytes are
+    RAW.  OSError from the reads propagates.
+    """
+    head = os.pread(fd, min(HEAD_SIZE, size), 0) if size > 0 else b""
+    found = detect_head(head)
+    if found is not None:
+        return found
     if size >= FOOTER_SIZE * 2:
         footer = os.pread(fd, FOOTER_SIZE, size - FOOTER_SIZE)
         for magic, found in _FOOTER_MAGIC:

@@ -1,0 +1,403 @@
+"""Import of an image from an HTTP(S) URL straight onto the target: no scratch copy, one pass.
+
+How the bytes are fetched depends on what the server offers and what the file is:
+
+- **ranges**: the server serves byte ranges and gave a size, and the file is not compressed.
+  A QCOW2 is converted through range requests: the header and tables first, then only the
+  allocated clusters, several requests at once (one connection per worker); unallocated
+  clusters are never downloaded.  A RAW file is fetched in parallel ranges and hashed in
+  offset order (workers fill a window of slots; the slots are hashed and written in order).
+- **stream**: no ranges, no size, a compressed file (gzip, xz, zstd: told by magic bytes,
+  never by name), or a QCOW2 with a checksum to verify.  One GET whose body is decompressed,
+  hashed and decoded on the fly: RAW is written in order; a QCOW2 is converted as it arrives
+  within a memory bound (an image whose data comes before the tables that place it, beyond
+  that bound, is refused with a message that says so).
+
+A dropped connection or a 5xx resumes from the last byte received (bounded retries, doubling
+pauses); a stream over a server without ranges restarts from byte 0 and counts a restart.
+The checksum (md5, sha1, sha256, sha512) covers the file as downloaded; a mismatch raises
+ChecksumMismatchError before the target is declared complete (a new file is never left
+behind).  A stream never writes past the target's capacity: a decompression bomb or an endless
+body ends in TargetTooSmallError.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .. import _native
+from .._native import Context, NativeSource, NativeWriter, ProgressFn, SourceInfo, StreamResult
+from ..errors import ChecksumMismatchError, ImageFormatError, TargetTooSmallError
+from ..formats.qcow2 import ImageInfo, _qcow2_info, refusal
+from ..io.detect import HEAD_SIZE, detect_head, unsupported
+from ..io.endpoints import Place, Target, open_target
+from ..io.http import HttpSource
+from ..types import PREALLOCATION_MODES, CopyResult, ScanMethod
+from .copy import Tuning, final_size_for, grow_target, make_result, room_needed
+from .prealloc import preallocation_mode
+
+__all__ = ["import_url", "ImportResult", "Checksum", "parse_checksum", "probe_url"]
+
+_COMPRESSED = ("gzip", "xz", "zstd")
+_DIGEST_SIZES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
+
+
+@dataclass(frozen=True, slots=True)
+class Checksum:
+    """An expected digest: ALGORITHM (md5, sha1, sha256, sha512) and its value."""
+
+    algorithm: str
+    digest: bytes
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.digest.hex()}"
+
+
+def parse_checksum(text: str) -> Checksum:
+    """'ALGO:HEX' as CDI's IMPORTER_CHECKSUM holds it; ValueError when malformed."""
+    algo, sep, value = text.strip().partition(":")
+    algo = algo.lower()
+    if not sep or algo not in _DIGEST_SIZES:
+        raise ValueError(f"checksum {text!r}: expected md5|sha1|sha256|sha512:<hex digest>")
+    try:
+        digest = bytes.fromhex(value)
+    except ValueError:
+        raise ValueError(f"checksum {text!r}: the digest is not hexadecimal") from None
+    if len(digest) != _DIGEST_SIZES[algo]:
+        raise ValueError(f"checksum {text!r}: a {algo} digest has "
+                         f"{_DIGEST_SIZES[algo] * 2} hex digits")
+    return Checksum(algo, digest)
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    """An import from a URL: the copy's result and how the bytes were fetched."""
+
+    copy: CopyResult
+    url: str
+    strategy: str               # "ranges" | "stream"
+    source_format: str          # "raw" | "qcow2"
+    compression: str            # "none" | "gzip" | "xz" | "zstd"
+    file_size: int | None       # bytes of the file on the server, when told
+    bytes_fetched: int          # body bytes received by every request
+    requests: int
+    retries: int
+    restarts: int
+    http_version: int
+    digest: str | None          # "algo:hex" of the file as downloaded, when asked for
+    peak_held: int              # a streamed QCOW2: most bytes held before their tables
+
+
+@dataclass(frozen=True, slots=True)
+class Probed:
+    """What the first request told about a URL."""
+
+    info: SourceInfo
+    head: bytes
+    format: str                 # "raw" | "qcow2" | a compression | "unknown" (no ranges)
+    image: ImageInfo | None     # a QCOW2 read through ranges: its validated header
+
+
+def _head(ctx: Context, ns: NativeSource, info: SourceInfo) -> bytes:
+    """The first bytes of the file (they came with the first answer)."""
+    n = HEAD_SIZE if info.size is None else min(HEAD_SIZE, info.size)
+    if n == 0:
+        return b""
+    try:
+        return ns.pread(ctx, n, 0)
+    except OSError:
+        return b""      # a short file of unknown size: the stream decides
+
+
+def probe_url(ctx: Context, ns: NativeSource, source: HttpSource,
+              source_format: str = "auto") -> Probed:
+    """Decide what the URL holds from its first bytes: compression, QCOW2 (its header then
+    validated through ranges when they are served) or RAW; containers cdimover does not
+    convert raise UnsupportedImageError, images that refer to other files UnsafeImageError."""
+    info = ns.info()
+    head = _head(ctx, ns, info)
+    found = detect_head(head) if source_format != "raw" else None
+    fmt = "raw"
+    if found is not None and found.format in _COMPRESSED:
+        fmt = found.format
+    elif found is not None and found.format == "qcow2":
+        fmt = "qcow2"
+    elif found is not None:
+        raise unsupported(found, source.display_url)
+    if source_format == "qcow2" and fmt == "raw":
+        raise ImageFormatError(f"{source.display_url}: not a QCOW2 image "
+                               "(no QFI\\xfb magic at offset 0)")
+    image = None
+    if fmt == "qcow2" and info.ranges and info.size is not None:
+        try:
+            out = ns.qcow2_inspect(ctx)
+        except ImageFormatError as e:
+            raise type(e)(f"{source.display_url}: {e}") from None
+        image = _qcow2_info(out, source.display_url, info.size)
+        refused = refusal(image)
+        if refused is not None:
+            raise refused
+    return Probed(info=info, head=head, format=fmt, image=image)
+
+
+def _opts(dst: Target, size: int, *, target_is_zero: bool, preallocation: str,
+          tuning: Tuning) -> Any:
+    opts = _native.new_copy_opts()
+    opts.size = size
+    opts.src_direct_fd = -1
+    opts.dst_direct_fd = dst.direct_fd
+    opts.map_fd = -1
+    opts.scan_method = int(ScanMethod.FULL_READ)
+    opts.request_size = tuning.request_size
+    opts.sparse_size = tuning.sparse_size
+    opts.threads = tuning.threads
+    flags = 0
+    if dst.fresh or target_is_zero:
+        flags |= _native.const("CDM_COPY_TARGET_IS_ZERO")
+    opts.flags = flags
+    opts.target_sector = dst.probe.logical_sector
+    opts.target_is_blockdev = int(dst.probe.is_blockdev)
+    opts.preallocation = PREALLOCATION_MODES[preallocation]
+    return opts
+
+
+def _verify(checksum: Checksum | None, digest: bytes, url: str) -> None:
+    if checksum is None:
+        return
+    if not hmac.compare_digest(digest, checksum.digest):
+        raise ChecksumMismatchError(
+            f"{url}: {checksum.algorithm} of the downloaded file is {digest.hex()}, expected "
+            f"{checksum.digest.hex()}")
+
+
+def _default_capacity(target: str | os.PathLike[str] | Place) -> int | None:
+    """The most a stream may write to TARGET when the caller gave no capacity: a block device's
+    size (found when it is opened), or for a file the free space of its filesystem."""
+    path = target.path if isinstance(target, Place) else os.fspath(target)
+    directory = os.path.dirname(os.path.abspath(path)) or "/"
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _is_device(target: str | os.PathLike[str] | Place) -> bool:
+    import stat
+    path = target.path if isinstance(target, Place) else os.fspath(target)
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def import_url(source: HttpSource | str, target: str | os.PathLike[str] | Place, *,
+               source_format: str = "auto", checksum: Checksum | str | None = None,
+               preallocation: str | bool = "off", target_is_zero: bool = False,
+               target_size: int | None = None, capacity: int | None = None,
+               progress: ProgressFn | None = None, threads: int = 0, request_size: int = 0,
+               mem_limit: int = 0, context: Context | None = None,
+               probed: tuple[NativeSource, Probed] | None = None) -> ImportResult:
+    """Import the RAW or QCOW2 image (maybe gzip-, xz- or zstd-compressed) at SOURCE onto
+    TARGET as RAW, bit-exact, sparse and durable, in one pass.
+
+    - SOURCE: an :class:`~cdimover.io.http.HttpSource`, or a URL string.
+    - TARGET: a path or Place, opened as convert() opens it: a new file appears under its
+      name only once complete and verified; a block device must hold the image.
+    - CHECKSUM: "algo:hex" or a Checksum, over the file as downloaded.
+    - CAPACITY: the most bytes the image may need (a volume's capacity): a larger image raises
+      TargetTooSmallError before anything is written when its size is known up front, and a
+      stream stops there.  Default: a block device's size, or a file's free space.
+    - TARGET_SIZE: grow a file target to this size (never below the virtual size).
+    - MEM_LIMIT: bytes a streamed QCOW2 may hold (0: 64 MiB).
+    - PROBED: what :func:`probe_url` found on an open source (which stays the caller's).
+    """
+    if isinstance(source, str):
+        source = HttpSource(source)
+    if isinstance(checksum, str):
+        checksum = parse_checksum(checksum)
+    if source_format not in ("auto", "raw", "qcow2"):
+        raise ValueError(f"source_format={source_format!r}: expected 'auto', 'raw' or 'qcow2'")
+    prealloc = preallocation_mode(preallocation)
+    tuning = Tuning(threads=threads, request_size=request_size)
+    start = time.monotonic()
+    ctx = context or Context()
+    own_source = probed is None
+    try:
+        if probed is None:
+            ns = source.open(ctx)
+            pr = probe_url(ctx, ns, source, source_format)
+        else:
+            ns, pr = probed
+        try:
+            args = dict(target_is_zero=target_is_zero, preallocation=prealloc,
+                        target_size=target_size, capacity=capacity, progress=progress,
+                        tuning=tuning, start=start, checksum=checksum)
+            if pr.info.ranges and pr.info.size is not None and pr.format == "qcow2" \
+                    and checksum is None and pr.image is not None:
+                return _convert_ranges(ctx, ns, source, pr, target, **args)  # type: ignore[arg-type]
+            if pr.info.ranges and pr.info.size is not None and pr.format == "raw":
+                return _copy_ranges(ctx, ns, source, pr, target, **args)  # type: ignore[arg-type]
+            return _stream(ctx, ns, source, pr, target, source_format=source_format,
+                           mem_limit=mem_limit, **args)  # type: ignore[arg-type]
+        finally:
+            if own_source:
+                ns.free()
+    finally:
+        if context is None:
+            ctx.close()
+
+
+def _check_capacity(url: str, what: str, need: int, capacity: int | None) -> None:
+    if capacity is not None and need > capacity:
+        raise TargetTooSmallError.of(url, need, capacity, what=what)
+
+
+def _result(ns: NativeSource, source: HttpSource, dst: Target, stats: Any, *, strategy: str,
+            fmt: str, compression: str, virtual_size: int, final_size: int, start: float,
+            preallocation: str, checksum: Checksum | None, digest: bytes,
+            peak_held: int = 0) -> ImportResult:
+    info = ns.info()
+    copy = make_result(source.display_url, dst, stats, source_format=fmt,
+                       virtual_size=virtual_size, start=start,
+                       scan_method=ScanMethod.QCOW2 if fmt == "qcow2" else ScanMethod.FULL_READ,
+                       preallocation=preallocation, final_size=final_size,
+                       scan_note=f"http {strategy}")
+    return ImportResult(
+        copy=copy, url=source.display_url, strategy=strategy, source_format=fmt,
+        compression=compression, file_size=info.size, bytes_fetched=info.bytes_fetched,
+        requests=info.requests, retries=info.retries, restarts=info.restarts,
+        http_version=info.http_version,
+        digest=f"{checksum.algorithm}:{digest.hex()}" if checksum is not None else None,
+        peak_held=peak_held)
+
+
+def _finish(ctx: Context, dst: Target, virtual_size: int, final_size: int, preallocation: str,
+            stats: Any, paths: tuple[str, str]) -> None:
+    if dst.probe.is_regular:
+        grow_target(ctx, dst, virtual_size, final_size, preallocation, stats, paths)
+    dst.commit()
+
+
+def _convert_ranges(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
+                    target: str | os.PathLike[str] | Place, *, target_is_zero: bool,
+                    preallocation: str, target_size: int | None, capacity: int | None,
+                    progress: ProgressFn | None, tuning: Tuning, start: float,
+                    checksum: Checksum | None) -> ImportResult:
+    assert pr.image is not None
+    vsize = pr.image.virtual_size
+    _check_capacity(source.display_url, "the qcow2 image's virtual size", vsize, capacity)
+    final_size = final_size_for(vsize, target_size)
+    need = room_needed(final_size, preallocation, None)
+    with open_target(target, vsize, ctx=ctx, need=need) as dst:
+        paths = (source.display_url, dst.path)
+        opts = _opts(dst, vsize, target_is_zero=target_is_zero, preallocation=preallocation,
+                     tuning=tuning)
+        stats = _native.new_stats()
+        try:
+            ns.qcow2_convert(ctx, dst.fd, opts, stats, progress=progress, paths=paths)
+        except ImageFormatError as e:
+            raise type(e)(f"{source.display_url}: {e}") from None
+        _finish(ctx, dst, vsize, final_size, preallocation, stats, paths)
+        return _result(ns, source, dst, stats, strategy="ranges", fmt="qcow2",
+                       compression="none", virtual_size=vsize, final_size=final_size,
+                       start=start, preallocation=preallocation, checksum=None, digest=b"")
+
+
+def _copy_ranges(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
+                 target: str | os.PathLike[str] | Place, *, target_is_zero: bool,
+                 preallocation: str, target_size: int | None, capacity: int | None,
+                 progress: ProgressFn | None, tuning: Tuning, start: float,
+                 checksum: Checksum | None) -> ImportResult:
+    assert pr.info.size is not None
+    size = pr.info.size
+    _check_capacity(source.display_url, "the raw image", size, capacity)
+    final_size = final_size_for(size, target_size)
+    need = room_needed(final_size, preallocation, None)
+    with open_target(target, size, ctx=ctx, need=need) as dst:
+        paths = (source.display_url, dst.path)
+        opts = _opts(dst, size, target_is_zero=target_is_zero, preallocation=preallocation,
+                     tuning=tuning)
+        stats = _native.new_stats()
+        res = ns.copy(ctx, dst.fd, opts, stats, hash=checksum.algorithm if checksum else "",
+                      progress=progress, paths=paths)
+        _verify(checksum, res.digest, source.display_url)
+        _finish(ctx, dst, size, final_size, preallocation, stats, paths)
+        return _result(ns, source, dst, stats, strategy="ranges", fmt="raw",
+                       compression="none", virtual_size=size, final_size=final_size,
+                       start=start, preallocation=preallocation, checksum=checksum,
+                       digest=res.digest)
+
+
+def _stream(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
+            target: str | os.PathLike[str] | Place, *, source_format: str, mem_limit: int,
+            target_is_zero: bool, preallocation: str, target_size: int | None,
+            capacity: int | None, progress: ProgressFn | None, tuning: Tuning, start: float,
+            checksum: Checksum | None) -> ImportResult:
+    size = pr.info.size
+    if pr.format == "raw" and size is not None and pr.head:
+        _check_capacity(source.display_url, "the raw image", size, capacity)
+        bound = size
+    else:
+        bound = capacity if capacity is not None else _default_capacity(target)
+        if bound is None:
+            raise ValueError(f"{source.display_url}: the image's size is not known in advance: "
+                             "give the target's capacity")
+    bound_known = capacity is not None or size is not None and pr.format == "raw"
+    if preallocation == "full" and not bound_known and not _is_device(target):
+        raise ValueError(f"{source.display_url}: preallocation=full of a file whose size is "
+                         "not known in advance needs the target's capacity")
+    with open_target(target, bound, ctx=ctx, need=None) as dst:
+        if dst.probe.is_blockdev:
+            bound = dst.probe.size if capacity is None else min(capacity, dst.probe.size)
+            bound_known = True
+        # preallocation: by the writer over the known bound, else afterwards (falloc keeps data)
+        early = preallocation if bound_known else "off"
+        paths = (source.display_url, dst.path)
+        flags = 0
+        if dst.fresh or target_is_zero:
+            flags |= _native.const("CDM_COPY_TARGET_IS_ZERO")
+        writer = NativeWriter(ctx, dst.fd, dst.direct_fd, size=bound,
+                              sector=dst.probe.logical_sector,
+                              is_blockdev=dst.probe.is_blockdev, sparse_size=tuning.sparse_size,
+                              flags=flags, preallocation=PREALLOCATION_MODES[early],
+                              path=dst.path)
+        try:
+            opts = _native.new_stream_opts(
+                format=source_format, compression="auto",
+                hash=checksum.algorithm if checksum else "", mem_limit=mem_limit)
+            try:
+                res = ns.stream(ctx, writer, opts, progress=progress, paths=paths)
+            except TargetTooSmallError as e:
+                raise TargetTooSmallError(f"{source.display_url}: {e}") from None
+            except ImageFormatError as e:
+                raise type(e)(f"{source.display_url}: {e}") from None
+            stats = writer.finish()
+        except BaseException:
+            try:
+                writer.abort()
+            except OSError:
+                pass
+            raise
+        finally:
+            writer.free()
+        _verify(checksum, res.digest, source.display_url)
+        vsize = res.image_size
+        final_size = final_size_for(vsize, target_size)
+        if dst.probe.is_regular:
+            os.ftruncate(dst.fd, vsize)
+        if preallocation != "off" and early == "off" and vsize > 0:
+            _native.preallocate(ctx, dst.fd, dst.direct_fd, dst.probe.is_blockdev,
+                                dst.probe.logical_sector, 0, vsize,
+                                PREALLOCATION_MODES[preallocation], stats, paths=paths)
+        if dst.probe.is_regular:
+            os.fsync(dst.fd)
+        _finish(ctx, dst, vsize, final_size, preallocation, stats, paths)
+        return _result(ns, source, dst, stats, strategy="stream", fmt=res.format,
+                       compression=res.compression, virtual_size=vsize,
+                       final_size=final_size, start=start, preallocation=preallocation,
+                       checksum=checksum, digest=res.digest, peak_held=res.peak_held)
