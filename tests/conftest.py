@@ -1,5 +1,6 @@
 """Shared fixtures: requirement checks that skip locally but fail in CI, hypothesis profiles,
-sparse-file and loop-device factories.
+sparse-file and loop-device factories; the network servers of netfix.py (nginx, faultproxy,
+rawhttp) are registered as a plugin.
 
 Loop devices are attached with `losetup` by exact name and detached in teardown, even on failure.
 """
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+pytest_plugins = ["netfix"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
