@@ -174,10 +174,84 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _http_source(args: argparse.Namespace, url: str) -> Any:
+    """The HttpSource of URL from the command line's options (the password from a file or
+    the environment, never from argv)."""
+    from .io.http import HttpSource
+
+    auth = None
+    user = getattr(args, "user", None)
+    if user is not None:
+        password = ""
+        if args.password_file is not None:
+            with open(args.password_file, encoding="utf-8") as f:
+                password = f.read().rstrip("\r\n")
+        elif "CDIMOVER_PASSWORD" in os.environ:
+            password = os.environ["CDIMOVER_PASSWORD"]
+        auth = (user, password)
+    return HttpSource(url, auth=auth, ca=getattr(args, "ca", None),
+                      insecure=getattr(args, "insecure", False),
+                      headers=tuple(getattr(args, "header", None) or ()),
+                      retries=getattr(args, "retries", 5),
+                      idle_timeout=getattr(args, "idle_timeout", 600))
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from .ops.remote import import_url
+
+    source = _http_source(args, args.url)
+    with _progress(args, "import") as cb:
+        r = import_url(source, args.target, source_format=args.format, checksum=args.checksum,
+                       preallocation=args.preallocation, target_is_zero=args.target_is_zero,
+                       target_size=args.target_size, capacity=args.capacity, progress=cb,
+                       threads=args.threads)
+    _log_strategy(r.copy)
+    out = r.copy.as_dict()
+    out.update(url=r.url, strategy=r.strategy, compression=r.compression,
+               file_size=r.file_size, bytes_fetched=r.bytes_fetched, requests=r.requests,
+               retries=r.retries, restarts=r.restarts, http_version=r.http_version,
+               digest=r.digest, source_format=r.source_format)
+    human = (f"{_summary(r.copy)}; fetched {_fmt_bytes(r.bytes_fetched)} in {r.requests} "
+             f"requests ({r.strategy}, HTTP/{r.http_version}"
+             f"{', ' + r.compression if r.compression != 'none' else ''}"
+             f"{f', {r.retries} retried' if r.retries else ''}"
+             f"{f', {r.restarts} restarted from byte 0' if r.restarts else ''})")
+    if r.digest:
+        human += f"; checksum {r.digest} verified"
+    _emit(args, out, human)
+    return EXIT_OK
+
+
+def _url_info(args: argparse.Namespace) -> Any:
+    from ._native import Context
+    from .formats.qcow2 import ImageInfo
+    from .ops.remote import probe_url
+
+    source = _http_source(args, args.path)
+    with Context() as ctx:
+        ns = source.open(ctx)
+        try:
+            pr = probe_url(ctx, ns, source, args.format)
+        finally:
+            ns.free()
+    if pr.image is not None:
+        return pr.image
+    if pr.format == "qcow2":
+        raise ValueError(f"{source.display_url}: a QCOW2 image on a server without byte "
+                         "ranges: its header can only be read by importing it")
+    if pr.format != "raw":
+        raise ValueError(f"{source.display_url}: {pr.format}-compressed: its image can only "
+                         "be described by importing it")
+    size = pr.info.size if pr.info.size is not None else 0
+    return ImageInfo(filename=source.display_url, format="raw", virtual_size=size,
+                     actual_size=size, file_size=size)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .formats.qcow2 import info_json, inspect
+    from .io.http import is_url
 
-    info = inspect(args.path, format=args.format)
+    info = _url_info(args) if is_url(args.path) else inspect(args.path, format=args.format)
     if args.json:
         print(json.dumps(info_json(info), indent=4))
         return EXIT_OK
@@ -413,9 +487,47 @@ def _parser() -> argparse.ArgumentParser:
                                      "prints the keys of `qemu-img info --output=json`. "
                                      "Formats cdimover does not convert (VMDK, VHD, gzip, "
                                      "...) are refused by name unless -f raw.")
-    inf.add_argument("path")
+    # What import and info of a URL share: credentials, trust, headers, retries.
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--user", help="basic auth user name")
+    remote.add_argument("--password-file", metavar="FILE",
+                        help="file holding the basic auth password (default: the environment "
+                        "variable CDIMOVER_PASSWORD; never on the command line)")
+    remote.add_argument("--ca", metavar="PATH", help="PEM file, or directory of *.crt/*.pem "
+                        "files, trusted besides the system's CAs")
+    remote.add_argument("--insecure", action="store_true",
+                        help="do not verify the server's TLS certificate")
+    remote.add_argument("--header", action="append", metavar="'NAME: VALUE'",
+                        help="extra request header (repeatable)")
+    remote.add_argument("--retries", type=int, default=5,
+                        help="repetitions of a failed request, resuming where it broke "
+                        "(default 5)")
+    remote.add_argument("--idle-timeout", type=int, default=600, metavar="SECONDS",
+                        help="give up after this long below 1 KiB/s (default 600)")
+
+    inf.add_argument("path", help="image file, block device, or http(s):// URL")
     inf.add_argument("-f", "--format", choices=("auto", "raw", "qcow2"), default="auto")
+    for action in remote._actions:
+        inf._add_action(action)
     inf.set_defaults(func=_cmd_info)
+
+    im = sub.add_parser("import", parents=[common, writing, remote],
+                        help="import a RAW or QCOW2 image from an http(s):// URL",
+                        description="Import a RAW or QCOW2 image (maybe gzip-, xz- or "
+                        "zstd-compressed) from an http:// or https:// URL straight onto a file "
+                        "or block device, in one pass and without a scratch copy. With byte "
+                        "ranges, a QCOW2 is converted by fetching only its allocated clusters; "
+                        "otherwise the body is decoded as it arrives. Broken transfers resume.")
+    im.add_argument("url", help="http:// or https:// URL of the image")
+    im.add_argument("target", help="target file or block device")
+    im.add_argument("-f", "--format", choices=("auto", "raw", "qcow2"), default="auto",
+                    help="image format after decompression (default: auto, by magic bytes)")
+    im.add_argument("--checksum", metavar="ALGO:HEX",
+                    help="expected md5|sha1|sha256|sha512 of the file as downloaded")
+    im.add_argument("--capacity", type=argtypes.size, default=None,
+                    help="most bytes the image may take (default: a device's size, or a "
+                    "file's free space); a longer stream is stopped")
+    im.set_defaults(func=_cmd_import)
 
     pa = sub.add_parser("prealloc", parents=[common], help="preallocate a disk or create a "
                         "blank one", description="Reserve (falloc) or write (full) every "
