@@ -49,6 +49,8 @@ struct http_source {
     struct cdm_source base;
     struct cdm_reader r;
     char *url;              /* final URL after the open's redirects */
+    char shown[1024];       /* URL without query or fragment, for messages (a signed URL's */
+                            /* query is a secret) */
     char *user;
     char *password;
     bool creds;             /* send USER/PASSWORD and HEADERS (same origin as given) */
@@ -587,7 +589,7 @@ static int transfer(struct http_source *h, struct xfer *x, uint64_t start, uint6
             cc = CURLE_PARTIAL_FILE;        /* the body ended early: resume */
         }
         if (!retryable(cc, status) || attempts > h->retries) {
-            rc = failed(h, err, cc, status, errbuf, h->url, attempts);
+            rc = failed(h, err, cc, status, errbuf, h->shown, attempts);
             break;
         }
         if (!h->ranges && x->taken > 0) {
@@ -688,7 +690,7 @@ static int http_stream(cdm_source *src, cdm_ctx *ctx, cdm_writer *w,
             if (atomic_load(&h->restarts) >= h->retries)
                 return cdm_set_error(ctx, CDM_SIDE_SOURCE, -CDM_ENETWORK,
                                      "GET %s: the transfer broke %u times and the server does "
-                                     "not serve ranges, so it cannot resume", h->url,
+                                     "not serve ranges, so it cannot resume", h->shown,
                                      atomic_load(&h->restarts) + 1);
             atomic_fetch_add(&h->restarts, 1);
             continue;       /* from byte 0 again: the server cannot resume */
@@ -716,7 +718,7 @@ static void http_info(const cdm_source *src, struct cdm_source_info *out)
     snprintf(out->etag, sizeof out->etag, "%s", h->etag);
     snprintf(out->last_modified, sizeof out->last_modified, "%s", h->last_modified);
     snprintf(out->content_type, sizeof out->content_type, "%s", h->content_type);
-    snprintf(out->url, sizeof out->url, "%s", h->url != NULL ? h->url : "");
+    snprintf(out->url, sizeof out->url, "%s", h->shown);
 }
 
 static void http_bind(cdm_source *src, cdm_ctx *ctx)
@@ -782,6 +784,13 @@ static void origin_of(const char *url, char *origin, size_t cap, bool *userinfo)
     curl_free(port);
     curl_free(user);
     curl_url_cleanup(u);
+}
+
+static void set_shown(struct http_source *h)
+{
+    size_t n = strcspn(h->url, "?#");
+    snprintf(h->shown, sizeof h->shown, "%.*s%s", (int)CDM_MIN(n, sizeof h->shown - 8),
+             h->url, h->url[n] ? "?..." : "");
 }
 
 static int dup_opt(char **out, const char *s)
@@ -861,6 +870,8 @@ int cdm_http_open(cdm_ctx *ctx, const struct cdm_http_opts *opts, cdm_source **o
         dup_opt(&h->user_agent, opts->user_agent ? opts->user_agent : "cdimover") < 0 ||
         (h->head = malloc(HEAD_BYTES)) == NULL)
         rc = cdm_set_error(ctx, CDM_SIDE_NONE, -ENOMEM, "out of memory");
+    if (rc == 0)
+        set_shown(h);
     if (rc == 0 && opts->headers != NULL) {
         rc = parse_headers(h, opts->headers, &ctx->error);
         if (rc == -ENOMEM)
@@ -880,18 +891,19 @@ int cdm_http_open(cdm_ctx *ctx, const struct cdm_http_opts *opts, cdm_source **o
         origin_of(to, here, sizeof here, &userinfo);
         if (hops >= h->max_redirects)
             rc = cdm_set_error(ctx, CDM_SIDE_SOURCE, -CDM_EPROTOCOL,
-                               "GET %s: more than %u redirects", opts->url, h->max_redirects);
+                               "GET %s: more than %u redirects", h->shown, h->max_redirects);
         else if (strncmp(here, "http://", 7) != 0 && strncmp(here, "https://", 8) != 0)
             rc = cdm_set_error(ctx, CDM_SIDE_SOURCE, -CDM_EPROTOCOL,
                                "GET %s: redirected to something other than an http or https "
-                               "URL", h->url);
+                               "URL", h->shown);
         else if (userinfo)
             rc = cdm_set_error(ctx, CDM_SIDE_SOURCE, -CDM_EPROTOCOL,
-                               "GET %s: redirected to a URL holding credentials", h->url);
+                               "GET %s: redirected to a URL holding credentials", h->shown);
         if (rc == 1) {
             rc = 0;
             free(h->url);
             h->url = to;
+            set_shown(h);
             to = NULL;
             h->creds = strcmp(here, origin) == 0;
         }

@@ -213,7 +213,7 @@ CONFIG_ERRORS: list[tuple[str, dict[str, str | None], str]] = [
     ("clone", {"FILESYSTEM_OVERHEAD": "1.5"}, "FILESYSTEM_OVERHEAD: "),
     ("clone", {"UPLOAD_IMAGE_SIZE": "10GB"}, "UPLOAD_IMAGE_SIZE: invalid quantity '10GB'"),
     ("import", {"IMPORTER_ENDPOINT": None}, "IMPORTER_ENDPOINT: not set"),
-    ("import", {"IMPORTER_ENDPOINT": "https://example.com/disk.img"}, "IMPORTER_ENDPOINT: "),
+    ("import", {"IMPORTER_ENDPOINT": "ftp://127.0.0.1/disk.img"}, "IMPORTER_ENDPOINT: "),
     ("import", {"IMPORTER_CONTENTTYPE": "iso"}, "IMPORTER_CONTENTTYPE: 'iso' is not"),
     ("import", {"IMPORTER_IMAGE_SIZE": "-1Gi"}, "IMPORTER_IMAGE_SIZE: invalid quantity"),
     ("import", {"IMPORTER_CHECKSUM": "sha256:abc"}, "IMPORTER_CHECKSUM: "),

@@ -371,7 +371,12 @@ def _stream(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
                 format=source_format, compression="auto",
                 hash=checksum.algorithm if checksum else "", mem_limit=mem_limit)
             try:
-                res = ns.stream(ctx, writer, opts, progress=progress, paths=paths)
+                # a stream of unknown length reports nothing until it is done
+                shown: ProgressFn | None = None
+                if progress is not None:
+                    report = progress
+                    shown = lambda done, total: report(done, total) if total else None  # noqa: E731
+                res = ns.stream(ctx, writer, opts, progress=shown, paths=paths)
             except TargetTooSmallError as e:
                 raise TargetTooSmallError(f"{source.display_url}: {e}") from None
             except ImageFormatError as e:

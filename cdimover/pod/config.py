@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from ..errors import ConfigurationError
+from ..io.http import HttpSource, is_url
 from ..sizing import DEFAULT_OVERHEAD, parse_overhead, parse_quantity
 
 __all__ = ["Checksum", "CloneConfig", "ImportConfig", "clone_config", "import_config",
@@ -59,6 +60,7 @@ class ImportConfig:
     filesystem_overhead: str
     image_size: int | None
     checksum: Checksum | None
+    http: HttpSource | None = None      # IMPORTER_SOURCE=http: the remote image
 
 
 def get_env(env: Mapping[str, str], name: str, *, required: bool = False,
@@ -214,6 +216,70 @@ def _endpoint_path(value: str) -> str:
     return path
 
 
+EXTRA_HEADERS_DIR: Final = "/extraheaders"
+PROXY_CERT_DIR: Final = "/proxycerts"
+
+
+def _extra_headers(env: Mapping[str, str], headers_dir: str) -> tuple[str, ...]:
+    """IMPORTER_EXTRA_HEADER_<n> in order of N, then one header per file under HEADERS_DIR
+    (CDI mounts each secret of secretExtraHeaders there)."""
+    found: list[tuple[int, str]] = []
+    for name, value in env.items():
+        if name.startswith("IMPORTER_EXTRA_HEADER_"):
+            suffix = name[len("IMPORTER_EXTRA_HEADER_"):]
+            if not suffix.isdigit():
+                raise ConfigurationError(f"{name}: expected IMPORTER_EXTRA_HEADER_<number>")
+            found.append((int(suffix), value))
+    headers = [v for _, v in sorted(found)]
+    if os.path.isdir(headers_dir):
+        for root, dirs, files in os.walk(headers_dir):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".."))
+            for f in sorted(files):
+                if f.startswith("."):
+                    continue        # the projected volume's ..data bookkeeping
+                with open(os.path.join(root, f), encoding="utf-8") as fh:
+                    text = fh.read(64 << 10).strip()
+                if text:
+                    headers.append(text)
+    for h in headers:
+        name, sep, _ = h.partition(":")
+        if not sep or not name.strip():
+            raise ConfigurationError("an extra header is not of the form 'Name: value' "
+                                     "(IMPORTER_EXTRA_HEADER_<n> or /extraheaders)")
+    return tuple(headers)
+
+
+def _http_source(env: Mapping[str, str], url: str) -> HttpSource:
+    """IMPORTER_SOURCE=http: the URL with basic auth (IMPORTER_ACCESS_KEY_ID /
+    IMPORTER_SECRET_KEY), CA (IMPORTER_CERT_DIR), INSECURE_TLS, extra headers, proxy CA
+    (IMPORTER_PROXY_CERT_DIR or /proxycerts) and IMPORTER_IDLE_TIMEOUT (seconds, default 600)."""
+    user = get_env(env, "IMPORTER_ACCESS_KEY_ID")
+    secret = env.get("IMPORTER_SECRET_KEY", "")
+    cert_dir = get_env(env, "IMPORTER_CERT_DIR")
+    if cert_dir is not None and not os.path.isdir(cert_dir):
+        raise ConfigurationError(f"IMPORTER_CERT_DIR: {cert_dir} is not a directory")
+    proxy_dir = get_env(env, "IMPORTER_PROXY_CERT_DIR")
+    if proxy_dir is None and os.path.isdir(PROXY_CERT_DIR) and any(
+            f.endswith((".crt", ".pem")) for f in os.listdir(PROXY_CERT_DIR)):
+        proxy_dir = PROXY_CERT_DIR
+    idle = get_env(env, "IMPORTER_IDLE_TIMEOUT")
+    try:
+        idle_timeout = int(idle) if idle is not None else 600
+        if not 1 <= idle_timeout <= 7 * 24 * 3600:
+            raise ValueError
+    except ValueError:
+        raise ConfigurationError(f"IMPORTER_IDLE_TIMEOUT: {idle!r} is not a number of seconds "
+                                 "from 1 to 604800") from None
+    headers_dir = get_env(env, "IMPORTER_EXTRA_HEADERS_DIR") or EXTRA_HEADERS_DIR
+    try:
+        return HttpSource(url, auth=(user, secret) if user else None, ca=cert_dir,
+                          insecure=_bool(env, "INSECURE_TLS", required=False),
+                          headers=_extra_headers(env, headers_dir), proxy_ca=proxy_dir,
+                          idle_timeout=idle_timeout)
+    except ConfigurationError as e:
+        raise ConfigurationError(f"IMPORTER_ENDPOINT: {e}") from None
+
+
 def import_config(env: Mapping[str, str], *, endpoint: str | None = None,
                   destination: str | None = None) -> ImportConfig:
     """Read an import pod's configuration from ENV; ENDPOINT and DESTINATION override the
@@ -221,7 +287,19 @@ def import_config(env: Mapping[str, str], *, endpoint: str | None = None,
     value = endpoint or get_env(env, "IMPORTER_ENDPOINT", required=True,
                              hint="a local path or a file:// URL")
     assert value is not None
-    path = _endpoint_path(value)
+    kind = (get_env(env, "IMPORTER_SOURCE") or "").lower()
+    http = None
+    if kind == "http" or (kind in ("", "file") and is_url(value)):
+        if not is_url(value):
+            raise ConfigurationError(f"IMPORTER_ENDPOINT: {value!r}: IMPORTER_SOURCE=http "
+                                     "needs an http:// or https:// URL")
+        http = _http_source(env, value)
+        path = http.display_url
+    elif kind not in ("", "file"):
+        raise ConfigurationError(f"IMPORTER_SOURCE: {kind!r} is not supported (http, or a "
+                                 "local file)")
+    else:
+        path = _endpoint_path(value)
     content = get_env(env, "IMPORTER_CONTENTTYPE") or "kubevirt"
     if content not in ("kubevirt", "archive"):
         raise ConfigurationError(f"IMPORTER_CONTENTTYPE: {content!r} is not 'kubevirt' or "
@@ -235,11 +313,15 @@ def import_config(env: Mapping[str, str], *, endpoint: str | None = None,
     owner = get_env(env, "OWNER_UID") or ""
     dest = _volume_path(destination or get_env(env, "DESTINATION") or _default_destination(),
                         "DESTINATION")
+    if content_type == "archive" and http is not None:
+        raise ConfigurationError("IMPORTER_CONTENTTYPE: archive imports come from a local file "
+                                 "for now, not from IMPORTER_SOURCE=http")
     if content_type == "archive" and not os.path.isdir(dest):
         raise ConfigurationError(f"IMPORTER_CONTENTTYPE: archive is extracted into a "
                                  f"directory, but DESTINATION {dest} is a block device")
     return ImportConfig(endpoint=path, content_type=content_type, destination=dest,
                         preallocation=preallocation, owner_uid=owner,
-                        filesystem_overhead=overhead, image_size=size, checksum=checksum)
+                        filesystem_overhead=overhead, image_size=size, checksum=checksum,
+                        http=http)
 
 

@@ -69,6 +69,36 @@ def _import_disk(cfg: ImportConfig, progress: Progress, *, threads: int,
     return result.preallocation_applied
 
 
+def _import_http(cfg: ImportConfig, progress: Progress, *, threads: int,
+                 request_size: int) -> bool:
+    """Import the image at CFG.http straight onto the volume (no scratch space): capacity
+    checked before a byte is written when the size is known, and a stream stopped there when
+    it is not; the checksum verified in the same pass (a mismatch removes a new disk.img and
+    zeroes a Block volume's image)."""
+    from ..cdi.volume import BLOCK, Volume, target_place
+    from ..ops.remote import import_url
+
+    assert cfg.http is not None
+    vol = Volume.open(cfg.destination, cfg.filesystem_overhead)
+    block = vol.mode == BLOCK
+    grow_to = min(cfg.image_size, vol.capacity) if cfg.image_size and not block else None
+    place, dir_fd = target_place(vol)
+    try:
+        try:
+            result = import_url(cfg.http, place, checksum=str(cfg.checksum) if cfg.checksum
+                                else None, preallocation="falloc" if cfg.preallocation else "off",
+                                capacity=vol.capacity, target_size=grow_to,
+                                progress=progress.copied, threads=threads,
+                                request_size=request_size)
+        except ChecksumMismatchError:
+            if block:
+                _wipe_device(vol.disk_path, vol.capacity)
+            raise
+    finally:
+        os.close(dir_fd)
+    return result.copy.preallocation_applied
+
+
 def _start_hasher(cfg: ImportConfig, progress: Progress,
                   fd: int | None = None) -> Hasher | None:
     """Start hashing the image open as FD when CFG has a checksum; the hasher or None."""
@@ -117,6 +147,9 @@ def run_import(cfg: ImportConfig, counter: ProgressCounter, *, threads: int = 0,
     progress = Progress(counter, hashing=cfg.checksum is not None)
     if cfg.content_type == "archive":
         return _import_archive(cfg, progress)
+    if cfg.http is not None:
+        progress = Progress(counter, hashing=False)     # hashed in the same pass
+        return _import_http(cfg, progress, threads=threads, request_size=request_size)
     return _import_disk(cfg, progress, threads=threads, request_size=request_size)
 
 
