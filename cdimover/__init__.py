@@ -9,6 +9,9 @@ The API by purpose:
 - Moving disks: ``copy`` (RAW, file or block device), ``convert`` (QCOW2 or RAW to RAW),
   ``scan`` (the extent map a copy would use), ``is_zero``; ``Context`` (a reusable native
   context, cancellable from another thread).
+- Remote images: ``import_url`` (RAW or QCOW2, maybe gzip/xz/zstd, from http(s):// straight
+  onto the target, resumable, checksum in the same pass) with ``HttpSource`` (credentials,
+  CA, headers, retries) -> ``ImportResult``; ``Checksum``.
 - Images: ``inspect`` -> ``ImageInfo`` (``qemu-img info`` from a validated header); the
   format probe is ``cdimover.detect`` (``detect``, ``detect_path``).
 - Preallocation: ``preallocate``, ``create_blank`` -> ``PreallocResult``.
@@ -18,7 +21,10 @@ The API by purpose:
   ``AllocMethod``.
 - Errors, all under ``CdimoverError``: ``ImageFormatError`` > ``UnsupportedImageError``,
   ``UnsafeImageError``, ``TargetTooSmallError``, ``CopyCancelled``, ``SourceInUseError``,
-  ``CloneValidationError``, ``ConfigurationError``.  System failures are ``OSError``.
+  ``CloneValidationError``, ``ConfigurationError``, ``ChecksumMismatchError``; remote
+  sources raise ``RemoteError``: ``HttpStatusError`` > ``AuthenticationError``,
+  ``RemoteNotFoundError``; ``TlsError``, ``NetworkError``, ``ProtocolError``,
+  ``SourceChangedError``.  System failures are ``OSError``.
 - Programs: the ``cdimover`` command (``cdimover.cli``) and the CDI pod programs
   (``cdimover pod clone|import``, ``cdimover.pod``).
 """
@@ -31,7 +37,16 @@ from typing import TYPE_CHECKING, Any
 from ._native import Context
 from .ops.copy import copy, is_zero, scan
 from .errors import (
+    AuthenticationError,
     CdimoverError,
+    ChecksumMismatchError,
+    HttpStatusError,
+    NetworkError,
+    ProtocolError,
+    RemoteError,
+    RemoteNotFoundError,
+    SourceChangedError,
+    TlsError,
     CloneValidationError,
     ConfigurationError,
     CopyCancelled,
@@ -50,6 +65,8 @@ from .formats.qcow2 import ImageInfo, inspect
 from .ops.convert import convert
 from .types import AllocMethod, CopyResult, Extent, PreallocResult, ScanMethod, ZeroMethod
 from .ops.writer import Writer
+from .io.http import HttpSource
+from .ops.remote import Checksum, ImportResult, import_url
 
 if TYPE_CHECKING:
     from .sizing import required_space, usable_space
@@ -112,4 +129,17 @@ __all__ = [
     "UnsafeArchiveError",
     "UnsafeImageError",
     "UnsupportedImageError",
+    "import_url",
+    "HttpSource",
+    "ImportResult",
+    "Checksum",
+    "ChecksumMismatchError",
+    "RemoteError",
+    "HttpStatusError",
+    "AuthenticationError",
+    "RemoteNotFoundError",
+    "TlsError",
+    "NetworkError",
+    "ProtocolError",
+    "SourceChangedError",
 ]

@@ -343,10 +343,11 @@ def _stream(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
         _check_capacity(source.display_url, "the raw image", size, capacity)
         bound = size
     else:
-        bound = capacity if capacity is not None else _default_capacity(target)
-        if bound is None:
+        limit = capacity if capacity is not None else _default_capacity(target)
+        if limit is None:
             raise ValueError(f"{source.display_url}: the image's size is not known in advance: "
                              "give the target's capacity")
+        bound = limit
     bound_known = capacity is not None or size is not None and pr.format == "raw"
     if preallocation == "full" and not bound_known and not _is_device(target):
         raise ValueError(f"{source.display_url}: preallocation=full of a file whose size is "
