@@ -201,7 +201,7 @@ static int emit_compressed(struct emitter *e, const struct qcow2_run *r, const u
     if (d == NULL)
         return cdm_error_set(&w->io.error, CDM_SIDE_NONE, -EAGAIN, "no free decompressor");
     int rc = qcow2_decompress(&s->img, d, in, (size_t)r->csize, out, (size_t)cs,
-                              r->cluster_guest, &w->io.error);
+                              r->cluster_guest, NULL, &w->io.error);
     qcow2_decoder_put(&s->decoders, d);
     if (rc < 0)
         return rc;
@@ -344,41 +344,6 @@ static int conv_next(struct cdm_job *job, struct cdm_item *item)
     return 1;
 }
 
-/* Refuse what must not or cannot be converted; 0 when IMG may be converted. */
-static int refuse(cdm_ctx *ctx, const struct qcow2_image *img)
-{
-    const struct cdm_qcow2_info *i = &img->info;
-    if (i->has_backing)
-        return cdm_set_error(ctx, CDM_SIDE_SOURCE, -CDM_EUNSAFE,
-                             "the image has a backing file \"%s\"; backing files are never "
-                             "opened",
-                             i->backing_name);
-    if (i->has_data_file)
-        return cdm_set_error(ctx, CDM_SIDE_SOURCE, -CDM_EUNSAFE,
-                             "the image keeps its data in an external data file \"%s\"; data "
-                             "files are never opened",
-                             i->data_file_name);
-    if (i->crypt_method != CDM_QCOW2_CRYPT_NONE)
-        return cdm_set_error(ctx, CDM_SIDE_SOURCE, -CDM_EUNSUPPORTED,
-                             "the image is encrypted (method %u: %s); encrypted images are not "
-                             "supported",
-                             i->crypt_method,
-                             i->crypt_method == CDM_QCOW2_CRYPT_AES    ? "AES"
-                             : i->crypt_method == CDM_QCOW2_CRYPT_LUKS ? "LUKS"
-                                                                      : "unknown");
-    if (i->corrupt)
-        return cdm_set_error(ctx, CDM_SIDE_SOURCE, -CDM_EFORMAT,
-                             "the image is marked corrupt (incompatible feature bit 1); repair "
-                             "it with qemu-img check -r all");
-    if (!i->compression_supported)
-        return cdm_set_error(ctx, CDM_SIDE_SOURCE, -CDM_EUNSUPPORTED,
-                             "compression type %u (%s) is not supported by this build",
-                             i->compression_type,
-                             i->compression_type == CDM_QCOW2_COMPRESSION_ZSTD ? "zstd"
-                                                                               : "unknown");
-    return 0;
-}
-
 /* Open the image of SRC into S, refuse what must not be converted, check OPTS->size and set
  * up the metadata cache.  0 or -errno/-CDM_E* (message in CTX); on failure nothing is left
  * to release. */
@@ -388,7 +353,7 @@ static int conv_open(cdm_ctx *ctx, struct conv_state *s, struct cdm_reader *src,
     int rc = qcow2_open(&s->img, src, &ctx->error);
     if (rc < 0)
         return rc;
-    rc = refuse(ctx, &s->img);
+    rc = qcow2_refuse(&s->img, &ctx->error);
     if (rc == 0 && opts->size != s->img.virtual_size)
         rc = cdm_set_error(ctx, CDM_SIDE_NONE, -EINVAL,
                            "size %llu was given for an image whose virtual size is %llu",

@@ -1,6 +1,8 @@
 /* qcow2.c -- the QCOW2 reader: header parsing and validation, a fixed-size metadata cache,
  * the mapping of guest ranges through the L1/L2 tables into runs of one kind (DATA, ZERO,
  * UNALLOCATED, COMPRESSED), and decompression of compressed clusters (raw deflate, zstd).
+ * The L1/L2 entry decoders and the refusals are shared with the streaming converter
+ * (qcow2_stream.c), which validates the same way without random access.
  *
  * The image is untrusted input.  Every header field and every table entry is checked before
  * it is used: offsets must be aligned, inside the file and clear of the header and of the
@@ -530,6 +532,41 @@ bool qcow2_compression_supported(uint32_t compression_type)
     return false;
 }
 
+/* Refuse what must not or cannot be converted: a backing or external data file (never
+ * opened: -CDM_EUNSAFE), encryption or a compression type this build lacks
+ * (-CDM_EUNSUPPORTED), the corrupt bit (-CDM_EFORMAT).  0 when IMG may be converted; otherwise
+ * the code, with the message in ERR. */
+int qcow2_refuse(const struct qcow2_image *img, struct cdm_error *err)
+{
+    const struct cdm_qcow2_info *i = &img->info;
+    if (i->has_backing)
+        return fail(err, -CDM_EUNSAFE,
+                    "the image has a backing file \"%s\"; backing files are never opened",
+                    i->backing_name);
+    if (i->has_data_file)
+        return fail(err, -CDM_EUNSAFE,
+                    "the image keeps its data in an external data file \"%s\"; data files are "
+                    "never opened",
+                    i->data_file_name);
+    if (i->crypt_method != CDM_QCOW2_CRYPT_NONE)
+        return fail(err, -CDM_EUNSUPPORTED,
+                    "the image is encrypted (method %u: %s); encrypted images are not supported",
+                    i->crypt_method,
+                    i->crypt_method == CDM_QCOW2_CRYPT_AES    ? "AES"
+                    : i->crypt_method == CDM_QCOW2_CRYPT_LUKS ? "LUKS"
+                                                             : "unknown");
+    if (i->corrupt)
+        return fail(err, -CDM_EFORMAT,
+                    "the image is marked corrupt (incompatible feature bit 1); repair it with "
+                    "qemu-img check -r all");
+    if (!i->compression_supported)
+        return fail(err, -CDM_EUNSUPPORTED,
+                    "compression type %u (%s) is not supported by this build",
+                    i->compression_type,
+                    i->compression_type == CDM_QCOW2_COMPRESSION_ZSTD ? "zstd" : "unknown");
+    return 0;
+}
+
 /* ---- metadata cache -------------------------------------------------------------------- */
 
 /* Set up C for IMG: SETS x WAYS slices of IMG->slice bytes.  0 or -ENOMEM. */
@@ -588,17 +625,10 @@ static int cache_slice(struct qcow2_cache *c, uint64_t slice_host, const uint8_t
 
 /* ---- L1/L2 decoding --------------------------------------------------------------------- */
 
-/* Decoded L2 entry of one guest cluster. */
-struct l2_desc {
-    enum qcow2_kind kind;    /* for standard entries without subclusters */
-    uint64_t host;           /* cluster host offset, or compressed data start */
-    uint64_t csize;          /* compressed bytes present in the file */
-    uint32_t alloc;          /* extended L2: allocated subclusters */
-    uint32_t zero;           /* extended L2: zero subclusters */
-};
-
-/* The L2 table host offset from L1 entry E (0 when unallocated), checked. */
-static int decode_l1(const struct qcow2_image *img, uint64_t l1_index, uint64_t e,
+/* Decode L1 entry E of index L1_INDEX of IMG into *L2_HOST (0 when unallocated): reserved
+ * bits clear, cluster-aligned, inside the file and clear of the metadata regions.  0 or
+ * -CDM_EFORMAT with the message in ERR. */
+int qcow2_decode_l1(const struct qcow2_image *img, uint64_t l1_index, uint64_t e,
                      uint64_t *l2_host, struct cdm_error *err)
 {
     uint64_t guest = l1_index << img->l1_shift;
@@ -649,9 +679,13 @@ static int check_host_range(const struct qcow2_image *img, uint64_t l2_host, uin
     return 0;
 }
 
-/* Decode the L2 entry E (and subcluster BITMAP) of the cluster at CLUSTER_GUEST. */
-static int decode_l2(const struct qcow2_image *img, uint64_t l2_host, uint64_t cluster_guest,
-                     uint64_t e, uint64_t bitmap, struct l2_desc *d, struct cdm_error *err)
+/* Decode the L2 entry E (and, with extended L2 entries, the subcluster BITMAP) that maps the
+ * guest cluster at CLUSTER_GUEST from the L2 table at L2_HOST into *D, checking reserved bits,
+ * alignment and that the host bytes lie inside the file and clear of the metadata (data
+ * subclusters are checked by the mapper as it walks them).  0 or -CDM_EFORMAT with the
+ * message in ERR. */
+int qcow2_decode_l2(const struct qcow2_image *img, uint64_t l2_host, uint64_t cluster_guest,
+                     uint64_t e, uint64_t bitmap, struct qcow2_entry *d, struct cdm_error *err)
 {
     memset(d, 0, sizeof *d);
     if (e & L2E_COMPRESSED) {
@@ -725,10 +759,31 @@ static int decode_l2(const struct qcow2_image *img, uint64_t l2_host, uint64_t c
     return 0;
 }
 
+/* Check the host bytes that the data entry D (kind QCOW2_DATA) of the guest cluster at
+ * CLUSTER_GUEST, from the L2 table at L2_HOST, stores: the whole host cluster, or with
+ * extended L2 entries each allocated subcluster.  0 or -CDM_EFORMAT with the message in ERR. */
+int qcow2_check_data(const struct qcow2_image *img, uint64_t l2_host, uint64_t cluster_guest,
+                     const struct qcow2_entry *d, struct cdm_error *err)
+{
+    if (!img->extended_l2)
+        return check_host_range(img, l2_host, cluster_guest, d->host, img->cluster_size, "data",
+                                err);
+    uint64_t piece = 1ull << img->subcluster_bits;
+    for (unsigned sc = 0; sc < QCOW2_SUBCLUSTERS; sc++) {
+        if (!((d->alloc >> sc) & 1))
+            continue;
+        int rc = check_host_range(img, l2_host, cluster_guest + sc * piece, d->host + sc * piece,
+                                  piece, "data", err);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
 /* Extend RUN (empty when RUN->length == 0) over the standard cluster at CG (decoded as D)
  * from *POS to CEND.  Returns 1 when the run ends inside this cluster, 0 to go on, or <0. */
 static int extend_standard(const struct qcow2_image *img, uint64_t l2_host, uint64_t cg,
-                           uint64_t cend, const struct l2_desc *d, uint64_t *pos,
+                           uint64_t cend, const struct qcow2_entry *d, uint64_t *pos,
                            struct qcow2_run *run, struct cdm_error *err)
 {
     uint64_t piece = 1ull << img->subcluster_bits;
@@ -782,7 +837,8 @@ int qcow2_map(struct qcow2_cache *c, uint64_t guest_off, uint64_t max_len,
     int rc = cache_slice(c, CDM_ALIGN_DOWN(l1e_host, img->slice), &p, err);
     uint64_t l2_host = 0;
     if (rc == 0)
-        rc = decode_l1(img, l1_index, be64(p + (l1e_host & (img->slice - 1))), &l2_host, err);
+        rc = qcow2_decode_l1(img, l1_index, be64(p + (l1e_host & (img->slice - 1))), &l2_host,
+                             err);
     if (rc < 0)
         goto out;
     if (l2_host == 0) {
@@ -807,9 +863,9 @@ int qcow2_map(struct qcow2_cache *c, uint64_t guest_off, uint64_t max_len,
         const uint8_t *ep = p + idx * img->entry_bytes;
         uint64_t cg = CDM_ALIGN_DOWN(pos, img->cluster_size);
         uint64_t cend = CDM_MIN(cg + img->cluster_size, end);
-        struct l2_desc d;
-        rc = decode_l2(img, l2_host, cg, be64(ep), img->extended_l2 ? be64(ep + 8) : 0, &d,
-                       err);
+        struct qcow2_entry d;
+        rc = qcow2_decode_l2(img, l2_host, cg, be64(ep), img->extended_l2 ? be64(ep + 8) : 0,
+                             &d, err);
         if (rc < 0)
             goto out;
         if (d.kind == QCOW2_COMPRESSED) {
@@ -896,7 +952,8 @@ void qcow2_decoder_put(struct qcow2_decoders *p, struct qcow2_decoder *d)
 }
 
 static int inflate_raw(struct qcow2_decoder *d, const uint8_t *in, size_t in_len, uint8_t *out,
-                       size_t out_len, uint64_t cluster_guest, struct cdm_error *err)
+                       size_t out_len, uint64_t cluster_guest, size_t *in_used,
+                       struct cdm_error *err)
 {
 #ifdef CDM_HAVE_LIBDEFLATE
     if (d->deflate == NULL) {
@@ -907,8 +964,10 @@ static int inflate_raw(struct qcow2_decoder *d, const uint8_t *in, size_t in_len
     size_t used = 0;
     enum libdeflate_result r =
         libdeflate_deflate_decompress_ex(d->deflate, in, in_len, out, out_len, &used, NULL);
-    if (r == LIBDEFLATE_SUCCESS)
+    if (r == LIBDEFLATE_SUCCESS) {
+        *in_used = used;
         return 0;
+    }
     const char *why = r == LIBDEFLATE_SHORT_OUTPUT         ? "decompresses to less than a cluster"
                       : r == LIBDEFLATE_INSUFFICIENT_SPACE ? "decompresses to more than a cluster"
                                                            : "is not valid deflate data";
@@ -933,8 +992,10 @@ static int inflate_raw(struct qcow2_decoder *d, const uint8_t *in, size_t in_len
     z->next_out = out;
     z->avail_out = (uInt)out_len;
     int zr = inflate(z, Z_FINISH);
-    if (zr == Z_STREAM_END && z->avail_out == 0)
+    if (zr == Z_STREAM_END && z->avail_out == 0) {
+        *in_used = in_len - z->avail_in;
         return 0;
+    }
     const char *why = zr == Z_STREAM_END   ? "decompresses to less than a cluster"
                       : z->avail_out == 0  ? "decompresses to more than a cluster"
                       : zr == Z_BUF_ERROR ? "is truncated"
@@ -946,7 +1007,7 @@ static int inflate_raw(struct qcow2_decoder *d, const uint8_t *in, size_t in_len
 
 #ifdef CDM_HAVE_ZSTD
 static int unzstd(struct qcow2_decoder *d, const uint8_t *in, size_t in_len, uint8_t *out,
-                  size_t out_len, uint64_t cluster_guest, struct cdm_error *err)
+                  size_t out_len, uint64_t cluster_guest, size_t *in_used, struct cdm_error *err)
 {
     if (d->zstd == NULL) {
         d->zstd = ZSTD_createDCtx();
@@ -977,24 +1038,29 @@ static int unzstd(struct qcow2_decoder *d, const uint8_t *in, size_t in_len, uin
         in_pos += fsz;
         out_pos += n;
     }
+    *in_used = in_pos;
     return 0;
 }
 #endif
 
 /* Decompress the IN_LEN compressed bytes at IN of the cluster at CLUSTER_GUEST into exactly
  * OUT_LEN (the cluster size) bytes at OUT with decoder D, using IMG's compression type.
- * Output longer or shorter than one cluster is an error.  0, -ENOMEM, -CDM_EFORMAT or
+ * Output longer or shorter than one cluster is an error.  IN_USED (may be NULL) receives the
+ * bytes of IN the compressed data took; the rest is padding.  0, -ENOMEM, -CDM_EFORMAT or
  * -CDM_EUNSUPPORTED, with the message in ERR. */
 int qcow2_decompress(const struct qcow2_image *img, struct qcow2_decoder *d, const uint8_t *in,
                      size_t in_len, uint8_t *out, size_t out_len, uint64_t cluster_guest,
-                     struct cdm_error *err)
+                     size_t *in_used, struct cdm_error *err)
 {
+    size_t ignored;
+    if (in_used == NULL)
+        in_used = &ignored;
     switch (img->info.compression_type) {
     case CDM_QCOW2_COMPRESSION_ZLIB:
-        return inflate_raw(d, in, in_len, out, out_len, cluster_guest, err);
+        return inflate_raw(d, in, in_len, out, out_len, cluster_guest, in_used, err);
 #ifdef CDM_HAVE_ZSTD
     case CDM_QCOW2_COMPRESSION_ZSTD:
-        return unzstd(d, in, in_len, out, out_len, cluster_guest, err);
+        return unzstd(d, in, in_len, out, out_len, cluster_guest, in_used, err);
 #endif
     default:
         return fail(err, -CDM_EUNSUPPORTED,

@@ -104,6 +104,15 @@ struct qcow2_run {
     uint64_t cluster_guest;         /* COMPRESSED: guest offset of the cluster */
 };
 
+/* One decoded L2 entry: what the guest cluster it maps reads as. */
+struct qcow2_entry {
+    enum qcow2_kind kind;           /* for standard entries without subclusters */
+    uint64_t host;                  /* cluster host offset, or compressed data start */
+    uint64_t csize;                 /* COMPRESSED: compressed bytes present in the file */
+    uint32_t alloc;                 /* extended L2: allocated subclusters */
+    uint32_t zero;                  /* extended L2: zero subclusters */
+};
+
 /* Fixed-size, set-associative cache of metadata slices (L1 and L2 tables). */
 struct qcow2_cache {
     pthread_mutex_t lock;
@@ -133,6 +142,14 @@ struct qcow2_decoders {
 
 int qcow2_open(struct qcow2_image *img, struct cdm_reader *src, struct cdm_error *err);
 bool qcow2_compression_supported(uint32_t compression_type);
+int qcow2_refuse(const struct qcow2_image *img, struct cdm_error *err);
+
+int qcow2_decode_l1(const struct qcow2_image *img, uint64_t l1_index, uint64_t e,
+                    uint64_t *l2_host, struct cdm_error *err);
+int qcow2_decode_l2(const struct qcow2_image *img, uint64_t l2_host, uint64_t cluster_guest,
+                    uint64_t e, uint64_t bitmap, struct qcow2_entry *d, struct cdm_error *err);
+int qcow2_check_data(const struct qcow2_image *img, uint64_t l2_host, uint64_t cluster_guest,
+                     const struct qcow2_entry *d, struct cdm_error *err);
 
 int qcow2_cache_init(struct qcow2_cache *c, const struct qcow2_image *img);
 void qcow2_cache_fini(struct qcow2_cache *c);
@@ -145,6 +162,6 @@ struct qcow2_decoder *qcow2_decoder_get(struct qcow2_decoders *p);
 void qcow2_decoder_put(struct qcow2_decoders *p, struct qcow2_decoder *d);
 int qcow2_decompress(const struct qcow2_image *img, struct qcow2_decoder *d,
                      const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len,
-                     uint64_t cluster_guest, struct cdm_error *err);
+                     uint64_t cluster_guest, size_t *in_used, struct cdm_error *err);
 
 #endif /* CDIMOVER_QCOW2_H */

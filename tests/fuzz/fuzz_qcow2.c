@@ -74,7 +74,7 @@ static void walk(struct qcow2_image *img)
                 check(d != NULL, "no decoder", 0, 0);
                 cdm_error_clear(&err);
                 int rc = qcow2_decompress(img, d, in, run.csize, out, img->cluster_size,
-                                          run.cluster_guest, &err);
+                                          run.cluster_guest, NULL, &err);
                 qcow2_decoder_put(&pool, d);
                 check(rc == 0 || err.msg[0] != '\0', "decompress error without a message", 0,
                       0);
