@@ -21,13 +21,14 @@ from .errors import (
     UnsupportedImageError,
 )
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 if lib.CDM_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"cdimover's native core has ABI {lib.CDM_ABI_VERSION}, the Python layer expects "
         f"{ABI_VERSION}: rebuild the package (pip install .)")
 
-__all__ = ["ffi", "lib", "Context", "check", "Probe", "LoopStatus", "ProgressFn", "NativeWriter"]
+__all__ = ["ffi", "lib", "Context", "check", "Probe", "LoopStatus", "ProgressFn", "NativeWriter",
+           "StreamResult", "run_stream"]
 
 ProgressFn = Callable[[int, int], object]
 
@@ -68,6 +69,20 @@ class LoopStatus:
     offset: int
     sizelimit: int
     flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamResult:
+    """What cdm_stream_fd found and did: sizes, the detected format and compression (C
+    constants CDM_FORMAT_*, CDM_COMPRESSION_*), the digest of the bytes as received."""
+
+    bytes_in: int
+    bytes_out: int
+    image_size: int
+    peak_held: int
+    format: int
+    compression: int
+    digest: bytes
 
 
 def _on_callback_error(exc_type: type[BaseException], exc: BaseException,
@@ -332,3 +347,32 @@ class NativeWriter:
 
     def free(self) -> None:
         ffi.release(self._ptr)
+
+
+def run_stream(ctx: Context, src_fd: int, writer: NativeWriter, *, format: int = 0,
+               compression: int = 0, hash: int = 0, mem_limit: int = 0,
+               progress: ProgressFn | None = None, path: str | None = None) -> StreamResult:
+    """cdm_stream_fd: read SRC_FD (a file or a pipe) to its end and decode it onto WRITER,
+    which stays open (the caller finishes or aborts it).  FORMAT, COMPRESSION and HASH are
+    CDM_FORMAT_*, CDM_COMPRESSION_* and CDM_HASH_* (0: detect, detect, none); MEM_LIMIT bounds
+    a QCOW2 conversion (0: the core's default).  PATH names the source in errors; PROGRESS
+    receives (bytes read, 0) now and then."""
+    opts = ffi.new("struct cdm_stream_opts *")
+    opts.format = format
+    opts.compression = compression
+    opts.hash = hash
+    opts.mem_limit = mem_limit
+    res = ffi.new("struct cdm_stream_result *")
+    wlock = writer._ctx._lock if writer._ctx is not ctx else None
+    if wlock is not None and not wlock.acquire(blocking=False):
+        raise RuntimeError("a cdimover context runs one operation at a time")
+    try:
+        ctx.call(lib.cdm_stream_fd, src_fd, writer._ptr, opts, res, progress=progress,
+                 paths=(path, writer._path))
+    finally:
+        if wlock is not None:
+            wlock.release()
+    return StreamResult(bytes_in=res.bytes_in, bytes_out=res.bytes_out,
+                        image_size=res.image_size, peak_held=res.peak_held, format=res.format,
+                        compression=res.compression,
+                        digest=bytes(ffi.buffer(res.digest, res.digest_len)))
