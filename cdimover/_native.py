@@ -35,7 +35,8 @@ if lib.CDM_ABI_VERSION != ABI_VERSION:
         f"cdimover's native core has ABI {lib.CDM_ABI_VERSION}, the Python layer expects "
         f"{ABI_VERSION}: rebuild the package (pip install .)")
 
-__all__ = ["ffi", "lib", "Context", "check", "Probe", "LoopStatus", "ProgressFn", "NativeWriter"]
+__all__ = ["ffi", "lib", "Context", "check", "Probe", "LoopStatus", "ProgressFn", "NativeWriter",
+           "StreamResult", "run_stream"]
 
 ProgressFn = Callable[[int, int], object]
 
@@ -505,3 +506,27 @@ class NativeSource:
 
     def free(self) -> None:
         ffi.release(self._ptr)
+def run_stream(ctx: Context, src_fd: int, writer: NativeWriter, *, format: int = 0,
+               compression: int = 0, hash: int = 0, mem_limit: int = 0,
+               progress: ProgressFn | None = None, path: str | None = None) -> StreamResult:
+    """cdm_stream_fd: read SRC_FD (a file or a pipe) to its end and decode it onto WRITER,
+    which stays open (the caller finishes or aborts it).  FORMAT, COMPRESSION and HASH are
+    CDM_FORMAT_*, CDM_COMPRESSION_* and CDM_HASH_* (0: detect, detect, none); MEM_LIMIT bounds
+    a QCOW2 conversion (0: the core's default).  PATH names the source in errors; PROGRESS
+    receives (bytes read, 0) now and then."""
+    opts = ffi.new("struct cdm_stream_opts *")
+    opts.format = format
+    opts.compression = compression
+    opts.hash = hash
+    opts.mem_limit = mem_limit
+    res = ffi.new("struct cdm_stream_result *")
+    wlock = writer._ctx._lock if writer._ctx is not ctx else None
+    if wlock is not None and not wlock.acquire(blocking=False):
+        raise RuntimeError("a cdimover context runs one operation at a time")
+    try:
+        ctx.call(lib.cdm_stream_fd, src_fd, writer._ptr, opts, res, progress=progress,
+                 paths=(path, writer._path))
+    finally:
+        if wlock is not None:
+            wlock.release()
+    return _stream_result(res)

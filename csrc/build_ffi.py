@@ -48,11 +48,19 @@ def _links(header: str, lib: str, call: str) -> bool:
 # streaming inflate) and zstd.  Both are required: a build never leaves out a format or a fast
 # path silently.  CDIMOVER_WITHOUT_ZSTD=1 / CDIMOVER_WITHOUT_LIBDEFLATE=1 build without them on
 # purpose (zstd-compressed images are then refused; deflate goes through zlib).
-DEBIAN_HINT = "apt-get install libzstd-dev libdeflate-dev zlib1g-dev"
-libraries = ["z"]
+# Streams: gzip through zlib, xz through liblzma, digests through OpenSSL's libcrypto; all
+# three are required.
+DEBIAN_HINT = "apt-get install libzstd-dev libdeflate-dev zlib1g-dev liblzma-dev libssl-dev"
+libraries = ["z", "lzma", "crypto"]
 macros = [("_GNU_SOURCE", None), ("_FILE_OFFSET_BITS", "64")]
 if not _links("zlib.h", "z", "zlibVersion()"):
     raise RuntimeError(f"cdimover needs zlib's headers to build ({DEBIAN_HINT})")
+if not _links("lzma.h", "lzma", "lzma_version_number()"):
+    raise RuntimeError("cdimover needs liblzma's headers to build (xz-compressed streams; "
+                       f"apt-get install liblzma-dev; all: {DEBIAN_HINT})")
+if not _links("openssl/evp.h", "crypto", "EVP_sha256()"):
+    raise RuntimeError("cdimover needs OpenSSL's libcrypto headers to build (stream digests; "
+                       f"apt-get install libssl-dev; all: {DEBIAN_HINT})")
 if _links("zstd.h", "zstd", "ZSTD_versionNumber()"):
     libraries.append("zstd")
     macros.append(("CDM_HAVE_ZSTD", None))

@@ -23,6 +23,20 @@ struct cdm_sink {
 int cdm_qcow2_stream_new(cdm_writer *w, uint64_t mem_limit, struct cdm_error *err,
                          struct cdm_sink **out);
 
+/* Decompressors (decomp.c).  A stage decoding COMPRESSION (CDM_COMPRESSION_GZIP, _XZ, _ZSTD)
+ * into NEXT, which it owns from the call on (also when the call fails), producing at most
+ * LIMIT bytes (-CDM_ETOOSMALL past it).  Errors go to ERR. */
+int cdm_decomp_new(int compression, uint64_t limit, struct cdm_sink *next,
+                   struct cdm_error *err, struct cdm_sink **out);
+/* The compression a stream starting with BUF (LEN bytes) has by its magic bytes;
+ * CDM_COMPRESSION_AUTO when more bytes are needed to tell (never when FINAL). */
+int cdm_compression_sniff(const uint8_t *buf, size_t len, bool final);
+const char *cdm_compression_name(int compression);
+
+/* The RAW sink (stream.c): bytes written from offset 0 of W onwards; past W's size is
+ * -CDM_ETOOSMALL.  Errors go to ERR. */
+int cdm_raw_sink_new(cdm_writer *w, struct cdm_error *err, struct cdm_sink **out);
+
 /* Hashes (hash.c, OpenSSL's EVP). */
 struct cdm_hasher {
     void *md_ctx;           /* EVP_MD_CTX *, or NULL for CDM_HASH_NONE */
