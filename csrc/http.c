@@ -684,7 +684,12 @@ static int http_stream(cdm_source *src, cdm_ctx *ctx, cdm_writer *w,
         struct xfer x;
         memset(&x, 0, sizeof x);
         x.pipe = p;
-        rc = transfer(h, &x, 0, UINT64_MAX, &ctx->error);
+        /* with ranges, the first bytes the open fetched are not fetched again */
+        uint64_t from = h->ranges ? h->head_len : 0;
+        if (from > 0)
+            rc = cdm_pipeline_push(p, h->head, (size_t)from);
+        if (rc == 0 && !(h->size_known && from >= h->size))
+            rc = transfer(h, &x, from, UINT64_MAX, &ctx->error);
         if (rc == -EAGAIN) {
             cdm_pipeline_free(p);
             if (atomic_load(&h->restarts) >= h->retries)

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import TOOL_ENV, need_tool
 from layouts import sha256_file
-from netfix import Hangup, Request, Response, cut, reset, stall
+from netfix import PASS, Hangup, Request, Response, cut, reset, stall
 
 from cdimover import cli
 from cdimover.errors import (
@@ -315,3 +315,146 @@ def test_cli_import_and_info(nginx: Any, qcow2_on_nginx: Any, tmp_path: Path,
     pw.write_text(nginx.password + "\n")
     assert cli.main(["import", "-q", "--user", nginx.user, "--password-file", str(pw),
                      nginx.url(f"auth/{name}"), str(tmp_path / "a.raw")]) == 0
+
+
+# ---- the stream: no ranges, compressed files, QCOW2 with a checksum --------------------------
+
+def sparse_raw(size: int) -> bytes:
+    data = bytearray(size)
+    data[MiB:2 * MiB] = os.urandom(MiB)
+    data[size // 2:size // 2 + 8192] = b"\x42" * 8192
+    data[size - 4096:] = os.urandom(4096)
+    return bytes(data)
+
+
+def compress(data: bytes, tool: str, tmp: Path) -> bytes:
+    exe = need_tool(tool)
+    return subprocess.run([exe, "-c"], input=data, capture_output=True, check=True,
+                          env=TOOL_ENV).stdout
+
+
+@pytest.mark.parametrize("tool", ["gzip", "xz", "zstd", None])
+def test_compressed_raw_streams_sparse(nginx: Any, tmp_path: Path, tool: str | None) -> None:
+    data = sparse_raw(16 * MiB)
+    body = compress(data, tool, tmp_path) if tool else data
+    name = nginx.put(body, name=f"{tmp_path.name}.img" + (f".{tool}" if tool else ""))
+    # no ranges for the uncompressed case: the stream is the only way
+    url = nginx.url(name if tool else f"noranges/{name}")
+    out = tmp_path / "out.raw"
+    sha = hashlib.sha256(body).hexdigest()
+    r = import_url(url, out, checksum=f"sha256:{sha}")
+    assert r.strategy == "stream"
+    assert r.compression == ({"gzip": "gzip", "xz": "xz", "zstd": "zstd"}[tool] if tool
+                             else "none")
+    assert out.read_bytes() == data
+    assert allocated(out) <= 2 * MiB            # zeros became holes
+    # fetched once (without ranges, the first answer's bytes are fetched again)
+    assert len(body) <= r.bytes_fetched <= len(body) + (0 if tool else MiB)
+
+
+def test_compression_is_told_by_magic_not_name(nginx: Any, tmp_path: Path) -> None:
+    data = sparse_raw(8 * MiB)
+    name = nginx.put(compress(data, "xz", tmp_path), name=f"{tmp_path.name}-disk.img.gz")
+    r = import_url(nginx.url(name), tmp_path / "out.raw")
+    assert r.compression == "xz"
+    assert (tmp_path / "out.raw").read_bytes() == data
+
+
+@pytest.mark.parametrize("where", ["noranges", "xz", "checksum"])
+def test_qcow2_stream(nginx: Any, qcow2_on_nginx: Any, tmp_path: Path, where: str) -> None:
+    name, img = qcow2_on_nginx
+    body = img.read_bytes()
+    checksum = None
+    if where == "xz":
+        name = nginx.put(compress(body, "xz", tmp_path), name=f"{tmp_path.name}.qcow2.xz")
+        url = nginx.url(name)
+    elif where == "noranges":
+        url = nginx.url(f"noranges/{name}")
+    else:
+        url = nginx.url(name)
+        checksum = "sha1:" + hashlib.sha1(body).hexdigest()
+    out = tmp_path / "out.raw"
+    r = import_url(url, out, checksum=checksum)
+    assert r.strategy == "stream" and r.source_format == "qcow2"
+    assert sha256_file(out) == oracle(img, tmp_path)
+    assert os.path.getsize(out) == 64 * MiB
+    assert allocated(out) <= sum(length for _, _, length in WRITES) + 2 * MiB
+    assert r.peak_held <= 8 * MiB
+
+
+def test_qcow2_stream_onto_dirty_block_device(nginx: Any, qcow2_on_nginx: Any, tmp_path: Path,
+                                              loopdev: Any) -> None:
+    name, img = qcow2_on_nginx
+    backing = tmp_path / "dev.img"
+    backing.write_bytes(b"\xee" * (64 * MiB))
+    dev = loopdev(backing, sector_size=4096)
+    import_url(nginx.url(f"noranges/{name}"), dev)
+    with open(dev, "rb") as f:
+        assert hashlib.sha256(f.read(64 * MiB)).hexdigest() == oracle(img, tmp_path)
+
+
+def test_stream_checksum_mismatch_leaves_no_file(nginx: Any, tmp_path: Path) -> None:
+    name = nginx.put(compress(sparse_raw(4 * MiB), "zstd", tmp_path))
+    with pytest.raises(ChecksumMismatchError):
+        import_url(nginx.url(name), tmp_path / "o", checksum="md5:" + "0" * 32)
+    assert os.listdir(tmp_path) == []
+
+
+def test_decompression_bomb_is_bounded_by_capacity(nginx: Any, tmp_path: Path) -> None:
+    from cdimover.errors import TargetTooSmallError
+
+    bomb = compress(bytes(256 * MiB), "zstd", tmp_path)
+    name = nginx.put(bomb)
+    with pytest.raises(TargetTooSmallError, match="larger than the target"):
+        import_url(nginx.url(name), tmp_path / "o", capacity=16 * MiB)
+    assert not (tmp_path / "o").exists()
+
+
+def test_endless_body_is_bounded_by_capacity(rawhttp: Any, tmp_path: Path) -> None:
+    from cdimover.errors import TargetTooSmallError
+
+    srv = rawhttp(Response(body=b"\x01" * MiB, endless=True, ranges=False))
+    with pytest.raises(TargetTooSmallError):
+        import_url(srv.url("/x"), tmp_path / "o", capacity=8 * MiB)
+    assert not (tmp_path / "o").exists()
+
+
+def test_longer_body_than_announced(rawhttp: Any, tmp_path: Path) -> None:
+    # bytes after the announced length are not part of the answer: never taken
+    body = os.urandom(2 * MiB)
+    srv = rawhttp(Response(body=body, length_delta=-4096, ranges=False))
+    import_url(HttpSource(srv.url("/x"), retries=0), tmp_path / "o")
+    assert (tmp_path / "o").read_bytes() == body[:-4096]
+
+
+def test_stream_resumes_with_ranges(nginx: Any, faultproxy: Any, tmp_path: Path) -> None:
+    data = sparse_raw(24 * MiB)
+    body = compress(data, "gzip", tmp_path)
+    name = nginx.put(body)
+    # every connection breaks: the open's first, then each one the stream resumes on
+    proxy = faultproxy(("127.0.0.1", nginx.port), [cut(len(body) // 3)],
+                       then=cut(len(body) // 2))
+    r = import_url(HttpSource(proxy.url(f"/{name}"), retries=10, retry_delay=0.01),
+                   tmp_path / "o", checksum="sha256:" + hashlib.sha256(body).hexdigest())
+    assert (tmp_path / "o").read_bytes() == data
+    assert r.retries >= 1 and r.restarts == 0
+    assert r.bytes_fetched < 1.5 * len(body)     # resumed, not restarted
+
+
+def test_stream_without_ranges_restarts_and_says_so(nginx: Any, faultproxy: Any,
+                                                    tmp_path: Path) -> None:
+    data = sparse_raw(8 * MiB)
+    name = nginx.put(data)
+    proxy = faultproxy(("127.0.0.1", nginx.port), [PASS, cut(3 * MiB)])
+    r = import_url(HttpSource(proxy.url(f"/noranges/{name}"), retries=3, retry_delay=0.01),
+                   tmp_path / "o")
+    assert (tmp_path / "o").read_bytes() == data
+    assert r.restarts == 1
+
+
+def test_stream_slow_drip_hits_idle_timeout(rawhttp: Any, tmp_path: Path) -> None:
+    srv = rawhttp(Response(body=os.urandom(MiB), ranges=False, drip_chunk=16,
+                           drip_delay=0.05))
+    with pytest.raises(NetworkError, match="no progress for 1 seconds"):
+        import_url(HttpSource(srv.url("/x"), idle_timeout=1, retries=0), tmp_path / "o",
+                   capacity=8 * MiB)

@@ -176,8 +176,14 @@ def _verify(checksum: Checksum | None, digest: bytes, url: str) -> None:
 
 def _default_capacity(target: str | os.PathLike[str] | Place) -> int | None:
     """The most a stream may write to TARGET when the caller gave no capacity: a block device's
-    size (found when it is opened), or for a file the free space of its filesystem."""
+    size, or for a file the free space of its filesystem."""
     path = target.path if isinstance(target, Place) else os.fspath(target)
+    if _is_device(target):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
     directory = os.path.dirname(os.path.abspath(path)) or "/"
     try:
         st = os.statvfs(directory)
