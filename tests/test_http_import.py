@@ -458,3 +458,27 @@ def test_stream_slow_drip_hits_idle_timeout(rawhttp: Any, tmp_path: Path) -> Non
     with pytest.raises(NetworkError, match="no progress for 1 seconds"):
         import_url(HttpSource(srv.url("/x"), idle_timeout=1, retries=0), tmp_path / "o",
                    capacity=8 * MiB)
+
+
+def test_http_proxy_from_the_environment(rawhttp: Any, nginx: Any, tmp_path: Path,
+                                         monkeypatch: Any) -> None:
+    body = os.urandom(MiB)
+    name = nginx.put(body)
+    seen: list[str] = []
+
+    def proxy(req: Request) -> Response:
+        seen.append(req.path)       # absolute-form: the proxy is asked for the whole URL
+        return Response(body=body)
+
+    srv = rawhttp(proxy)
+    monkeypatch.setenv("http_proxy", srv.url(""))
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    import_url(nginx.url(name), tmp_path / "o")
+    assert (tmp_path / "o").read_bytes() == body
+    assert seen and all(p == nginx.url(name) for p in seen)
+    count = len(seen)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    import_url(nginx.url(name), tmp_path / "p")
+    assert (tmp_path / "p").read_bytes() == body
+    assert len(seen) == count          # no_proxy: straight to the server
