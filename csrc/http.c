@@ -71,8 +71,8 @@ struct http_source {
     char etag[256];
     char last_modified[64];
     char content_type[128];
-    int http_version;
-    int status;
+    _Atomic int http_version;
+    _Atomic int status;     /* of the last failed request, else of the first */
     uint8_t *head;          /* the first HEAD_LEN bytes of the file */
     size_t head_len;
     /* shared by the workers */
@@ -442,7 +442,7 @@ static int failed(struct http_source *h, struct cdm_error *err, CURLcode cc, lon
     if (attempts > 1)
         snprintf(tries, sizeof tries, " (after %u attempts)", attempts);
     if (cc == CURLE_OK) {
-        h->status = (int)status;
+        atomic_store(&h->status, (int)status);
         const char *hint = "";
         if (status == 401)
             hint = h->user != NULL ? ": wrong user name or password"
@@ -607,10 +607,10 @@ static int transfer(struct http_source *h, struct xfer *x, uint64_t start, uint6
         }
         delay = CDM_MIN(delay * 2, MAX_RETRY_DELAY_MS);
     }
-    if (rc == 0 && h->http_version == 0) {
+    if (rc == 0 && atomic_load(&h->http_version) == 0) {
         long v = 0;
         curl_easy_getinfo(x->easy, CURLINFO_HTTP_VERSION, &v);
-        h->http_version = v == CURL_HTTP_VERSION_2_0 ? 2 : 1;
+        atomic_store(&h->http_version, v == CURL_HTTP_VERSION_2_0 ? 2 : 1);
     }
     conn_give(h, x->easy);
     return rc;
@@ -718,8 +718,8 @@ static void http_info(const cdm_source *src, struct cdm_source_info *out)
     out->requests = atomic_load(&h->requests);
     out->retries = atomic_load(&h->retried);
     out->restarts = atomic_load(&h->restarts);
-    out->http_version = h->http_version;
-    out->status = h->status;
+    out->http_version = atomic_load(&h->http_version);
+    out->status = atomic_load(&h->status);
     snprintf(out->etag, sizeof out->etag, "%s", h->etag);
     snprintf(out->last_modified, sizeof out->last_modified, "%s", h->last_modified);
     snprintf(out->content_type, sizeof out->content_type, "%s", h->content_type);
@@ -916,7 +916,7 @@ int cdm_http_open(cdm_ctx *ctx, const struct cdm_http_opts *opts, cdm_source **o
     }
     if (rc == 0) {
         h->head_len = (size_t)x.taken;
-        h->status = (int)x.status;
+        atomic_store(&h->status, (int)x.status);
         h->ranges = x.status == 206 && !(h->flags & CDM_HTTP_NO_RANGES);
         if (x.status == 206) {
             h->size_known = true;
