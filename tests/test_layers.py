@@ -13,7 +13,7 @@ import cdimover
 ROOT = Path(cdimover.__file__).parent
 # Lowest first; a module may import from its own layer and those before it.
 LAYERS = ["base", "io", "formats", "ops", "cdi", "pod", "cli"]
-BASE = {"_native", "errors", "types", "units", "sizing", "argtypes"}
+BASE = {"_native", "errors", "types", "units", "sizing", "argtypes", "checksum"}
 CLI = {"cli", "__main__"}
 
 

@@ -48,12 +48,23 @@ class Tuning:
 def copy_opts(src: Source, dst: Target, *, scan_method: ScanMethod, target_is_zero: bool,
               preallocation: str, tuning: Tuning) -> Any:
     """The ``struct cdm_copy_opts`` for moving SRC's bytes onto DST."""
-    opts = _native.new_copy_opts()
-    opts.size = src.size
+    opts = target_opts(dst, src.size, scan_method=scan_method, target_is_zero=target_is_zero,
+                       preallocation=preallocation, tuning=tuning)
     opts.src_direct_fd = src.direct_fd
-    opts.dst_direct_fd = dst.direct_fd
     opts.map_fd = src.map_fd
     opts.map_offset = src.map_offset
+    return opts
+
+
+def target_opts(dst: Target, size: int, *, scan_method: ScanMethod, target_is_zero: bool,
+                preallocation: str, tuning: Tuning) -> Any:
+    """The ``struct cdm_copy_opts`` for writing SIZE bytes onto DST from a source that is not
+    a local file (no O_DIRECT twin, no extent map)."""
+    opts = _native.new_copy_opts()
+    opts.size = size
+    opts.src_direct_fd = -1
+    opts.dst_direct_fd = dst.direct_fd
+    opts.map_fd = -1
     opts.scan_method = int(scan_method)
     opts.request_size = tuning.request_size
     opts.sparse_size = tuning.sparse_size

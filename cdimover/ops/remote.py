@@ -30,47 +30,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _native
-from .._native import Context, NativeSource, NativeWriter, ProgressFn, SourceInfo, StreamResult
+from .._native import Context, NativeSource, NativeWriter, ProgressFn, SourceInfo
+from ..checksum import Checksum
 from ..errors import ChecksumMismatchError, ImageFormatError, TargetTooSmallError
 from ..formats.qcow2 import ImageInfo, _qcow2_info, refusal
 from ..io.detect import HEAD_SIZE, detect_head, unsupported
 from ..io.endpoints import Place, Target, open_target
 from ..io.http import HttpSource
 from ..types import PREALLOCATION_MODES, CopyResult, ScanMethod
-from .copy import Tuning, final_size_for, grow_target, make_result, room_needed
+from .copy import Tuning, final_size_for, grow_target, make_result, room_needed, target_opts
 from .prealloc import preallocation_mode
 
 __all__ = ["import_url", "ImportResult", "Checksum", "parse_checksum", "probe_url"]
 
 _COMPRESSED = ("gzip", "xz", "zstd")
-_DIGEST_SIZES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
-
-
-@dataclass(frozen=True, slots=True)
-class Checksum:
-    """An expected digest: ALGORITHM (md5, sha1, sha256, sha512) and its value."""
-
-    algorithm: str
-    digest: bytes
-
-    def __str__(self) -> str:
-        return f"{self.algorithm}:{self.digest.hex()}"
 
 
 def parse_checksum(text: str) -> Checksum:
     """'ALGO:HEX' as CDI's IMPORTER_CHECKSUM holds it; ValueError when malformed."""
-    algo, sep, value = text.strip().partition(":")
-    algo = algo.lower()
-    if not sep or algo not in _DIGEST_SIZES:
-        raise ValueError(f"checksum {text!r}: expected md5|sha1|sha256|sha512:<hex digest>")
     try:
-        digest = bytes.fromhex(value)
-    except ValueError:
-        raise ValueError(f"checksum {text!r}: the digest is not hexadecimal") from None
-    if len(digest) != _DIGEST_SIZES[algo]:
-        raise ValueError(f"checksum {text!r}: a {algo} digest has "
-                         f"{_DIGEST_SIZES[algo] * 2} hex digits")
-    return Checksum(algo, digest)
+        return Checksum.parse(text)
+    except ValueError as e:
+        raise ValueError(f"checksum {e}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,34 +125,13 @@ def probe_url(ctx: Context, ns: NativeSource, source: HttpSource,
     return Probed(info=info, head=head, format=fmt, image=image)
 
 
-def _opts(dst: Target, size: int, *, target_is_zero: bool, preallocation: str,
-          tuning: Tuning) -> Any:
-    opts = _native.new_copy_opts()
-    opts.size = size
-    opts.src_direct_fd = -1
-    opts.dst_direct_fd = dst.direct_fd
-    opts.map_fd = -1
-    opts.scan_method = int(ScanMethod.FULL_READ)
-    opts.request_size = tuning.request_size
-    opts.sparse_size = tuning.sparse_size
-    opts.threads = tuning.threads
-    flags = 0
-    if dst.fresh or target_is_zero:
-        flags |= _native.const("CDM_COPY_TARGET_IS_ZERO")
-    opts.flags = flags
-    opts.target_sector = dst.probe.logical_sector
-    opts.target_is_blockdev = int(dst.probe.is_blockdev)
-    opts.preallocation = PREALLOCATION_MODES[preallocation]
-    return opts
-
-
 def _verify(checksum: Checksum | None, digest: bytes, url: str) -> None:
     if checksum is None:
         return
     if not hmac.compare_digest(digest, checksum.digest):
         raise ChecksumMismatchError(
             f"{url}: {checksum.algorithm} of the downloaded file is {digest.hex()}, expected "
-            f"{checksum.digest.hex()}")
+            f"{checksum.hexdigest}")
 
 
 def _default_capacity(target: str | os.PathLike[str] | Place) -> int | None:
@@ -301,8 +261,9 @@ def _convert_ranges(ctx: Context, ns: NativeSource, source: HttpSource, pr: Prob
     need = room_needed(final_size, preallocation, None)
     with open_target(target, vsize, ctx=ctx, need=need) as dst:
         paths = (source.display_url, dst.path)
-        opts = _opts(dst, vsize, target_is_zero=target_is_zero, preallocation=preallocation,
-                     tuning=tuning)
+        opts = target_opts(dst, vsize, scan_method=ScanMethod.QCOW2,
+                           target_is_zero=target_is_zero, preallocation=preallocation,
+                           tuning=tuning)
         stats = _native.new_stats()
         try:
             ns.qcow2_convert(ctx, dst.fd, opts, stats, progress=progress, paths=paths)
@@ -326,8 +287,9 @@ def _copy_ranges(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
     need = room_needed(final_size, preallocation, None)
     with open_target(target, size, ctx=ctx, need=need) as dst:
         paths = (source.display_url, dst.path)
-        opts = _opts(dst, size, target_is_zero=target_is_zero, preallocation=preallocation,
-                     tuning=tuning)
+        opts = target_opts(dst, size, scan_method=ScanMethod.FULL_READ,
+                           target_is_zero=target_is_zero, preallocation=preallocation,
+                           tuning=tuning)
         stats = _native.new_stats()
         res = ns.copy(ctx, dst.fd, opts, stats, hash=checksum.algorithm if checksum else "",
                       progress=progress, paths=paths)

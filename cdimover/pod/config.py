@@ -5,13 +5,13 @@ read and checked before anything is written.  A missing or malformed variable is
 from __future__ import annotations
 
 import os
-import re
 import stat
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from ..checksum import Checksum
 from ..errors import ConfigurationError
 from ..io.http import HttpSource, is_url
 from ..sizing import DEFAULT_OVERHEAD, parse_overhead, parse_quantity
@@ -21,18 +21,6 @@ __all__ = ["Checksum", "CloneConfig", "ImportConfig", "clone_config", "import_co
 
 BLOCK_VOLUME: Final = "/dev/cdi-block-volume"
 DATA_DIR: Final = "/data"
-_DIGEST_HEX: Final = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
-
-
-@dataclass(frozen=True, slots=True)
-class Checksum:
-    """An expected digest: ``algorithm`` (hashlib name) and ``hexdigest`` (lower case)."""
-
-    algorithm: str
-    hexdigest: str
-
-    def __str__(self) -> str:
-        return f"{self.algorithm}:{self.hexdigest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,16 +99,10 @@ def _checksum(env: Mapping[str, str]) -> Checksum | None:
     value = get_env(env, "IMPORTER_CHECKSUM")
     if value is None:
         return None
-    algorithm, sep, digest = value.partition(":")
-    algorithm = algorithm.lower()
-    if not sep or algorithm not in _DIGEST_HEX:
-        raise ConfigurationError(f"IMPORTER_CHECKSUM: {value!r} is not ALGORITHM:HEX with "
-                                 f"ALGORITHM one of md5, sha1, sha256, sha512")
-    digest = digest.lower()
-    if len(digest) != _DIGEST_HEX[algorithm] or not re.fullmatch(r"[0-9a-f]+", digest):
-        raise ConfigurationError(f"IMPORTER_CHECKSUM: {value!r}: a {algorithm} digest is "
-                                 f"{_DIGEST_HEX[algorithm]} hexadecimal digits")
-    return Checksum(algorithm, digest)
+    try:
+        return Checksum.parse(value)
+    except ValueError as e:
+        raise ConfigurationError(f"IMPORTER_CHECKSUM: {e}") from None
 
 
 def _default_destination() -> str:
