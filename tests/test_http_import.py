@@ -482,3 +482,19 @@ def test_http_proxy_from_the_environment(rawhttp: Any, nginx: Any, tmp_path: Pat
     import_url(nginx.url(name), tmp_path / "p")
     assert (tmp_path / "p").read_bytes() == body
     assert len(seen) == count          # no_proxy: straight to the server
+
+
+def test_qcow2_beyond_the_memory_bound(nginx: Any, qcow2_on_nginx: Any, tmp_path: Path) -> None:
+    from cdimover.errors import UnsupportedImageError
+
+    name, img = qcow2_on_nginx
+    url = nginx.url(f"noranges/{name}")
+    with pytest.raises(UnsupportedImageError, match="within the memory limit"):
+        import_url(url, tmp_path / "o", mem_limit=4096)
+    assert not (tmp_path / "o").exists()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    r = import_url(url, tmp_path / "o", mem_limit=4096, scratch_dir=str(scratch))
+    assert r.strategy == "scratch"
+    assert sha256_file(tmp_path / "o") == oracle(img, tmp_path)
+    assert list(scratch.iterdir()) == []         # the scratch copy is removed

@@ -24,7 +24,9 @@ body ends in TargetTooSmallError.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +34,8 @@ from typing import Any
 from .. import _native
 from .._native import Context, NativeSource, NativeWriter, ProgressFn, SourceInfo
 from ..checksum import Checksum
-from ..errors import ChecksumMismatchError, ImageFormatError, TargetTooSmallError
+from ..errors import ChecksumMismatchError, ImageFormatError, TargetTooSmallError, \
+    UnsupportedImageError
 from ..formats.qcow2 import ImageInfo, _qcow2_info, refusal
 from ..io.detect import HEAD_SIZE, detect_head, unsupported
 from ..io.endpoints import Place, Target, open_target
@@ -44,6 +47,7 @@ from .prealloc import preallocation_mode
 __all__ = ["import_url", "ImportResult", "Checksum", "parse_checksum", "probe_url"]
 
 _COMPRESSED = ("gzip", "xz", "zstd")
+log = logging.getLogger("cdimover")
 
 
 def parse_checksum(text: str) -> Checksum:
@@ -166,7 +170,8 @@ def import_url(source: HttpSource | str, target: str | os.PathLike[str] | Place,
                preallocation: str | bool = "off", target_is_zero: bool = False,
                target_size: int | None = None, capacity: int | None = None,
                progress: ProgressFn | None = None, threads: int = 0, request_size: int = 0,
-               mem_limit: int = 0, context: Context | None = None,
+               mem_limit: int = 0, scratch_dir: str | None = None,
+               context: Context | None = None,
                probed: tuple[NativeSource, Probed] | None = None) -> ImportResult:
     """Import the RAW or QCOW2 image (maybe gzip-, xz- or zstd-compressed) at SOURCE onto
     TARGET as RAW, bit-exact, sparse and durable, in one pass.
@@ -179,7 +184,9 @@ def import_url(source: HttpSource | str, target: str | os.PathLike[str] | Place,
       TargetTooSmallError before anything is written when its size is known up front, and a
       stream stops there.  Default: a block device's size, or a file's free space.
     - TARGET_SIZE: grow a file target to this size (never below the virtual size).
-    - MEM_LIMIT: bytes a streamed QCOW2 may hold (0: 64 MiB).
+    - MEM_LIMIT: bytes a streamed QCOW2 may hold (0: 64 MiB).  A QCOW2 whose layout needs more
+      fails with UnsupportedImageError, unless SCRATCH_DIR is given: the image is then
+      downloaded there (decompressed) and converted from it (strategy "scratch").
     - PROBED: what :func:`probe_url` found on an open source (which stays the caller's).
     """
     if isinstance(source, str):
@@ -208,8 +215,15 @@ def import_url(source: HttpSource | str, target: str | os.PathLike[str] | Place,
                 return _convert_ranges(ctx, ns, source, pr, target, **args)  # type: ignore[arg-type]
             if pr.info.ranges and pr.info.size is not None and pr.format == "raw":
                 return _copy_ranges(ctx, ns, source, pr, target, **args)  # type: ignore[arg-type]
-            return _stream(ctx, ns, source, pr, target, source_format=source_format,
-                           mem_limit=mem_limit, **args)  # type: ignore[arg-type]
+            try:
+                return _stream(ctx, ns, source, pr, target, source_format=source_format,
+                               mem_limit=mem_limit, **args)  # type: ignore[arg-type]
+            except UnsupportedImageError as e:
+                if scratch_dir is None or "memory limit" not in str(e):
+                    raise
+                log.warning("%s; downloading it to %s first", e, scratch_dir)
+            return _via_scratch(ctx, ns, source, target, scratch_dir, source_format=source_format,
+                                **args)  # type: ignore[arg-type]
         finally:
             if own_source:
                 ns.free()
@@ -375,3 +389,47 @@ def _stream(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
                        compression=res.compression, virtual_size=vsize,
                        final_size=final_size, start=start, preallocation=preallocation,
                        checksum=checksum, digest=res.digest, peak_held=res.peak_held)
+
+
+def _via_scratch(ctx: Context, ns: NativeSource, source: HttpSource,
+                 target: str | os.PathLike[str] | Place, scratch_dir: str, *,
+                 source_format: str, target_is_zero: bool, preallocation: str,
+                 target_size: int | None, capacity: int | None, progress: ProgressFn | None,
+                 tuning: Tuning, start: float, checksum: Checksum | None) -> ImportResult:
+    del source_format, start     # a QCOW2, converted as convert() does
+    """The fallback for a QCOW2 that cannot be converted as it arrives: the file is streamed
+    (decompressed, hashed) into SCRATCH_DIR, converted from there, and removed."""
+    from .convert import convert
+
+    fd, path = tempfile.mkstemp(prefix="cdimover-scratch-", dir=scratch_dir)
+    try:
+        bound = capacity if capacity is not None else _default_capacity(scratch_dir + "/x")
+        writer = NativeWriter(ctx, fd, -1, size=bound or 0, sector=512, is_blockdev=False,
+                              sparse_size=tuning.sparse_size,
+                              flags=_native.const("CDM_COPY_TARGET_IS_ZERO"),
+                              preallocation=PREALLOCATION_MODES["off"], path=path)
+        os.ftruncate(fd, bound or 0)
+        try:
+            opts = _native.new_stream_opts(format="raw", compression="auto",
+                                           hash=checksum.algorithm if checksum else "")
+            res = ns.stream(ctx, writer, opts, paths=(source.display_url, path))
+            writer.finish()
+        finally:
+            writer.free()
+        _verify(checksum, res.digest, source.display_url)
+        os.ftruncate(fd, res.image_size)
+        copy = convert(path, target, source_format="qcow2", preallocation=preallocation,
+                       target_is_zero=target_is_zero, progress=progress,
+                       target_size=target_size, threads=tuning.threads,
+                       request_size=tuning.request_size)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    info = ns.info()
+    return ImportResult(
+        copy=copy, url=source.display_url, strategy="scratch", source_format="qcow2",
+        compression=res.compression, file_size=info.size, bytes_fetched=info.bytes_fetched,
+        requests=info.requests, retries=info.retries, restarts=info.restarts,
+        http_version=info.http_version,
+        digest=f"{checksum.algorithm}:{res.digest.hex()}" if checksum is not None else None,
+        peak_held=0)

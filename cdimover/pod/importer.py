@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
 __all__ = ["run_import"]
 
+SCRATCH_DIR = "/scratch"
+"""CDI's scratch volume: used only for a QCOW2 whose layout cannot be converted as it arrives
+within the memory bound, when the pod has one (cdimover never asks for it)."""
+
 
 def _wipe_device(path: str, length: int) -> None:
     """Zero the first LENGTH bytes of the Block volume PATH after a rejected image (a file
@@ -89,7 +93,8 @@ def _import_http(cfg: ImportConfig, progress: Progress, *, threads: int,
                                 else None, preallocation="falloc" if cfg.preallocation else "off",
                                 capacity=vol.capacity, target_size=grow_to,
                                 progress=progress.copied, threads=threads,
-                                request_size=request_size)
+                                request_size=request_size,
+                                scratch_dir=SCRATCH_DIR if os.path.isdir(SCRATCH_DIR) else None)
         except ChecksumMismatchError:
             if block:
                 _wipe_device(vol.disk_path, vol.capacity)
