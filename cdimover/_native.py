@@ -36,7 +36,7 @@ if lib.CDM_ABI_VERSION != ABI_VERSION:
         f"{ABI_VERSION}: rebuild the package (pip install .)")
 
 __all__ = ["ffi", "lib", "Context", "check", "Probe", "LoopStatus", "ProgressFn", "NativeWriter",
-           "StreamResult", "run_stream"]
+           "StreamResult", "run_stream", "NativeStream", "NativeSource"]
 
 ProgressFn = Callable[[int, int], object]
 
@@ -530,3 +530,52 @@ def run_stream(ctx: Context, src_fd: int, writer: NativeWriter, *, format: int =
         if wlock is not None:
             wlock.release()
     return _stream_result(res)
+
+
+class NativeStream:
+    """An owned ``cdm_stream``: bytes pushed in order (a request body) decoded onto WRITER as
+    cdm_stream_fd decodes a descriptor.  Every call holds CTX, and WRITER's context when it is
+    another one."""
+
+    def __init__(self, ctx: Context, writer: NativeWriter, opts: Any, *,
+                 path: str | None = None) -> None:
+        self._ctx = ctx
+        self._writer = writer
+        self._paths = (path, writer._path)
+        out = ffi.new("cdm_stream **")
+        self._run(lib.cdm_stream_open, ctx.ptr, writer._ptr, opts, out)
+        self._ptr: Any = ffi.gc(out[0], lib.cdm_stream_free)
+
+    def _run(self, fn: Callable[..., int], *args: Any) -> int:
+        locks = [self._ctx._lock]
+        if self._writer._ctx is not self._ctx:
+            locks.append(self._writer._ctx._lock)
+        taken: list[threading.Lock] = []
+        try:
+            for lock in locks:
+                if not lock.acquire(blocking=False):
+                    raise RuntimeError("a cdimover context runs one operation at a time")
+                taken.append(lock)
+            return check(fn(*args), self._ctx, self._paths)
+        finally:
+            for lock in taken:
+                lock.release()
+
+    def push(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        if not view.contiguous or view.format != "B" or view.ndim != 1:
+            view = memoryview(view.tobytes())
+        buf = ffi.from_buffer(view)
+        self._run(lib.cdm_stream_push, self._ptr, buf, len(buf))
+
+    @property
+    def bytes_in(self) -> int:
+        return int(lib.cdm_stream_bytes_in(self._ptr))
+
+    def finish(self) -> StreamResult:
+        res = ffi.new("struct cdm_stream_result *")
+        self._run(lib.cdm_stream_finish, self._ptr, res)
+        return _stream_result(res)
+
+    def free(self) -> None:
+        ffi.release(self._ptr)

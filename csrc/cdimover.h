@@ -298,6 +298,19 @@ struct cdm_stream_result {
  * message in CTX.  A stream that decodes to more than the writer's size is -CDM_ETOOSMALL. */
 int cdm_stream_fd(cdm_ctx *ctx, int src_fd, cdm_writer *w, const struct cdm_stream_opts *opts,
                   struct cdm_stream_result *res);
+
+/* The same decoding for bytes the caller pushes (a request body arriving in pieces):
+ * open, push the bytes in order, finish (or free without finishing to give up).  Each call
+ * holds CTX like an operation; 0 or an error with the message in CTX, and after a failure
+ * every later push or finish returns it again.  W stays the caller's. */
+typedef struct cdm_stream cdm_stream;
+int cdm_stream_open(cdm_ctx *ctx, cdm_writer *w, const struct cdm_stream_opts *opts,
+                    cdm_stream **out);
+int cdm_stream_push(cdm_stream *s, const void *buf, size_t len);
+int cdm_stream_finish(cdm_stream *s, struct cdm_stream_result *res);
+/* Bytes pushed so far. */
+uint64_t cdm_stream_bytes_in(const cdm_stream *s);
+void cdm_stream_free(cdm_stream *s);
 /* ---- Remote sources (http.c, source.c; libcurl) ----------------------------------------
  * A source is read either at random (byte ranges, several connections at once: one per
  * worker) or as one sequential stream decoded on the fly (cdm_source_stream).  Failed

@@ -533,3 +533,83 @@ int cdm_stream_fd(cdm_ctx *ctx, int src_fd, cdm_writer *w, const struct cdm_stre
     cdm_clear_error(ctx);
     return 0;
 }
+
+/* ---- the push API ------------------------------------------------------------------------- */
+
+struct cdm_stream {
+    cdm_ctx *ctx;
+    struct cdm_pipeline *p;
+    struct cdm_error err;   /* the first failure, given again by every later call */
+    bool finished;
+};
+
+static int stream_failed(cdm_stream *s, int rc, const char *what)
+{
+    ensure_message(&s->err, rc, what);
+    cdm_clear_error(s->ctx);
+    return cdm_error_take(&s->ctx->error, &s->err);
+}
+
+int cdm_stream_open(cdm_ctx *ctx, cdm_writer *w, const struct cdm_stream_opts *opts,
+                    cdm_stream **out)
+{
+    cdm_clear_error(ctx);
+    atomic_store(&ctx->cancel, 0);
+    *out = NULL;
+    struct cdm_stream_opts defaults = {0};
+    if (opts == NULL)
+        opts = &defaults;
+    cdm_stream *s = calloc(1, sizeof *s);
+    if (s == NULL)
+        return cdm_set_error(ctx, CDM_SIDE_NONE, -ENOMEM, "out of memory");
+    s->ctx = ctx;
+    int rc = cdm_pipeline_new(w, opts, &s->err, &s->p);
+    if (rc < 0) {
+        rc = stream_failed(s, rc, "starting the stream");
+        free(s);
+        return rc;
+    }
+    *out = s;
+    return 0;
+}
+
+int cdm_stream_push(cdm_stream *s, const void *buf, size_t len)
+{
+    if (s->err.rc != 0)
+        return stream_failed(s, s->err.rc, "the stream");
+    if (s->finished)
+        return cdm_set_error(s->ctx, CDM_SIDE_NONE, -EINVAL, "the stream is finished");
+    cdm_clear_error(s->ctx);
+    int rc = cdm_pipeline_push(s->p, buf, len);
+    return rc < 0 ? stream_failed(s, rc, "decoding the stream") : 0;
+}
+
+int cdm_stream_finish(cdm_stream *s, struct cdm_stream_result *res)
+{
+    struct cdm_stream_result local;
+    if (res == NULL)
+        res = &local;
+    memset(res, 0, sizeof *res);
+    if (s->err.rc != 0)
+        return stream_failed(s, s->err.rc, "the stream");
+    if (s->finished)
+        return cdm_set_error(s->ctx, CDM_SIDE_NONE, -EINVAL, "the stream is finished");
+    cdm_clear_error(s->ctx);
+    s->finished = true;
+    int rc = cdm_pipeline_end(s->p, res);
+    res->bytes_in = cdm_pipeline_bytes_in(s->p);
+    return rc < 0 ? stream_failed(s, rc, "ending the stream") : 0;
+}
+
+uint64_t cdm_stream_bytes_in(const cdm_stream *s)
+{
+    return cdm_pipeline_bytes_in(s->p);
+}
+
+void cdm_stream_free(cdm_stream *s)
+{
+    if (s == NULL)
+        return;
+    cdm_pipeline_free(s->p);
+    free(s);
+}

@@ -448,3 +448,48 @@ def test_context_held_by_the_writer(loaded_writer: cdimover.Writer) -> None:
     finally:
         os.close(r)
         other.close()
+
+
+def test_push_api_decodes_a_qcow2_pushed_in_pieces(tmp_path: Path) -> None:
+    """cdm_stream_open/push/finish: a QCOW2 (with compressed clusters) pushed in uneven
+    pieces converts to qemu-img's output; after a failure every later call fails again."""
+    qemu_img = need_tool("qemu-img")
+    raw = tmp_path / "src.raw"
+    with open(raw, "wb") as f:
+        f.truncate(8 << 20)
+        f.seek(1 << 20)
+        f.write(os.urandom(1 << 20))
+        f.seek(6 << 20)
+        f.write(b"text " * 50000)
+    img = tmp_path / "src.qcow2"
+    subprocess.run([qemu_img, "convert", "-q", "-c", "-O", "qcow2", str(raw), str(img)],
+                   check=True, env=TOOL_ENV)
+    data = img.read_bytes()
+    out = tmp_path / "out.raw"
+    with cdimover.Writer(str(out), 8 << 20, target_is_zero=True) as w:
+        native = w._writer()
+        s = _native.NativeStream(w._ctx, native, _native.new_stream_opts(hash="sha256"))
+        try:
+            pos, rnd = 0, random.Random(7)
+            while pos < len(data):
+                n = rnd.choice([1, 7, 4096, 65536, 1 << 20])
+                s.push(data[pos:pos + n])
+                pos += n
+            res = s.finish()
+        finally:
+            s.free()
+    assert res.format == "qcow2" and res.image_size == 8 << 20
+    assert res.bytes_in == len(data)
+    assert res.digest == hashlib.sha256(data).digest()
+    assert out.read_bytes() == raw.read_bytes()
+    bad = tmp_path / "bad.raw"
+    with pytest.raises(cdimover.ImageFormatError):
+        with cdimover.Writer(str(bad), 8 << 20) as w:
+            s = _native.NativeStream(w._ctx, w._writer(), _native.new_stream_opts(format="qcow2"))
+            try:
+                with pytest.raises(cdimover.ImageFormatError):
+                    s.push(b"not a qcow2 image at all" * 10)
+                    s.finish()
+                s.push(b"more")             # the first failure again
+            finally:
+                s.free()
