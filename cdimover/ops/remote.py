@@ -361,7 +361,11 @@ def _stream(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
                     shown = lambda done, total: report(done, total) if total else None  # noqa: E731
                 res = ns.stream(ctx, writer, opts, progress=shown, paths=paths)
             except TargetTooSmallError as e:
-                raise TargetTooSmallError(f"{source.display_url}: {e}") from None
+                hint = ""
+                if capacity is None and dst.probe.is_regular:
+                    hint = (" (a file's bound is its filesystem's free space unless a capacity "
+                            "is given)")
+                raise TargetTooSmallError(f"{source.display_url}: {e}{hint}") from None
             except ImageFormatError as e:
                 raise type(e)(f"{source.display_url}: {e}") from None
             stats = writer.finish()
