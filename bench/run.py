@@ -24,6 +24,14 @@ Scenarios (default: all but file2blk-dirty):
                     falloc and full on a fresh loop device (vs dd from /dev/zero,
                     oflag=direct), and a copy with preallocation="full" (vs
                     `qemu-img convert -o preallocation=full`)  (optional)
+    http-qcow2      the source as QCOW2 (64 KiB clusters) served by nginx -> file and -> fresh
+                    loop device: cdimover.import_url (range requests for the allocated clusters
+                    only) vs CDI's scratch route (`curl -o SCRATCH` then `qemu-img convert`,
+                    timed together, the scratch file on the same disk) and its direct route
+                    (nbdkit curl plugin with the readahead and retry filters and CDI's
+                    arguments, `qemu-img convert` of the QCOW2 over NBD)  (optional)
+    http-xz         the RAW source compressed with `xz -T0 -3`, served by nginx -> file:
+                    cdimover (one streamed GET) vs `curl | xz -dc | dd conv=sparse`  (optional)
 
 The source is a virtual disk of SIZE bytes: 25 % data in scattered 1-8 MiB extents (random,
 log-like text and repeated blocks mixed, about 2:1 for zlib), 10 % zeros written as data, the
@@ -62,6 +70,23 @@ falloc and full <= 0.5 x dd's, the backing file >= SIZE allocated after cdimover
 provisioned) and reading as zeros; copy with preallocation="full" <= 0.8 x qemu-img's,
 bytes verified and the target >= SIZE allocated.  cdimover's QCOW2 conversions run through
 bench/_cdm_convert.py, its blank disks through bench/_cdm_prealloc.py.
+
+HTTP scenarios: nginx (Debian nginx-light) runs as a child of the runner with its own
+configuration in the scratch directory (daemon off, master_process off, 127.0.0.1 on a free
+ephemeral port, sendfile on) and is stopped by its PID at the end, even on failure; its
+access log records $body_bytes_sent, so each run's bytes are what the server really sent
+(shown for every tool).  The server reads the file cold too (drop_caches before each run).
+cdimover imports through bench/_cdm_import.py (import_url; its JSON adds strategy,
+bytes_fetched and requests).  The peers' qemu-img runs with the same options as in qcow2 (-W
+-m 16, and -n --target-is-zero on a device), which makes them faster than CDI's own `-t
+writeback -p`; nbdkit is started as CDI's NewNbdkitCurl does (-r, --readonly,
+--exit-with-parent, -U SOCKET, --filter=readahead --filter=retry, the User-Agent header,
+retry-exponential=no) with `--run` starting qemu-img once it listens, instead of CDI's
+polling for the pid file.  The xz peer's dd uses iflag=fullblock so that conv=sparse sees
+whole 1 MiB blocks from the pipe.  Targets: http-qcow2 (file and device) <= 0.5 x the
+scratch route's time and <= 0.8 x the direct route's, nginx bytes for cdimover <= 1.02 x the
+QCOW2 file's allocated size (st_blocks), peak RSS <= 64 MiB, output verified every run,
+allocated <= data + 1 %; http-xz: time <= 1.0 x the pipeline's, same checks but the bytes.
 """
 
 from __future__ import annotations
@@ -75,6 +100,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -94,6 +120,7 @@ HERE = Path(__file__).resolve().parent
 CDM_RUNNER = HERE / "_cdm_copy.py"
 CDM_CONVERT = HERE / "_cdm_convert.py"
 CDM_PREALLOC = HERE / "_cdm_prealloc.py"
+CDM_IMPORT = HERE / "_cdm_import.py"
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 ALIGN = 4096
@@ -104,7 +131,8 @@ HASH_LIMIT = 16 * GiB          # beyond this, verify by sparse-aware comparison,
 
 DEFAULT_SCENARIOS = ["blk2file", "blkfull2file", "file2blk", "blk2blk", "ext4", "xfs",
                      "scaling", "memcg"]
-ALL_SCENARIOS = DEFAULT_SCENARIOS + ["file2blk-dirty", "qcow2", "qcow2-compressed", "prealloc"]
+ALL_SCENARIOS = DEFAULT_SCENARIOS + ["file2blk-dirty", "qcow2", "qcow2-compressed", "prealloc",
+                                     "http-qcow2", "http-xz"]
 
 # Targets from the issue: scenario -> max ratio of cdimover's median wall time to the best peer's.
 RATIO_TARGETS = {"blk2file": 0.5, "blkfull2file": 0.9, "file2blk": 0.8, "blk2blk": 0.5,
@@ -1035,12 +1063,14 @@ def table(b: Bench, title: str, rows: list[Row], best_peer: float | None,
 
 
 def common_checks(b: Bench, scenario: str, rows: list[Row], data_bytes: int,
-                  check_alloc: bool = True, rss_beside: str | None = None) -> None:
-    """RSS_BESIDE: a peer whose peak RSS is shown next to cdimover's."""
+                  check_alloc: bool = True, rss_beside: str | Sequence[str] | None = None) -> None:
+    """RSS_BESIDE: the peer (or peers) whose peak RSS is shown next to cdimover's."""
     cdm = next(r for r in rows if r.case == "cdimover")
-    peer = next((r for r in rows if r.case == rss_beside), None) if rss_beside else None
+    names = [rss_beside] if isinstance(rss_beside, str) else list(rss_beside or [])
+    peers = [r for r in rows if r.case in names]
     b.check(scenario, "cdimover peak RSS <= 64 MiB", cdm.rss <= RSS_LIMIT / MiB,
-            f"{cdm.rss:.1f} MiB" + (f" ({peer.case} {peer.rss:.1f} MiB)" if peer else ""))
+            f"{cdm.rss:.1f} MiB" + (" (" + ", ".join(f"{p.case} {p.rss:.1f} MiB" for p in peers)
+                                    + ")" if peers else ""))
     if check_alloc:
         lim = data_bytes * 1.01 / MiB
         ok = cdm.alloc is not None and cdm.alloc <= lim
@@ -1107,11 +1137,14 @@ def describe(scenario: str) -> str:
         "qcow2": "QCOW2 (64 KiB clusters) -> file",
         "qcow2-blk": "QCOW2 (64 KiB clusters) -> fresh loop device (reads as zeros)",
         "qcow2-compressed": "compressed QCOW2 (64 KiB clusters) -> file",
+        "http-qcow2": "QCOW2 (64 KiB clusters) over HTTP (nginx, ranges) -> file",
+        "http-qcow2-blk": "QCOW2 (64 KiB clusters) over HTTP (nginx, ranges) -> fresh loop device",
+        "http-xz": f"RAW compressed with xz -T0 {XZ_LEVEL} over HTTP (nginx) -> file",
     }[scenario]
 
 
 def report_direction(b: Bench, scenario: str, samples: list[Sample], src_desc: str,
-                     rss_beside: str | None = None) -> None:
+                     rss_beside: str | Sequence[str] | None = None) -> None:
     rows = summarize(samples)
     peers = [r for r in rows if r.case != "cdimover" and r.n_ok > 0]
     best = min(peers, key=lambda r: r.wall) if peers else None
@@ -1525,6 +1558,278 @@ def prealloc_scenario(b: Bench) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# HTTP imports: nginx serving the image, cdimover.import_url vs CDI's two routes
+
+HTTP_PEER_TARGETS = {"curl+qemu-img": 0.5, "nbdkit+qemu-img": 0.8}   # x the peer's wall time
+HTTP_BYTES_SLACK = 1.02         # nginx bytes for cdimover <= this x the QCOW2's allocated size
+XZ_LEVEL = "-3"                 # `xz -T0 -3`: multi-threaded, blocks of 12 MiB
+LOCALHOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """An ephemeral port of 127.0.0.1 that was free a moment ago."""
+    import socket
+    with socket.socket() as s:
+        s.bind((LOCALHOST, 0))
+        return int(s.getsockname()[1])
+
+
+class Nginx:
+    """nginx serving ROOT on 127.0.0.1 at a free ephemeral port: a child process (daemon off,
+    master_process off) with its own configuration, pid file, logs and temp paths in DIR,
+    stopped by its PID when RES closes.  The access log records $body_bytes_sent, so the bytes
+    the server really sent during one run are counted: mark() before, sent_since() after."""
+
+    LOG_FORMAT = "$status $body_bytes_sent $request_method $request_uri"
+
+    def __init__(self, res: Resources, d: Path, root: Path) -> None:
+        exe = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""),
+                                                           "/usr/sbin"]))
+        if exe is None:
+            raise RuntimeError("nginx not found (Debian nginx-light)")
+        d.mkdir()
+        res.callback(shutil.rmtree, d, True)
+        self.dir, self.root, self.log = d, root, d / "access.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        res.callback(self.stop)
+        for _ in range(5):
+            self.port = free_port()
+            if self._start(exe):
+                return
+        raise RuntimeError("nginx: no free port after 5 attempts")
+
+    def conf(self) -> str:
+        """One server on 127.0.0.1:port with ROOT at /; everything nginx writes stays in DIR."""
+        d = self.dir
+        top = ([("user", "root")] if os.geteuid() == 0 else []) + [
+            ("daemon", "off"), ("master_process", "off"), ("pid", f"{d}/nginx.pid"),
+            ("error_log", f"{d}/error.log info")]
+        http = [("default_type", "application/octet-stream"),
+                *((f"{k}_temp_path", f"{d}/{k}_temp")
+                  for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
+                ("log_format", f"bench '{self.LOG_FORMAT}'"),
+                ("access_log", f"{d}/access.log bench"), ("sendfile", "on"),
+                ("keepalive_timeout", "60s")]
+
+        def block(items: Sequence[tuple[str, str]], indent: str) -> str:
+            return "".join(f"{indent}{k} {v};\n" for k, v in items)
+        server = [("listen", f"{LOCALHOST}:{self.port}"), ("root", str(self.root))]
+        return (block(top, "") + "events { worker_connections 256; }\nhttp {\n"
+                + block(http, "    ") + "    server {\n" + block(server, "        ")
+                + "        location / { }\n    }\n}\n")
+
+    def _start(self, exe: str) -> bool:
+        """Start on self.port; False when the port was taken meanwhile."""
+        import socket
+        (self.dir / "nginx.conf").write_text(self.conf())
+        for name in ("error.log", "access.log"):
+            (self.dir / name).write_bytes(b"")
+        with open(self.dir / "stderr.log", "wb") as err:
+            self.proc = subprocess.Popen([exe, "-e", str(self.dir / "error.log"),
+                                          "-p", f"{self.dir}/", "-c", str(self.dir / "nginx.conf")],
+                                         stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                socket.create_connection((LOCALHOST, self.port), timeout=1).close()
+                log(f"nginx (pid {self.proc.pid}) serving {self.root} on "
+                    f"http://{LOCALHOST}:{self.port}/")
+                return True
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        why = (self.dir / "error.log").read_text() + (self.dir / "stderr.log").read_text()
+        if "Address already in use" in why:
+            return False
+        raise RuntimeError(f"nginx did not start: {why.strip()[-1000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM to nginx's PID, SIGKILL if it is still there 10 s later."""
+        p, self.proc = self.proc, None
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if p is None or p.poll() is not None:
+                return
+            p.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
+
+    def url(self, name: str) -> str:
+        return f"http://{LOCALHOST}:{self.port}/{name}"
+
+    def mark(self) -> int:
+        return self.log.stat().st_size
+
+    def sent_since(self, mark: int) -> dict[str, int]:
+        """Body bytes sent and requests answered since MARK (nginx logs a request just after
+        its response: the log is read until it stops growing for 0.2 s)."""
+        size, still = -1, 0
+        deadline = time.monotonic() + 5
+        while still < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = self.log.stat().st_size
+            still = still + 1 if now == size else 0
+            size = now
+        with open(self.log, "rb") as f:
+            f.seek(mark)
+            lines = f.read().decode(errors="replace").splitlines()
+        sent = [int(ln.split()[1]) for ln in lines if len(ln.split()) >= 2]
+        return {"nginx_bytes_sent": sum(sent), "nginx_requests": len(sent)}
+
+
+def http_versions(b: Bench) -> None:
+    """Record and show the versions of the HTTP scenarios' tools (once)."""
+    if "http_tools" in b.info:
+        return
+    vs = {}
+    for argv in (["nginx", "-v"], ["nbdkit", "--version"], ["curl", "--version"],
+                 ["xz", "--version"]):
+        exe = shutil.which(argv[0], path=os.pathsep.join([os.environ.get("PATH", ""),
+                                                          "/usr/sbin"]))
+        r = subprocess.run([exe or argv[0], *argv[1:]], capture_output=True, text=True)
+        line = ((r.stdout or r.stderr).splitlines() or ["?"])[0].strip()
+        vs[argv[0]] = " ".join(line.split()[:2]) if argv[0] == "curl" else line   # no libs
+    b.info["http_tools"] = vs
+    b.emit("http tools: " + "; ".join(vs.values()))
+
+
+def import_tool(url: str, dst: str, *, target_is_zero: bool = False) -> Tool:
+    argv = [sys.executable, str(CDM_IMPORT), url, dst]
+    if target_is_zero:
+        argv.append("--target-is-zero")
+    return Tool("cdimover", argv, is_cdm=True)
+
+
+def scratch_route(url: str, scratch: Path, dst: str, dst_is_dev: bool) -> Tool:
+    """CDI's scratch route: download the whole file, then convert it (timed together)."""
+    qemu = qemu_to_raw(str(scratch), dst, dst_is_dev=dst_is_dev).argv
+    return Tool("curl+qemu-img", ["sh", "-c", 'curl -sS -o "$1" "$2" && shift 2 && "$@"', "sh",
+                                  str(scratch), url, *qemu], sync=dst)
+
+
+def nbdkit_route(url: str, sock: Path, pidfile: Path, dst: str, dst_is_dev: bool) -> Tool:
+    """CDI's direct route: nbdkit with the curl plugin and the readahead and retry filters,
+    started with CDI's arguments (pkg/image/nbdkit.go: NewNbdkitCurl, StartNbdkit) on a unix
+    socket; qemu-img decodes the QCOW2 over NBD.  `--run` runs qemu-img once nbdkit listens
+    and stops nbdkit when it exits, so both are one measured process tree."""
+    qemu = qemu_to_raw(f"nbd+unix:///?socket={sock}", dst, dst_is_dev=dst_is_dev).argv
+    argv = ["nbdkit", "--readonly", "--exit-with-parent", "-U", str(sock),
+            "--pidfile", str(pidfile), "--filter=readahead", "--filter=retry",
+            "--run", shlex.join(qemu), "-r", "curl",
+            "header=User-Agent: cdi-nbdkit-importer", "retry-exponential=no", f"url={url}"]
+    return Tool("nbdkit+qemu-img", argv, sync=dst)
+
+
+def http_checks(b: Bench, scenario: str, samples: list[Sample], served: int | None) -> None:
+    """The per-peer time targets, the bytes nginx sent (checked against SERVED, the QCOW2's
+    allocated size, when given) and what cdimover reported about its fetching."""
+    rows = summarize(samples)
+    by = {r.case: r for r in rows}
+    cdm = by["cdimover"]
+    for peer, lim in HTTP_PEER_TARGETS.items():
+        p = by.get(peer)
+        if p is None:
+            continue
+        ok = p.n_ok > 0 and cdm.n_ok > 0 and cdm.wall / p.wall <= lim
+        b.check(scenario, f"time <= {lim} x {peer}'s", ok if p.n_ok else None,
+                f"{cdm.wall:.3f}s vs {p.wall:.3f}s = {cdm.wall / p.wall:.3f}"
+                if p.n_ok else f"{peer} failed")
+    sent = {r.case: med([s.stats["nginx_bytes_sent"] for s in samples
+                         if s.case == r.case and s.ok and s.stats]) for r in rows}
+    reqs = {r.case: med([s.stats["nginx_requests"] for s in samples
+                         if s.case == r.case and s.ok and s.stats]) for r in rows}
+    b.emit("nginx sent (median body bytes, requests): " + "; ".join(
+        f"{c} {fmt_size(sent[c])} in {reqs[c]:.0f}" for c in sent)
+        + (f"; the served file has {fmt_size(served)} allocated" if served else ""))
+    cs = [s.cdm for s in samples if s.case == "cdimover" and s.ok and s.cdm]
+    if cs:
+        b.emit(f"cdimover reported: strategy {','.join(sorted({c['strategy'] for c in cs}))}, "
+               f"compression {','.join(sorted({c['compression'] for c in cs}))}, "
+               f"fetched {fmt_size(med([c['bytes_fetched'] for c in cs]))} in "
+               f"{med([c['requests'] for c in cs]):.0f} requests, "
+               f"retries {sum(c['retries'] for c in cs)}, restarts {sum(c['restarts'] for c in cs)}")
+    if served is not None:
+        worst = max((s.stats["nginx_bytes_sent"] for s in samples
+                     if s.case == "cdimover" and s.ok and s.stats), default=None)
+        b.check(scenario, f"nginx bytes for cdimover <= {HTTP_BYTES_SLACK} x allocated",
+                worst is not None and worst <= HTTP_BYTES_SLACK * served,
+                f"max {fmt_size(worst or 0)} vs {fmt_size(served)} = "
+                f"{(worst or 0) / served:.3f}")
+
+
+def http_scenario(b: Bench, scenario: str) -> None:
+    size = b.layout.size
+    image, h = b.ensure_image()
+    with Resources().scoped() as res:
+        www = b.workdir / "www"
+        www.mkdir()
+        res.callback(shutil.rmtree, www, True)
+        srv = Nginx(res, b.workdir / "nginx", www)
+        http_versions(b)
+        scratch = b.workdir / "scratch.qcow2"
+        sock, pidfile = b.workdir / "nbdkit.sock", b.workdir / "nbdkit.pid"
+
+        def served(prepare: Callable[[Resources], tuple[str, str]]
+                   ) -> Callable[[Resources], tuple[str, str]]:
+            """PREPARE plus a mark in nginx's log and removal of the peers' leftovers."""
+            def prep(r: Resources) -> tuple[str, str]:
+                for p in (scratch, sock, pidfile):
+                    r.callback(lambda p=p: p.unlink(missing_ok=True))
+                out = prepare(r)
+                marks["at"] = srv.mark()
+                return out
+            return prep
+
+        marks = {"at": 0}
+
+        def probe(_: str) -> dict[str, Any]:
+            return srv.sent_since(marks["at"])
+
+        if scenario == "http-qcow2":
+            q = make_qcow2(b, res, image, "www/source.qcow2", ["-o", "cluster_size=65536"])
+            url, alloc = srv.url(q.name), allocated(q)
+            for sc, dev in (("http-qcow2", False), ("http-qcow2-blk", True)):
+                tools = [import_tool(url, "{DST}", target_is_zero=dev),
+                         scratch_route(url, scratch, "{DST}", dev),
+                         nbdkit_route(url, sock, pidfile, "{DST}", dev)]
+                prep = loop_target(b, size) if dev else file_target(b)
+                samples = run_rounds(b, sc, tools, size, h, served(prep), probe=probe)
+                report_direction(b, sc, samples, describe(sc),
+                                 rss_beside=("curl+qemu-img", "nbdkit+qemu-img"))
+                http_checks(b, sc, samples, alloc)
+                b.emit(api_line(samples))
+            return
+        xz = www / "source.img.xz"
+        res.callback(lambda: xz.unlink(missing_ok=True))
+        t = time.perf_counter()
+        with open(xz, "wb") as f:
+            subprocess.run(["xz", "-T0", XZ_LEVEL, "-c", str(image)], stdout=f, check=True)
+        took = time.perf_counter() - t
+        desc = (f"source.img.xz: xz -T0 {XZ_LEVEL}; file {fmt_size(os.path.getsize(xz))} "
+                f"from {fmt_size(size)}; written in {took:.1f}s")
+        log(desc)
+        b.emit(f"image {desc}")
+        b.info["xz_image"] = {"level": XZ_LEVEL, "file_size": os.path.getsize(xz),
+                              "compress_s": took}
+        prewarm(xz, os.path.getsize(xz))
+        url = srv.url(xz.name)
+        tools = [import_tool(url, "{DST}"),
+                 Tool("curl|xz|dd", ["bash", "-o", "pipefail", "-c",
+                                     'curl -sS "$1" | xz -dc | dd of="$2" bs=1M conv=sparse '
+                                     'iflag=fullblock status=none', "bash", url, "{DST}"],
+                      sync="{DST}")]
+        samples = run_rounds(b, scenario, tools, size, h, served(file_target(b)), probe=probe)
+        report_direction(b, scenario, samples, describe(scenario), rss_beside="curl|xz|dd")
+        rows = {r.case: r for r in summarize(samples)}
+        cdm, dd = rows["cdimover"], rows["curl|xz|dd"]
+        b.check(scenario, "time <= 1.0 x curl|xz|dd's", cdm.n_ok > 0 and dd.n_ok > 0
+                and cdm.wall <= dd.wall, f"{cdm.wall:.3f}s vs {dd.wall:.3f}s = "
+                f"{cdm.wall / dd.wall:.3f}" if cdm.n_ok and dd.n_ok else
+                f"not measured: cdimover {cdm.verified}, curl|xz|dd {dd.verified}")
+        http_checks(b, scenario, samples, None)
+        b.emit(api_line(samples))
+
+
+# ---------------------------------------------------------------------------------------------
 
 def snapshot_package(workdir: Path, wait: float) -> dict[str, str]:
     """Copy the installed cdimover package (Python files and the built extension) into
@@ -1651,6 +1956,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     qcow2_scenario(b, sc)
                 elif sc == "prealloc":
                     prealloc_scenario(b)
+                elif sc in ("http-qcow2", "http-xz"):
+                    http_scenario(b, sc)
                 else:
                     direction(b, sc)
             except (subprocess.CalledProcessError, OSError, RuntimeError) as e:
