@@ -5,7 +5,8 @@
  * An input is two option bytes followed by the stream.  The options pick the memory limit
  * of a QCOW2 conversion, the digest, the size of the target (a memfd behind a writer) and
  * whether it is known to read as zeros; the second byte seeds the sizes of the pieces the
- * stream is pushed in.  Format and compression are always detected (AUTO).  Invariants:
+ * stream is pushed in and, when its top two bits are set, declares the format and the
+ * compression (else both are detected: AUTO).  Invariants:
  *   - a failure is a negative code with a message, from push or end alike;
  *   - on success all bytes were taken (bytes_in), the image fits the target, a QCOW2
  *     conversion held at most the memory limit (peak_held counts every buffer that grows
@@ -115,8 +116,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t len = size - OPTION_BYTES;
 
     struct cdm_stream_opts opts = {
-        .format = CDM_FORMAT_AUTO,
-        .compression = CDM_COMPRESSION_AUTO,
+        .format = data[1] >> 6 == 3 ? CDM_FORMAT_RAW + ((data[1] >> 2) & 1) : CDM_FORMAT_AUTO,
+        .compression = data[1] >> 6 == 3 ? CDM_COMPRESSION_NONE + (data[1] & 3)
+                                         : CDM_COMPRESSION_AUTO,
         .hash = (o0 >> 2) % (CDM_HASH_SHA512 + 1),
         .mem_limit = MEM_LIMITS[o0 & 3],
     };
@@ -171,6 +173,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
               (uint64_t)res.format, 0);
         check(res.compression >= CDM_COMPRESSION_NONE && res.compression <= CDM_COMPRESSION_ZSTD,
               "compression", (uint64_t)res.compression, 0);
+        check(opts.format == CDM_FORMAT_AUTO || res.format == opts.format, "format declared",
+              (uint64_t)res.format, (uint64_t)opts.format);
+        check(opts.compression == CDM_COMPRESSION_AUTO || res.compression == opts.compression,
+              "compression declared", (uint64_t)res.compression, (uint64_t)opts.compression);
         if (res.format == CDM_FORMAT_QCOW2)
             check(res.peak_held <= opts.mem_limit, "peak_held over the memory limit",
                   res.peak_held, opts.mem_limit);

@@ -73,6 +73,11 @@ qemu-io -c "write -P 2 0 4k" "$WORK/seed/snap-4k" >/dev/null
 seed backing-4k cluster_size=4k,backing_file=/etc/passwd,backing_fmt=raw 64k
 seed odd-2k cluster_size=2k $((64 * 1024 + 512)) "write -P 9 64k 512"
 printf 'QFI\xfb' > "$WORK/seed/magic-only"
+# Compressed clusters of text: their bytes are packed across host clusters.
+head -c 65536 /etc/services > "$WORK/text.raw" 2>/dev/null || seq 12000 > "$WORK/text.raw"
+qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=4k "$WORK/text.raw" "$WORK/seed/text-c4k"
+qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=512 "$WORK/text.raw" \
+    "$WORK/seed/text-c512"
 
 # Seed corpus of the stream target: two option bytes (see fuzz_stream.c: memory limit, digest,
 # target size, known zeros; the seed of the piece sizes), then a stream.
@@ -93,9 +98,21 @@ for img in "$WORK"/seed/*; do
     xz -c -0 < "$img" > "$WORK/tmp.xz" && stream_seed "$name.xz" "$o" "$WORK/tmp.xz"
     zstd -q -c -1 < "$img" > "$WORK/tmp.zst" && stream_seed "$name.zst" "$o" "$WORK/tmp.zst"
 done
-head -c 70000 /etc/services > "$WORK/tmp.raw" 2>/dev/null || seq 20000 > "$WORK/tmp.raw"
+# Larger than max_len uncompressed: L2 tables naming 16384 clusters ahead (beyond 256 KiB of
+# references); RAW of 5 MiB (more than one piece of the RAW sink), in a 1 MiB target too.
+qemu-img create -q -f qcow2 -o cluster_size=512,preallocation=metadata "$WORK/tmp.big" 8M
+qemu-io -c "write -P 0x5a 1M 4k" -c "write -P 0x5b 7M 4k" "$WORK/tmp.big" >/dev/null
+xz -c -0 < "$WORK/tmp.big" > "$WORK/tmp.xz"
+stream_seed prealloc-512.xz 0c "$WORK/tmp.xz"
+stream_seed prealloc-512-4m.xz 03 "$WORK/tmp.xz"
+{ cat "$WORK/text.raw"; head -c 5M /dev/zero; cat "$WORK/text.raw"; } | zstd -q -c > "$WORK/tmp.zst"
+stream_seed raw-5m.zst 0c "$WORK/tmp.zst"
+stream_seed raw-5m-small.zst 20 "$WORK/tmp.zst"
+cp "$WORK/text.raw" "$WORK/tmp.raw"
 stream_seed raw 0c "$WORK/tmp.raw"
 stream_seed raw-small 41 "$WORK/tmp.raw"
+stream_seed raw-declared-qcow2 0c "$WORK/tmp.raw"
+printf '\xfc' | dd of="$WORK/stream-seed/raw-declared-qcow2" bs=1 seek=1 conv=notrunc 2>/dev/null
 xz -c -0 < "$WORK/tmp.raw" > "$WORK/tmp.xz"
 head -c $(($(stat -c %s "$WORK/tmp.xz") / 2)) "$WORK/tmp.xz" > "$WORK/tmp.cut.xz"
 stream_seed raw-truncated.xz 04 "$WORK/tmp.cut.xz"
@@ -104,7 +121,7 @@ gzip -c < "$WORK/seed/v3-512" > "$WORK/tmp.b.gz"
 stream_seed members.gz 08 "$WORK/tmp.a.gz" "$WORK/tmp.b.gz"
 printf '\x1f\x8b' > "$WORK/tmp.magic"
 stream_seed gzip-magic-only 00 "$WORK/tmp.magic"
-rm -f "$WORK"/tmp.*
+rm -f "$WORK"/tmp.* "$WORK/text.raw"
 
 # Fuzz each target for half the time, in its own directory (findings land there).
 fuzz() {   # fuzz TARGET SECONDS MAX-LEN CORPUS SEED
