@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# run_fuzz.sh -- build the libFuzzer target for cdimover's QCOW2 reader with AddressSanitizer
-# and UBSan, make a seed corpus of small images with qemu-img/qemu-io, and fuzz for a bounded
-# time.  Exits non-zero when the fuzzer finds a crash, a leak, a timeout or an out-of-memory.
+# run_fuzz.sh -- build cdimover's libFuzzer targets with AddressSanitizer and UBSan, make
+# seed corpora of small images with qemu-img/qemu-io (and gzip, xz, zstd), and fuzz for a
+# bounded time, split between the targets:
+#   fuzz_qcow2   the random-access QCOW2 reader and converter (tests/fuzz/fuzz_qcow2.c)
+#   fuzz_stream  the sequential-stream pipeline: detection, gzip/xz/zstd, RAW sink, streaming
+#                QCOW2 converter (tests/fuzz/fuzz_stream.c)
+# Exits non-zero when a fuzzer finds a crash, a leak, a timeout or an out-of-memory.
 #
 #   tests/fuzz/run_fuzz.sh [SECONDS] [WORKDIR]     (defaults: 60, a fresh temporary directory)
 #
-# Needs clang with the libFuzzer runtime (Debian: apt-get install clang) and qemu-utils.
-# A crashing input is left in WORKDIR as crash-*; reproduce it with WORKDIR/fuzz_qcow2 FILE.
+# Needs clang with the libFuzzer runtime (Debian: apt-get install clang), qemu-utils, gzip,
+# xz-utils and zstd.  A finding is left in WORKDIR/TARGET.d/ as crash-*, leak-*, timeout-* or
+# oom-*; reproduce it with WORKDIR/TARGET FILE.
 set -euo pipefail
 
 SECS=${1:-60}
@@ -19,10 +24,13 @@ need() { command -v "$1" >/dev/null || { echo "run_fuzz.sh: $1 not found ($2)" >
 need "$CC" "apt-get install clang"
 need qemu-img "apt-get install qemu-utils"
 need qemu-io "apt-get install qemu-utils"
-mkdir -p "$WORK/seed" "$WORK/corpus"
+need gzip "apt-get install gzip"
+need xz "apt-get install xz-utils"
+need zstd "apt-get install zstd"
+mkdir -p "$WORK/seed" "$WORK/corpus" "$WORK/stream-seed" "$WORK/stream-corpus"
 
 # The same optional libraries as csrc/build_ffi.py.
-DEFS=() LIBS=(-lz)
+DEFS=() LIBS=(-lz -llzma -lcurl -lcrypto)
 probe() {
     printf '#include <%s>\nint main(void){return 0;}\n' "$1" |
         "$CC" -x c - -o /dev/null "-l$2" 2>/dev/null
@@ -30,10 +38,15 @@ probe() {
 if probe zstd.h zstd; then DEFS+=(-DCDM_HAVE_ZSTD); LIBS+=(-lzstd); fi
 if probe libdeflate.h deflate; then DEFS+=(-DCDM_HAVE_LIBDEFLATE); LIBS+=(-ldeflate); fi
 
-echo "+ building $WORK/fuzz_qcow2 (${DEFS[*]:-no optional codecs})"
-"$CC" -g -O1 -std=gnu11 -Wall -Wextra -pthread -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 "${DEFS[@]}" \
-    -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
-    -I"$ROOT/csrc" "$HERE/fuzz_qcow2.c" "$ROOT"/csrc/*.c -o "$WORK/fuzz_qcow2" "${LIBS[@]}"
+build() {   # build TARGET: tests/fuzz/TARGET.c with the whole core into $WORK/TARGET
+    echo "+ building $WORK/$1 (${DEFS[*]:-no optional codecs})"
+    "$CC" -g -O1 -std=gnu11 -Wall -Wextra -pthread -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 \
+        "${DEFS[@]}" -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+        -fno-omit-frame-pointer -I"$ROOT/csrc" "$HERE/$1.c" "$ROOT"/csrc/*.c -o "$WORK/$1" \
+        "${LIBS[@]}"
+}
+build fuzz_qcow2
+build fuzz_stream
 
 # Seed corpus: small images covering each feature (small clusters keep the files small).
 seed() {   # seed NAME CREATE-OPTIONS SIZE [qemu-io commands...]
@@ -60,17 +73,76 @@ qemu-io -c "write -P 2 0 4k" "$WORK/seed/snap-4k" >/dev/null
 seed backing-4k cluster_size=4k,backing_file=/etc/passwd,backing_fmt=raw 64k
 seed odd-2k cluster_size=2k $((64 * 1024 + 512)) "write -P 9 64k 512"
 printf 'QFI\xfb' > "$WORK/seed/magic-only"
+# Compressed clusters of text: their bytes are packed across host clusters.
+head -c 65536 /etc/services > "$WORK/text.raw" 2>/dev/null || seq 12000 > "$WORK/text.raw"
+qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=4k "$WORK/text.raw" "$WORK/seed/text-c4k"
+qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=512 "$WORK/text.raw" \
+    "$WORK/seed/text-c512"
 
-echo "+ fuzzing for ${SECS}s in $WORK"
-cd "$WORK"
+# Seed corpus of the stream target: two option bytes (see fuzz_stream.c: memory limit, digest,
+# target size, known zeros; the seed of the piece sizes), then a stream.
+stream_seed() {   # stream_seed NAME OPTIONS-BYTE FILE...: the option bytes, then the FILEs
+    local name=$1 opt=$2
+    shift 2
+    { printf "\\x$opt\\x5a"; cat "$@"; } > "$WORK/stream-seed/$name"
+}
+opts=(0f 02 84 13 09)   # limits from 256 KiB to 4 MiB, each digest, 16 MiB targets, zero or not
+i=0
+for img in "$WORK"/seed/*; do
+    name=$(basename "$img")
+    [ "$name" = magic-only ] && continue
+    o=${opts[$((i % ${#opts[@]}))]}
+    i=$((i + 1))
+    stream_seed "$name" "$o" "$img"
+    gzip -c -1 < "$img" > "$WORK/tmp.gz" && stream_seed "$name.gz" "$o" "$WORK/tmp.gz"
+    xz -c -0 < "$img" > "$WORK/tmp.xz" && stream_seed "$name.xz" "$o" "$WORK/tmp.xz"
+    zstd -q -c -1 < "$img" > "$WORK/tmp.zst" && stream_seed "$name.zst" "$o" "$WORK/tmp.zst"
+done
+# Larger than max_len uncompressed: L2 tables naming 16384 clusters ahead (beyond 256 KiB of
+# references); RAW of 5 MiB (more than one piece of the RAW sink), in a 1 MiB target too.
+qemu-img create -q -f qcow2 -o cluster_size=512,preallocation=metadata "$WORK/tmp.big" 8M
+qemu-io -c "write -P 0x5a 1M 4k" -c "write -P 0x5b 7M 4k" "$WORK/tmp.big" >/dev/null
+xz -c -0 < "$WORK/tmp.big" > "$WORK/tmp.xz"
+stream_seed prealloc-512.xz 0c "$WORK/tmp.xz"
+stream_seed prealloc-512-4m.xz 03 "$WORK/tmp.xz"
+{ cat "$WORK/text.raw"; head -c 5M /dev/zero; cat "$WORK/text.raw"; } | zstd -q -c > "$WORK/tmp.zst"
+stream_seed raw-5m.zst 0c "$WORK/tmp.zst"
+stream_seed raw-5m-small.zst 20 "$WORK/tmp.zst"
+cp "$WORK/text.raw" "$WORK/tmp.raw"
+stream_seed raw 0c "$WORK/tmp.raw"
+stream_seed raw-small 41 "$WORK/tmp.raw"
+stream_seed raw-declared-qcow2 0c "$WORK/tmp.raw"
+printf '\xfc' | dd of="$WORK/stream-seed/raw-declared-qcow2" bs=1 seek=1 conv=notrunc 2>/dev/null
+xz -c -0 < "$WORK/tmp.raw" > "$WORK/tmp.xz"
+head -c $(($(stat -c %s "$WORK/tmp.xz") / 2)) "$WORK/tmp.xz" > "$WORK/tmp.cut.xz"
+stream_seed raw-truncated.xz 04 "$WORK/tmp.cut.xz"
+gzip -c < "$WORK/tmp.raw" > "$WORK/tmp.a.gz"
+gzip -c < "$WORK/seed/v3-512" > "$WORK/tmp.b.gz"
+stream_seed members.gz 08 "$WORK/tmp.a.gz" "$WORK/tmp.b.gz"
+printf '\x1f\x8b' > "$WORK/tmp.magic"
+stream_seed gzip-magic-only 00 "$WORK/tmp.magic"
+rm -f "$WORK"/tmp.* "$WORK/text.raw"
+
+# Fuzz each target for half the time, in its own directory (findings land there).
+fuzz() {   # fuzz TARGET SECONDS MAX-LEN CORPUS SEED
+    local target=$1 secs=$2 max_len=$3 corpus=$4 seeds=$5
+    echo "+ fuzzing $target for ${secs}s in $WORK/$target.d"
+    mkdir -p "$WORK/$target.d"
+    ( cd "$WORK/$target.d" &&
+      ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1} \
+      UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1} \
+          "$WORK/$target" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
+          -max_len="$max_len" -print_final_stats=1 "$corpus" "$seeds" 2>&1 |
+          tee "$WORK/$target.log" ) || return $?
+}
 status=0
-ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1} \
-UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1} \
-    ./fuzz_qcow2 -max_total_time="$SECS" -timeout=10 -rss_limit_mb=2048 -max_len=131072 \
-    -print_final_stats=1 corpus seed 2>&1 | tee fuzz.log || status=$?
-if ls crash-* leak-* timeout-* oom-* >/dev/null 2>&1; then
+fuzz fuzz_qcow2 $((SECS - SECS / 2)) 131072 "$WORK/corpus" "$WORK/seed" || status=$?
+fuzz fuzz_stream $((SECS / 2)) 524288 "$WORK/stream-corpus" "$WORK/stream-seed" || status=$?
+findings=$(find "$WORK"/fuzz_*.d -maxdepth 1 \( -name 'crash-*' -o -name 'leak-*' \
+    -o -name 'timeout-*' -o -name 'oom-*' \) 2>/dev/null)
+if [ -n "$findings" ]; then
     echo "run_fuzz.sh: findings in $WORK:" >&2
-    ls -l crash-* leak-* timeout-* oom-* 2>/dev/null >&2 || true
+    ls -l $findings >&2
     exit 1
 fi
 exit "$status"
