@@ -123,7 +123,7 @@ def _cmd_upload_server(args: argparse.Namespace) -> int:
             require_client_cert=cfg.client_ca is not None, preallocation=cfg.preallocation,
             scratch_dir=cfg.scratch_dir, progress=progress, registry=new_registry(progress),
             deadline=cfg.deadline, idle_timeout=args.idle_timeout, linger=args.linger,
-            name=cfg.destination)
+            mem_limit=args.mem_limit, name=cfg.destination)
         outcome = server.run()
     except BaseException as e:
         write_termination_log(args.termination_log, failure_message("upload", e))
@@ -225,4 +225,7 @@ def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
                    help="drop an upload whose body sends nothing this long (default 60)")
     u.add_argument("--linger", type=argtypes.seconds, default=0.0, metavar="SECONDS",
                    help="keep answering (409 to uploads) this long after success (default 0)")
+    u.add_argument("--mem-limit", type=argtypes.size, default=0, metavar="SIZE",
+                   help="bytes a QCOW2 body may hold before the tables that place them "
+                   "(default 64Mi); past it the body is converted from SCRATCH_DIR")
     u.set_defaults(func=_cmd_upload_server)
