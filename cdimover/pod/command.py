@@ -123,7 +123,8 @@ def _cmd_upload_server(args: argparse.Namespace) -> int:
             require_client_cert=cfg.client_ca is not None, preallocation=cfg.preallocation,
             scratch_dir=cfg.scratch_dir, progress=progress, registry=new_registry(progress),
             deadline=cfg.deadline, idle_timeout=args.idle_timeout, linger=args.linger,
-            mem_limit=args.mem_limit, name=cfg.destination)
+            header_timeout=args.header_timeout, mem_limit=args.mem_limit,
+            name=cfg.destination)
         outcome = server.run()
     except BaseException as e:
         write_termination_log(args.termination_log, failure_message("upload", e))
@@ -223,6 +224,9 @@ def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
                    help="the target volume (overrides DESTINATION)")
     u.add_argument("--idle-timeout", type=argtypes.seconds, default=60.0, metavar="SECONDS",
                    help="drop an upload whose body sends nothing this long (default 60)")
+    u.add_argument("--header-timeout", type=argtypes.seconds, default=10.0, metavar="SECONDS",
+                   help="close a connection without a complete request head (TLS handshake "
+                   "included) this long after it opened (default 10, as CDI's)")
     u.add_argument("--linger", type=argtypes.seconds, default=0.0, metavar="SECONDS",
                    help="keep answering (409 to uploads) this long after success (default 0)")
     u.add_argument("--mem-limit", type=argtypes.size, default=0, metavar="SIZE",

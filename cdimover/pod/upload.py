@@ -74,6 +74,8 @@ HEADER_TIMEOUT: Final = 10.0
 """Seconds from a connection to its complete request head (TLS handshake included)."""
 IDLE_TIMEOUT: Final = 60.0
 """Default seconds a body may go without a byte before the upload is dropped."""
+LINGER: Final = 2.0
+"""Seconds the rest of a refused body is read and dropped before the connection closes."""
 PIECE: Final = 1 << 20
 """Body bytes decoded at a time."""
 SYNC_PATHS: Final = ("/v1beta1/upload", "/v1alpha1/upload")
@@ -255,8 +257,11 @@ class UploadServer:
             app.router.add_route("HEAD", path, self._head)
         app.router.add_get("/healthz", self._healthz, allow_head=True)
         app.router.add_get("/metrics", self._metrics, allow_head=True)
+        # lingering_time: after an answer sent before the body's end (a refusal), what is left
+        # of the body is read and dropped this long, so the client sees the answer rather
+        # than a reset; then the connection is closed.
         runner = web.AppRunner(app, access_log=None, keepalive_timeout=self._header_timeout,
-                               handler_cancellation=False)
+                               handler_cancellation=False, lingering_time=LINGER)
         await runner.setup()
         handlers = runner.server
         assert handlers is not None
