@@ -352,6 +352,49 @@ def _cmd_loop_delete(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_serve_upload(args: argparse.Namespace) -> int:
+    """The upload server of ``pod upload-server`` on a local file or device, for a test."""
+    from .errors import ConfigurationError
+    from .pod.metrics import UploadProgress, new_registry
+    from .pod.upload import UploadServer, path_destination, server_tls_context
+
+    host, _, port = args.listen.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise ConfigurationError(f"--listen: {args.listen!r} is not HOST:PORT")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigurationError("--tls-cert and --tls-key go together")
+    if args.client_ca and not args.tls_cert:
+        raise ConfigurationError("--client-ca needs --tls-cert and --tls-key")
+    tls = server_tls_context(args.tls_cert, args.tls_key, client_ca=args.client_ca) \
+        if args.tls_cert else None
+    progress = UploadProgress("")
+    server = UploadServer(path_destination(args.target), host=host.strip("[]"),
+                          port=int(port), tls=tls, client_name=args.client_name,
+                          require_client_cert=bool(args.client_ca),
+                          preallocation=args.preallocation, scratch_dir=args.scratch_dir,
+                          progress=progress, registry=new_registry(progress),
+                          idle_timeout=args.idle_timeout, name=args.target)
+
+    def ready(bound: int) -> None:
+        scheme = "https" if tls else "http"
+        print(f"cdimover: serving uploads on {scheme}://{host or '0.0.0.0'}:{bound}"
+              f"/v1beta1/upload into {args.target}", file=sys.stderr, flush=True)
+
+    outcome = server.run(ready)
+    if outcome == "failed" and server.failure is not None:
+        raise server.failure
+    if outcome == "stopped":
+        raise Terminated()
+    if outcome == "scratch":
+        print(f"cdimover: the image needs scratch space (--scratch-dir): "
+              f"{server.scratch_reason}", file=sys.stderr)
+        return EXIT_ERROR
+    _emit(args, {"target": args.target, "outcome": outcome,
+                 "preallocationApplied": server.preallocation_applied},
+          f"upload complete: {args.target}")
+    return EXIT_OK
+
+
 def _cmd_scan(args: argparse.Namespace) -> int:
     from .ops.copy import scan
 
@@ -594,6 +637,28 @@ def _parser() -> argparse.ArgumentParser:
     ld = losub.add_parser("delete", parents=[common], help="detach a loop device")
     ld.add_argument("device", help="the loop device, e.g. /dev/loop3")
     ld.set_defaults(func=_cmd_loop_delete)
+
+    su = sub.add_parser(
+        "serve-upload", parents=[common], help="receive one upload into a file or device",
+        description="Serve CDI's upload API (the server of 'pod upload-server') and write "
+        "the RAW, compressed RAW or QCOW2 image uploaded to /v1beta1/upload (or -async, "
+        "-form, -form-async) onto TARGET in one pass; exit once it is complete.")
+    su.add_argument("target", help="the file or block device to write")
+    su.add_argument("--listen", default="127.0.0.1:8443", metavar="HOST:PORT",
+                    help="listen here (default 127.0.0.1:8443)")
+    su.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
+    su.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    su.add_argument("--client-ca", metavar="PEM",
+                    help="require client certificates signed by this CA")
+    su.add_argument("--client-name", metavar="CN",
+                    help="with --client-ca: the client certificate's required CN")
+    su.add_argument("--scratch-dir", metavar="DIR",
+                    help="where a QCOW2 that needs it is converted from (default none)")
+    su.add_argument("--preallocation", action="store_true",
+                    help="reserve every block of the target")
+    su.add_argument("--idle-timeout", type=argtypes.seconds, default=60.0, metavar="SECONDS",
+                    help="drop an upload whose body sends nothing this long (default 60)")
+    su.set_defaults(func=_cmd_serve_upload)
 
     from .pod import command as pod_command
     pod_command.register(sub, common)

@@ -43,6 +43,7 @@ from ..io.http import HttpSource
 from ..types import PREALLOCATION_MODES, CopyResult, ScanMethod
 from .copy import Tuning, final_size_for, grow_target, make_result, room_needed, target_opts
 from .prealloc import preallocation_mode
+from .sink import complete_stream, default_capacity, is_device, open_stream_writer
 
 __all__ = ["import_url", "ImportResult", "Checksum", "parse_checksum", "probe_url"]
 
@@ -136,33 +137,6 @@ def _verify(checksum: Checksum | None, digest: bytes, url: str) -> None:
         raise ChecksumMismatchError(
             f"{url}: {checksum.algorithm} of the downloaded file is {digest.hex()}, expected "
             f"{checksum.hexdigest}")
-
-
-def _default_capacity(target: str | os.PathLike[str] | Place) -> int | None:
-    """The most a stream may write to TARGET when the caller gave no capacity: a block device's
-    size, or for a file the free space of its filesystem."""
-    path = target.path if isinstance(target, Place) else os.fspath(target)
-    if _is_device(target):
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return os.lseek(fd, 0, os.SEEK_END)
-        finally:
-            os.close(fd)
-    directory = os.path.dirname(os.path.abspath(path)) or "/"
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def _is_device(target: str | os.PathLike[str] | Place) -> bool:
-    import stat
-    path = target.path if isinstance(target, Place) else os.fspath(target)
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except OSError:
-        return False
 
 
 def import_url(source: HttpSource | str, target: str | os.PathLike[str] | Place, *,
@@ -325,30 +299,21 @@ def _stream(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
         _check_capacity(source.display_url, "the raw image", size, capacity)
         bound = size
     else:
-        limit = capacity if capacity is not None else _default_capacity(target)
+        limit = capacity if capacity is not None else default_capacity(target)
         if limit is None:
             raise ValueError(f"{source.display_url}: the image's size is not known in advance: "
                              "give the target's capacity")
         bound = limit
     bound_known = capacity is not None or size is not None and pr.format == "raw"
-    if preallocation == "full" and not bound_known and not _is_device(target):
+    if preallocation == "full" and not bound_known and not is_device(target):
         raise ValueError(f"{source.display_url}: preallocation=full of a file whose size is "
                          "not known in advance needs the target's capacity")
     with open_target(target, bound, ctx=ctx, need=None) as dst:
-        if dst.probe.is_blockdev:
-            bound = dst.probe.size if capacity is None else min(capacity, dst.probe.size)
-            bound_known = True
         # preallocation: by the writer over the known bound, else afterwards (falloc keeps data)
-        early = preallocation if bound_known else "off"
+        writer, early, bound = open_stream_writer(
+            ctx, dst, bound, bound_known=bound_known, capacity=capacity,
+            preallocation=preallocation, target_is_zero=target_is_zero, tuning=tuning)
         paths = (source.display_url, dst.path)
-        flags = 0
-        if dst.fresh or target_is_zero:
-            flags |= _native.const("CDM_COPY_TARGET_IS_ZERO")
-        writer = NativeWriter(ctx, dst.fd, dst.direct_fd, size=bound,
-                              sector=dst.probe.logical_sector,
-                              is_blockdev=dst.probe.is_blockdev, sparse_size=tuning.sparse_size,
-                              flags=flags, preallocation=PREALLOCATION_MODES[early],
-                              path=dst.path)
         try:
             opts = _native.new_stream_opts(
                 format=source_format, compression="auto",
@@ -379,16 +344,8 @@ def _stream(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
             writer.free()
         _verify(checksum, res.digest, source.display_url)
         vsize = res.image_size
-        final_size = final_size_for(vsize, target_size)
-        if dst.probe.is_regular:
-            os.ftruncate(dst.fd, vsize)
-        if preallocation != "off" and early == "off" and vsize > 0:
-            _native.preallocate(ctx, dst.fd, dst.direct_fd, dst.probe.is_blockdev,
-                                dst.probe.logical_sector, 0, vsize,
-                                PREALLOCATION_MODES[preallocation], stats, paths=paths)
-        if dst.probe.is_regular:
-            os.fsync(dst.fd)
-        _finish(ctx, dst, vsize, final_size, preallocation, stats, paths)
+        final_size = complete_stream(ctx, dst, stats, vsize, preallocation=preallocation,
+                                     early=early, target_size=target_size, paths=paths)
         return _result(ns, source, dst, stats, strategy="stream", fmt=res.format,
                        compression=res.compression, virtual_size=vsize,
                        final_size=final_size, start=start, preallocation=preallocation,
@@ -407,7 +364,7 @@ def _via_scratch(ctx: Context, ns: NativeSource, source: HttpSource,
 
     fd, path = tempfile.mkstemp(prefix="cdimover-scratch-", dir=scratch_dir)
     try:
-        bound = capacity if capacity is not None else _default_capacity(scratch_dir + "/x")
+        bound = capacity if capacity is not None else default_capacity(scratch_dir + "/x")
         writer = NativeWriter(ctx, fd, -1, size=bound or 0, sector=512, is_blockdev=False,
                               sparse_size=tuning.sparse_size,
                               flags=_native.const("CDM_COPY_TARGET_IS_ZERO"),

@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import tempfile
 import time
-from typing import Final
+from typing import Final, Literal
 
 from .. import argtypes
 from ..errors import Terminated
 from .clone import run_clone
-from .config import CloneConfig, ImportConfig, clone_config, get_env, import_config
+from .config import CloneConfig, ImportConfig, clone_config, get_env, import_config, \
+    upload_config
 from .importer import run_import
-from .messages import TERMINATION_LOG, Kind, failure_message, success_message, \
-    write_termination_log
+from .messages import TERMINATION_LOG, deadline_message, failure_message, \
+    scratch_required_message, success_message, write_termination_log
 
 __all__ = ["register", "DEFAULT_ADDRESS"]
+
+log = logging.getLogger("cdimover")
 
 # Where CDI's controllers scrape a pod: port 8443 on every address of the pod.  (The metrics
 # module, and with it prometheus_client and http.server, loads only when a pod command runs.)
@@ -41,7 +45,7 @@ def _cmd_pod(args: argparse.Namespace) -> int:
     """Run ``pod clone`` or ``pod import`` (ARGS.pod_command): read the configuration, serve
     the metrics, do the work, write the termination message.  Errors propagate to cli.main
     (which prints them and picks the exit status) after the failure message is written."""
-    kind: Kind = args.pod_command
+    kind: Literal["clone", "import"] = args.pod_command
     env = os.environ
     server: MetricsServer | None = None
     try:
@@ -97,6 +101,51 @@ def _cmd_pod(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
     return 0
+
+
+def _cmd_upload_server(args: argparse.Namespace) -> int:
+    """Run ``pod upload-server``: serve until an upload succeeded (exit 0, "Upload Complete"),
+    the DEADLINE passed (exit 0, "Deadline Passed"), the image needs scratch space the pod
+    lacks (exit 0, scratchSpaceRequired) or an async upload failed after its answer (exit 1)."""
+    try:
+        cfg = upload_config(os.environ, listen=args.listen, destination=args.destination)
+        from .metrics import UploadProgress, new_registry
+        from .upload import UploadServer, server_tls_context, volume_destination
+
+        tls = server_tls_context(cfg.tls_cert, cfg.tls_key, client_ca=cfg.client_ca,
+                                 min_version=cfg.tls_min_version, ciphers=cfg.tls_ciphers)
+        if cfg.client_ca is None:
+            log.warning("CLIENT_CERT_FILE is not set: uploads are accepted from any client")
+        progress = UploadProgress(cfg.owner_uid)
+        server = UploadServer(
+            volume_destination(cfg.destination, cfg.filesystem_overhead, cfg.image_size),
+            host=cfg.host, port=cfg.port, tls=tls, client_name=cfg.client_name,
+            require_client_cert=cfg.client_ca is not None, preallocation=cfg.preallocation,
+            scratch_dir=cfg.scratch_dir, progress=progress, registry=new_registry(progress),
+            deadline=cfg.deadline, idle_timeout=args.idle_timeout, linger=args.linger,
+            header_timeout=args.header_timeout, mem_limit=args.mem_limit,
+            name=cfg.destination)
+        outcome = server.run()
+    except BaseException as e:
+        write_termination_log(args.termination_log, failure_message("upload", e))
+        raise
+    if outcome == "complete":
+        write_termination_log(args.termination_log,
+                              success_message("upload", server.preallocation_applied))
+        return 0
+    if outcome == "deadline":
+        write_termination_log(args.termination_log, deadline_message())
+        return 0
+    if outcome == "scratch":
+        write_termination_log(args.termination_log,
+                              scratch_required_message(server.scratch_reason))
+        return 0
+    if outcome == "failed":
+        assert server.failure is not None
+        write_termination_log(args.termination_log, failure_message("upload", server.failure))
+        raise server.failure
+    write_termination_log(args.termination_log, failure_message("upload", Terminated()))
+    raise Terminated()
 
 
 def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
@@ -156,3 +205,31 @@ def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     i.add_argument("--endpoint", metavar="PATH_OR_URL",
                    help="the image (overrides IMPORTER_ENDPOINT)")
     i.set_defaults(func=_cmd_pod, mount_point=None)
+
+    u = pods.add_parser(
+        "upload-server", parents=[common], help="receive an upload as CDI's upload pod "
+        "(TLS_CERT_FILE, TLS_KEY_FILE, CLIENT_CERT_FILE, CLIENT_NAME, DESTINATION, ...)",
+        description="Serve CDI's upload API over HTTPS and write the uploaded RAW, "
+        "compressed RAW or QCOW2 image straight onto DESTINATION (default /data/disk.img; "
+        "a block device such as /dev/cdi-block-volume), in one pass.  Required: "
+        "TLS_CERT_FILE, TLS_KEY_FILE.  Optional: CLIENT_CERT_FILE + CLIENT_NAME (client "
+        "certificates required, CN checked), LISTEN_ADDRESS, LISTEN_PORT (0.0.0.0:8443), "
+        "TLS_MIN_VERSION (VersionTLS12), TLS_CIPHERS, UPLOAD_IMAGE_SIZE, FILESYSTEM_OVERHEAD "
+        "(0.06), PREALLOCATION, DEADLINE (RFC 3339), OWNER_UID, SCRATCH_DIR (/scratch).")
+    u.add_argument("--termination-log", default=TERMINATION_LOG, metavar="PATH",
+                   help=f"where the termination message goes (default {TERMINATION_LOG})")
+    u.add_argument("--listen", metavar="HOST:PORT",
+                   help="listen here (overrides LISTEN_ADDRESS and LISTEN_PORT)")
+    u.add_argument("--destination", metavar="PATH",
+                   help="the target volume (overrides DESTINATION)")
+    u.add_argument("--idle-timeout", type=argtypes.seconds, default=60.0, metavar="SECONDS",
+                   help="drop an upload whose body sends nothing this long (default 60)")
+    u.add_argument("--header-timeout", type=argtypes.seconds, default=10.0, metavar="SECONDS",
+                   help="close a connection without a complete request head (TLS handshake "
+                   "included) this long after it opened (default 10, as CDI's)")
+    u.add_argument("--linger", type=argtypes.seconds, default=0.0, metavar="SECONDS",
+                   help="keep answering (409 to uploads) this long after success (default 0)")
+    u.add_argument("--mem-limit", type=argtypes.size, default=0, metavar="SIZE",
+                   help="bytes a QCOW2 body may hold before the tables that place them "
+                   "(default 64Mi); past it the body is converted from SCRATCH_DIR")
+    u.set_defaults(func=_cmd_upload_server)

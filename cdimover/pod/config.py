@@ -4,7 +4,9 @@ read and checked before anything is written.  A missing or malformed variable is
 
 from __future__ import annotations
 
+import datetime
 import os
+import ssl
 import stat
 import urllib.parse
 from collections.abc import Mapping
@@ -16,11 +18,16 @@ from ..errors import ConfigurationError
 from ..io.http import HttpSource, is_url
 from ..sizing import DEFAULT_OVERHEAD, parse_overhead, parse_quantity
 
-__all__ = ["Checksum", "CloneConfig", "ImportConfig", "clone_config", "import_config",
-           "BLOCK_VOLUME", "DATA_DIR", "get_env"]
+__all__ = ["Checksum", "CloneConfig", "ImportConfig", "UploadConfig", "clone_config",
+           "import_config", "upload_config", "BLOCK_VOLUME", "DATA_DIR", "UPLOAD_DESTINATION",
+           "SCRATCH_DIR", "get_env"]
 
 BLOCK_VOLUME: Final = "/dev/cdi-block-volume"
 DATA_DIR: Final = "/data"
+UPLOAD_DESTINATION: Final = "/data/disk.img"
+"""CDI's upload server writes here unless DESTINATION says otherwise."""
+SCRATCH_DIR: Final = "/scratch"
+"""CDI's scratch volume, when the pod has one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,3 +314,107 @@ def import_config(env: Mapping[str, str], *, endpoint: str | None = None,
                         http=http)
 
 
+
+
+@dataclass(frozen=True, slots=True)
+class UploadConfig:
+    """An upload server's configuration (see :mod:`cdimover.pod.upload` for the variables)."""
+
+    host: str
+    port: int
+    tls_cert: str
+    tls_key: str
+    client_ca: str | None
+    client_name: str | None
+    tls_min_version: ssl.TLSVersion | None
+    tls_ciphers: str | None
+    destination: str
+    preallocation: bool
+    owner_uid: str
+    filesystem_overhead: str
+    image_size: int | None
+    deadline: datetime.datetime | None
+    scratch_dir: str | None
+
+
+_TLS_VERSIONS: Final = {"VersionTLS10": ssl.TLSVersion.TLSv1,
+                        "VersionTLS11": ssl.TLSVersion.TLSv1_1,
+                        "VersionTLS12": ssl.TLSVersion.TLSv1_2,
+                        "VersionTLS13": ssl.TLSVersion.TLSv1_3}
+
+
+def _deadline(env: Mapping[str, str]) -> datetime.datetime | None:
+    """DEADLINE as an aware datetime (RFC 3339), None when unset."""
+    value = get_env(env, "DEADLINE")
+    if value is None:
+        return None
+    text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise ConfigurationError(f"DEADLINE: {value!r} is not an RFC 3339 time "
+                                 f"(e.g. 2024-05-01T12:00:00Z)")
+    return when
+
+
+def _listen(env: Mapping[str, str], listen: str | None) -> tuple[str, int]:
+    """LISTEN_ADDRESS (an empty value is every address) and LISTEN_PORT, or LISTEN
+    (HOST:PORT) when given; default 0.0.0.0:8443."""
+    if listen is not None:
+        host, _, port_text = listen.rpartition(":")
+        what = "--listen"
+    else:
+        host = env.get("LISTEN_ADDRESS", "0.0.0.0").strip()
+        port_text = get_env(env, "LISTEN_PORT") or "8443"
+        what = "LISTEN_PORT"
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigurationError(f"{what}: {port_text!r} is not a port number (0 to 65535)")
+    return host, int(port_text)
+
+
+def _readable(env: Mapping[str, str], name: str, *, required: bool) -> str | None:
+    """ENV[NAME], a file that must exist."""
+    value = get_env(env, name, required=required, hint="a PEM file")
+    if value is not None and not os.path.isfile(value):
+        raise ConfigurationError(f"{name}: {value} is not a file")
+    return value
+
+
+def upload_config(env: Mapping[str, str], *, listen: str | None = None,
+                  destination: str | None = None) -> UploadConfig:
+    """Read an upload server's configuration from ENV; LISTEN (HOST:PORT) and DESTINATION
+    override LISTEN_ADDRESS/LISTEN_PORT and DESTINATION.  ConfigurationError naming the
+    variable at fault."""
+    host, port = _listen(env, listen)
+    cert = _readable(env, "TLS_CERT_FILE", required=True)
+    key = _readable(env, "TLS_KEY_FILE", required=True)
+    assert cert is not None and key is not None
+    client_ca = _readable(env, "CLIENT_CERT_FILE", required=False)
+    client_name = get_env(env, "CLIENT_NAME")
+    if client_name is not None and client_ca is None:
+        raise ConfigurationError("CLIENT_NAME: set, but CLIENT_CERT_FILE (the CA that signs "
+                                 "client certificates) is not")
+    version = get_env(env, "TLS_MIN_VERSION")
+    min_version = None
+    if version is not None:
+        if version not in _TLS_VERSIONS:
+            raise ConfigurationError(f"TLS_MIN_VERSION: {version!r} is not one of "
+                                     f"{', '.join(_TLS_VERSIONS)}")
+        min_version = _TLS_VERSIONS[version]
+    ciphers = get_env(env, "TLS_CIPHERS")
+    if ciphers is not None:
+        ciphers = ":".join(c.strip() for c in ciphers.split(",") if c.strip()) or None
+    dest = _volume_path(destination or get_env(env, "DESTINATION") or UPLOAD_DESTINATION,
+                        "DESTINATION")
+    scratch = get_env(env, "SCRATCH_DIR") or SCRATCH_DIR
+    return UploadConfig(
+        host=host, port=port, tls_cert=cert, tls_key=key, client_ca=client_ca,
+        client_name=client_name, tls_min_version=min_version, tls_ciphers=ciphers,
+        destination=dest, preallocation=_bool(env, "PREALLOCATION", required=False),
+        owner_uid=get_env(env, "OWNER_UID") or "", filesystem_overhead=_overhead(env),
+        image_size=_quantity(env, "UPLOAD_IMAGE_SIZE"), deadline=_deadline(env),
+        scratch_dir=scratch if os.path.isdir(scratch) else None)

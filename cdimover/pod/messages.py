@@ -13,13 +13,14 @@ from typing import Final, Literal
 
 from ..errors import TargetTooSmallError, Terminated
 
-__all__ = ["Kind", "success_message", "failure_message", "write_termination_log",
-           "TERMINATION_LOG", "MAX_MESSAGE", "FAILURE_PREFIX", "CLONE_COMPLETE",
-           "IMPORT_COMPLETE"]
+__all__ = ["Kind", "success_message", "failure_message", "write_termination_log", "describe",
+           "deadline_message", "scratch_required_message", "TERMINATION_LOG", "MAX_MESSAGE",
+           "FAILURE_PREFIX", "CLONE_COMPLETE", "IMPORT_COMPLETE", "UPLOAD_COMPLETE",
+           "SCRATCH_SPACE_REQUIRED"]
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["clone", "import"]
+Kind = Literal["clone", "import", "upload"]
 
 TERMINATION_LOG: Final = "/dev/termination-log"
 """Where Kubernetes reads a container's termination message."""
@@ -28,6 +29,12 @@ MAX_MESSAGE: Final = 4096
 FAILURE_PREFIX: Final = "Unable to process data: "
 CLONE_COMPLETE: Final = "Clone Complete"
 IMPORT_COMPLETE: Final = "Import Complete"
+UPLOAD_COMPLETE: Final = "Upload Complete"
+DEADLINE_PASSED: Final = "Deadline Passed"
+SCRATCH_SPACE_REQUIRED: Final = "scratch space required and none found"
+"""CDI's words for a pod that needs the scratch volume it was not given."""
+_COMPLETE: Final = {"clone": CLONE_COMPLETE, "import": IMPORT_COMPLETE,
+                    "upload": UPLOAD_COMPLETE}
 _GO_ERRNO_TEXT: Final = {errno.ENOSPC: "no space left on device",
                          errno.EDQUOT: "disk quota exceeded"}
 
@@ -42,10 +49,23 @@ def _clip(text: str) -> str:
 
 
 def success_message(kind: Kind, preallocation_applied: bool) -> str:
-    """The termination message of a successful clone or import (KIND)."""
-    return json.dumps({"message": CLONE_COMPLETE if kind == "clone" else IMPORT_COMPLETE,
+    """The termination message of a successful clone, import or upload (KIND)."""
+    return json.dumps({"message": _COMPLETE[kind],
                        "preallocationApplied": bool(preallocation_applied)},
                       separators=(",", ":"))
+
+
+def deadline_message() -> str:
+    """The termination message of an upload server whose DEADLINE passed without an upload."""
+    return json.dumps({"message": DEADLINE_PASSED, "deadlinePassed": True},
+                      separators=(",", ":"))
+
+
+def scratch_required_message(why: str) -> str:
+    """The termination message of a pod that needs scratch space (WHY: the reason, in words):
+    the controller then recreates the pod with a scratch volume."""
+    return json.dumps({"message": _clip(f"{FAILURE_PREFIX}{SCRATCH_SPACE_REQUIRED}: {why}")[
+        :MAX_MESSAGE - 64], "scratchSpaceRequired": True}, separators=(",", ":"))
 
 
 def _cancel_signal(exc: BaseException) -> str | None:
@@ -58,7 +78,7 @@ def _cancel_signal(exc: BaseException) -> str | None:
     return None
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     """EXC in words: OSErrors as ``path: reason`` with Go's spelling of ENOSPC and EDQUOT."""
     if isinstance(exc, TargetTooSmallError) and exc.required is not None \
             and exc.available is not None:
@@ -83,7 +103,7 @@ def failure_message(kind: Kind, exc: BaseException) -> str:
         text = (f"{kind} cancelled by {sig}; the target is incomplete and is replaced when the "
                 f"{kind} runs again")
     else:
-        text = _describe(exc)
+        text = describe(exc)
     return _clip(FAILURE_PREFIX + text)
 
 

@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from typing import Final, Literal
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
@@ -54,6 +54,9 @@ __all__ = [
     "IMPORT_PROGRESS",
     "self_signed_certificate",
     "ProgressCounter",
+    "UploadProgress",
+    "UPLOAD_PROGRESS",
+    "UPLOAD_RECEIVED",
     "MetricsServer",
     "parse_address",
     "new_registry",
@@ -67,6 +70,11 @@ CLONE_PROGRESS: Final = "kubevirt_cdi_clone_progress"
 """The clone progress counter's name; the exposed sample adds ``_total``."""
 IMPORT_PROGRESS: Final = "kubevirt_cdi_import_progress"
 """The import progress counter's name; the exposed sample adds ``_total``."""
+
+UPLOAD_PROGRESS: Final = "cdimover_upload_progress"
+"""cdimover's own gauge of the running upload, in percent (CDI's upload pod serves none)."""
+UPLOAD_RECEIVED: Final = "cdimover_upload_received_bytes"
+"""cdimover's own gauge of the body bytes the running upload received."""
 
 _NAMES: Final = {"clone": CLONE_PROGRESS, "import": IMPORT_PROGRESS}
 _HELP: Final = {"clone": "The clone progress in percentage",
@@ -128,6 +136,61 @@ class ProgressCounter(Collector):
     def describe(self) -> list[Metric]:
         """The family without samples, so registering does not call :meth:`collect`."""
         return [CounterMetricFamily(_NAMES[self.kind], _HELP[self.kind], labels=["ownerUID"])]
+
+
+class UploadProgress(Collector):
+    """The progress of the upload being received, labelled ``ownerUID=OWNER_UID``: two gauges,
+    percent of the body (0 until the end when its length is not told; 100 once the image is
+    complete) and body bytes received.  Each new upload starts again from 0, so they are
+    gauges, not counters.  Safe to call from any thread."""
+
+    def __init__(self, owner_uid: str) -> None:
+        self.owner_uid: Final = owner_uid
+        self._lock = threading.Lock()
+        self._percent = 0.0
+        self._received = 0
+
+    @property
+    def value(self) -> float:
+        """The current percentage."""
+        with self._lock:
+            return self._percent
+
+    def start(self) -> None:
+        """A new upload begins."""
+        with self._lock:
+            self._percent, self._received = 0.0, 0
+
+    def received(self, done: int, total: int | None) -> None:
+        """DONE body bytes of TOTAL (None: not told) received."""
+        with self._lock:
+            self._received = done
+            if total:
+                self._percent = min(max(100.0 * done / total, 0.0), 99.9)
+
+    def complete(self) -> None:
+        """The image is complete and durable."""
+        with self._lock:
+            self._percent = 100.0
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (GaugeMetricFamily(UPLOAD_PROGRESS, "The upload progress in percentage",
+                                  labels=["ownerUID"]),
+                GaugeMetricFamily(UPLOAD_RECEIVED, "Body bytes received by the upload",
+                                  labels=["ownerUID"]))
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the two gauges (called by the exposition code)."""
+        percent, received = self._families()
+        with self._lock:
+            percent.add_metric([self.owner_uid], self._percent)
+            received.add_metric([self.owner_uid], float(self._received))
+        yield percent
+        yield received
+
+    def describe(self) -> list[Metric]:
+        """The families without samples."""
+        return list(self._families())
 
 
 def new_registry(*collectors: Collector) -> CollectorRegistry:

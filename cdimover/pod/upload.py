@@ -1,0 +1,517 @@
+"""``cdimover pod upload-server``: CDI's upload pod, writing the upload straight onto the volume
+in one pass as it arrives -- RAW, gzip/xz/zstd-compressed RAW and QCOW2 -- with no scratch copy.
+
+**Routes** (as CDI's): ``GET /healthz``; ``POST /v1beta1/upload`` and ``/v1alpha1/upload``
+(sync: answered once the image is complete and durable); ``POST /v1beta1/upload-async``
+(and v1alpha1; ``HEAD`` answers 200 so that virtctl picks it): answered once the body is
+received and written, the final sync and the commit follow before the server exits;
+``POST /v1beta1/upload-form`` and ``-form-async``: multipart, the part named ``file``,
+streamed.  ``GET /metrics``: cdimover's own progress gauges (CDI's upload pod serves no
+metrics).  Other methods on these paths: 405; other paths: 404.
+
+**One upload.**  A second upload while one runs (or while an async one is committed): 503.
+After success every upload is answered 409, and the server exits with the termination
+message ``{"message":"Upload Complete","preallocationApplied":...}``.  A failed upload leaves
+no new ``disk.img`` (an existing one stays marked incomplete) and the server keeps running
+so the client can retry from byte 0.  At ``DEADLINE`` the server waits for a running upload,
+then exits with ``{"message":"Deadline Passed","deadlinePassed":true}`` unless it succeeded.
+
+**Answers.**  The image's size is checked before anything is written: a RAW body whose
+``Content-Length`` exceeds the volume's usable space, or a QCOW2 whose virtual size does (its
+header is the first thing in the body), is answered 400 with CDI's text "effective image size
+is larger than the reported available storage"; so is ENOSPC or EDQUOT later.  A client that
+sends no byte for ``--idle-timeout`` seconds (default 60) is answered 408 and dropped; other
+failures 500.  The bodies are "Saving stream failed: <reason>", as CDI's.
+
+**Scratch.**  A QCOW2 that needs more than the 64 MiB reorder bound (data before the tables
+that place it: images grown by ``qemu-img resize``, internal snapshots) is converted from a
+copy of the body kept in ``SCRATCH_DIR`` (default ``/scratch``) when that directory exists;
+without it the upload is answered 500 and the server exits with CDI's
+``{"scratchSpaceRequired":true}`` convention, so the controller recreates the pod with a
+scratch volume.  RAW bodies are never copied to scratch.
+
+**Timeouts.**  TLS handshake and request head: 10 s from the connection (CDI's only timeout,
+``ReadHeaderTimeout``); between requests of a kept-alive connection: 10 s; between two pieces
+of a body: ``--idle-timeout``.  A stalled client never pins the server.
+
+**Memory.**  The body is read in pieces of up to 1 MiB; one piece is decoded (in a worker
+thread) while the next is read, and reading pauses while both are held, so the server holds
+a few MiB of body at most, whatever its size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import errno
+import logging
+import os
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from aiohttp import web
+from aiohttp.multipart import BodyPartReader
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from ..errors import ConfigurationError, TargetTooSmallError
+from ..io.detect import HEAD_SIZE
+from ..io.endpoints import Place
+from ..ops.sink import StreamSink, is_memory_limit
+from .messages import SCRATCH_SPACE_REQUIRED, describe
+from .metrics import UploadProgress
+
+__all__ = ["UploadServer", "Destination", "Prepared", "Outcome", "server_tls_context",
+           "HEADER_TIMEOUT", "IDLE_TIMEOUT", "SYNC_PATHS", "ASYNC_PATHS", "FORM_PATHS",
+           "FORM_ASYNC_PATHS"]
+
+log = logging.getLogger("cdimover")
+
+HEADER_TIMEOUT: Final = 10.0
+"""Seconds from a connection to its complete request head (TLS handshake included)."""
+IDLE_TIMEOUT: Final = 60.0
+"""Default seconds a body may go without a byte before the upload is dropped."""
+LINGER: Final = 2.0
+"""Seconds the rest of a refused body is read and dropped before the connection closes."""
+PIECE: Final = 1 << 20
+"""Body bytes decoded at a time."""
+SYNC_PATHS: Final = ("/v1beta1/upload", "/v1alpha1/upload")
+ASYNC_PATHS: Final = ("/v1beta1/upload-async", "/v1alpha1/upload-async")
+FORM_PATHS: Final = ("/v1beta1/upload-form", "/v1alpha1/upload-form")
+FORM_ASYNC_PATHS: Final = ("/v1beta1/upload-form-async", "/v1alpha1/upload-form-async")
+_NO_ROOM: Final = "effective image size is larger than the reported available storage"
+
+Outcome = Literal["complete", "deadline", "scratch", "failed", "stopped"]
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Where one upload goes: TARGET (a path or Place), the most the image may occupy, the
+    size a file grows to, and a descriptor to close afterwards (-1: none)."""
+
+    target: str | Place
+    capacity: int
+    target_size: int | None = None
+    close_fd: int = -1
+
+
+Destination = Callable[[], Prepared]
+"""Called at the start of each upload (the volume's free space is measured then)."""
+
+
+class UploadError(Exception):
+    """An upload refused or failed: the HTTP status and the reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def server_tls_context(cert: str, key: str, *, client_ca: str | None = None,
+                       min_version: ssl.TLSVersion | None = None,
+                       ciphers: str | None = None) -> ssl.SSLContext:
+    """The server's TLS context: CERT and KEY (PEM); client certificates verified against
+    CLIENT_CA when a client presents one (none required at the TLS level, as CDI's
+    VerifyClientCertIfGiven); MIN_VERSION (default TLS 1.2); CIPHERS (OpenSSL names, for
+    TLS 1.2 and below).  ConfigurationError naming the variable at fault."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = min_version or ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigurationError(f"TLS_CERT_FILE/TLS_KEY_FILE: cannot load {cert} and {key}: "
+                                 f"{getattr(e, 'reason', None) or e}") from None
+    if ciphers:
+        try:
+            ctx.set_ciphers(ciphers)
+        except ssl.SSLError:
+            raise ConfigurationError(f"TLS_CIPHERS: none of {ciphers!r} is a cipher this "
+                                     f"build of OpenSSL knows") from None
+    if client_ca:
+        try:
+            ctx.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigurationError(f"CLIENT_CERT_FILE: cannot load {client_ca}: "
+                                     f"{getattr(e, 'reason', None) or e}") from None
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+def _common_name(peercert: Any) -> str | None:
+    """The subject CN of a verified peer certificate (ssl's getpeercert() dict)."""
+    for rdn in peercert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+class _Body:
+    """A request body read piece by piece, each read bounded by the idle timeout."""
+
+    def __init__(self, read: Callable[[], Awaitable[bytes]], idle: float,
+                 length: int | None) -> None:
+        self._read = read
+        self._idle = idle
+        self.length = length
+        self.received = 0
+        self._held = b""
+        self._eof = False
+
+    async def _more(self) -> bytes:
+        try:
+            data = await asyncio.wait_for(self._read(), self._idle)
+        except asyncio.TimeoutError:
+            raise UploadError(408, f"no body byte for {self._idle:g} s: the upload was "
+                              f"dropped; send it again") from None
+        except (ConnectionError, web.HTTPException) as e:
+            raise UploadError(400, f"the body ended early ({e}); send it again") from None
+        except Exception as e:     # aiohttp's payload errors (truncated body, bad chunking)
+            raise UploadError(400, f"the body could not be read ({type(e).__name__}: {e}); "
+                              f"send it again") from None
+        self.received += len(data)
+        if not data:
+            self._eof = True
+        return data
+
+    async def piece(self, least: int = PIECE) -> bytes:
+        """The next LEAST bytes (fewer at the end; b"" once the body is over)."""
+        parts = [self._held] if self._held else []
+        have = len(self._held)
+        self._held = b""
+        while have < least and not self._eof:
+            data = await self._more()
+            parts.append(data)
+            have += len(data)
+        out = b"".join(parts)
+        if self._eof and self.length is not None and self.received < self.length:
+            raise UploadError(400, f"the body ended after {self.received} of {self.length} "
+                              f"bytes; send it again")
+        return out
+
+
+class UploadServer:
+    """The upload server: serve until an upload succeeded, the deadline passed, a scratch
+    volume is needed or a signal came; :meth:`run` returns which (an :data:`Outcome`)."""
+
+    def __init__(self, destination: Destination, *, host: str, port: int,
+                 tls: ssl.SSLContext | None, client_name: str | None,
+                 require_client_cert: bool, preallocation: bool, scratch_dir: str | None,
+                 progress: UploadProgress, registry: CollectorRegistry,
+                 deadline: datetime.datetime | None = None, idle_timeout: float = IDLE_TIMEOUT,
+                 header_timeout: float = HEADER_TIMEOUT, linger: float = 0.0,
+                 mem_limit: int = 0, name: str = "upload") -> None:
+        self._destination = destination
+        self._host, self._port = host, port
+        self._tls = tls
+        self._client_name = client_name
+        self._require_cert = require_client_cert
+        self._prealloc = "falloc" if preallocation else "off"
+        self._scratch = scratch_dir
+        self._progress = progress
+        self._registry = registry
+        self._deadline = deadline
+        self._idle = idle_timeout
+        self._header_timeout = header_timeout
+        self._linger = linger
+        self._mem_limit = mem_limit
+        self._name = name
+        self._busy = False
+        self._done = False
+        self.preallocation_applied = False
+        self.outcome: Outcome = "stopped"
+        self.failure: BaseException | None = None
+        self.scratch_reason = ""
+        self.port = 0
+        self._finished: asyncio.Event | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "cdimover-upload")
+        self._waiting_head: set[Any] = set()
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self, ready: Callable[[int], None] | None = None) -> Outcome:
+        """Serve until the end; READY(port) is called once the server listens."""
+        try:
+            return asyncio.run(self._serve(ready))
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _end(self, outcome: Outcome) -> None:
+        if self._finished is not None and not self._finished.is_set():
+            self.outcome = outcome
+            self._finished.set()
+
+    async def _serve(self, ready: Callable[[int], None] | None) -> Outcome:
+        import signal
+
+        loop = asyncio.get_running_loop()
+        self._finished = asyncio.Event()
+        app = web.Application(middlewares=[self._middleware], client_max_size=1 << 20)
+        for path in SYNC_PATHS + ASYNC_PATHS + FORM_PATHS + FORM_ASYNC_PATHS:
+            app.router.add_route("POST", path, self._handler(path))
+        for path in ASYNC_PATHS + FORM_ASYNC_PATHS:
+            app.router.add_route("HEAD", path, self._head)
+        app.router.add_get("/healthz", self._healthz, allow_head=True)
+        app.router.add_get("/metrics", self._metrics, allow_head=True)
+        # lingering_time: after an answer sent before the body's end (a refusal), what is left
+        # of the body is read and dropped this long, so the client sees the answer rather
+        # than a reset; then the connection is closed.
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=self._header_timeout,
+                               handler_cancellation=False, lingering_time=LINGER)
+        await runner.setup()
+        handlers = runner.server
+        assert handlers is not None
+
+        def factory() -> Any:
+            proto = handlers()
+            self._waiting_head.add(proto)
+            loop.call_later(self._header_timeout, self._head_overdue, proto)
+            return proto
+
+        server = await loop.create_server(
+            factory, self._host or None, self._port, ssl=self._tls, reuse_address=True,
+            backlog=128, ssl_handshake_timeout=self._header_timeout if self._tls else None)
+        self.port = int(server.sockets[0].getsockname()[1])
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._end, "stopped")
+        deadline_task = asyncio.create_task(self._watch_deadline())
+        log.info("upload server listening on %s:%d", self._host or "*", self.port)
+        if ready is not None:
+            ready(self.port)
+        try:
+            await self._finished.wait()
+            if self.outcome == "complete" and self._linger > 0:
+                await asyncio.sleep(self._linger)
+        finally:
+            deadline_task.cancel()
+            server.close()
+            await runner.cleanup()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        return self.outcome
+
+    def _head_overdue(self, proto: Any) -> None:
+        """A connection that has not sent a complete request head in time is closed."""
+        if proto in self._waiting_head:
+            self._waiting_head.discard(proto)
+            transport = getattr(proto, "transport", None)
+            if transport is not None and not transport.is_closing():
+                log.info("closing a connection that sent no request in %g s",
+                         self._header_timeout)
+                transport.close()
+
+    async def _watch_deadline(self) -> None:
+        if self._deadline is None:
+            return
+        delay = (self._deadline - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+        await asyncio.sleep(max(delay, 0.0))
+        while self._busy:
+            log.info("deadline passed; waiting for the running upload")
+            await asyncio.sleep(0.5)
+        if not self._done:
+            log.info("deadline passed without an upload; exiting")
+            self._end("deadline")
+
+    # -- routes -----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                          ) -> web.StreamResponse:
+        self._waiting_head.discard(request.protocol)
+        return await handler(request)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    async def _head(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _authorized(self, request: web.Request) -> bool:
+        if not self._require_cert:
+            return True
+        transport = request.transport
+        peer = transport.get_extra_info("peercert") if transport is not None else None
+        if not peer:
+            return False
+        return self._client_name is None or _common_name(peer) == self._client_name
+
+    def _handler(self, path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        form = path in FORM_PATHS + FORM_ASYNC_PATHS
+        is_async = path in ASYNC_PATHS + FORM_ASYNC_PATHS
+
+        async def handle(request: web.Request) -> web.Response:
+            return await self._upload(request, form=form, is_async=is_async)
+        return handle
+
+    async def _upload(self, request: web.Request, *, form: bool,
+                      is_async: bool) -> web.Response:
+        if not self._authorized(request):
+            log.warning("refused an upload without the expected client certificate")
+            return web.Response(status=401)
+        if self._busy:
+            log.warning("refused a concurrent upload")
+            return web.Response(status=503)
+        if self._done:
+            log.warning("refused an upload after the upload completed")
+            return web.Response(status=409)
+        self._busy = True
+        loop = asyncio.get_running_loop()
+        sink: StreamSink | None = None
+        prepared: Prepared | None = None
+        committing = False
+        try:
+            body = await self._open_body(request, form)
+            self._progress.start()
+            head = await body.piece(HEAD_SIZE)
+            prepared = await loop.run_in_executor(self._pool, self._destination)
+            pr = prepared
+            sink = await loop.run_in_executor(self._pool, lambda: StreamSink(
+                pr.target, head, length=body.length, capacity=pr.capacity, name=self._name,
+                scratch_dir=self._scratch, preallocation=self._prealloc,
+                target_size=pr.target_size, mem_limit=self._mem_limit))
+            await self._pump(sink, body, head)
+            await loop.run_in_executor(self._pool, sink.finish_body)
+            if is_async:
+                committing = True
+                asyncio.create_task(self._commit(sink, prepared))
+                sink = prepared = None
+                log.info("body received and written; committing in the background")
+                return web.Response(text="")
+            result = await loop.run_in_executor(self._pool, sink.complete)
+            self._succeeded(result.preallocation_applied, result.virtual_size)
+            return web.Response(text="")
+        except BaseException as e:
+            return await self._failed(e, sink)
+        finally:
+            if prepared is not None and prepared.close_fd >= 0:
+                os.close(prepared.close_fd)
+            if not committing:
+                self._busy = False
+
+    async def _open_body(self, request: web.Request, form: bool) -> _Body:
+        if not form:
+            return _Body(request.content.readany, self._idle, request.content_length)
+        try:
+            reader = await asyncio.wait_for(request.multipart(), self._idle)
+            while True:
+                part = await asyncio.wait_for(reader.next(), self._idle)
+                if part is None:
+                    raise UploadError(400, "the form has no part named 'file'")
+                if isinstance(part, BodyPartReader) and part.name == "file":
+                    break
+                log.info("ignoring the form part %r", getattr(part, "name", None))
+                await asyncio.wait_for(part.release(), self._idle)
+        except asyncio.TimeoutError:
+            raise UploadError(408, f"no body byte for {self._idle:g} s") from None
+        except (ValueError, AssertionError, KeyError) as e:
+            raise UploadError(400, f"not a multipart form ({e})") from None
+        file_part = part
+        return _Body(lambda: file_part.read_chunk(PIECE), self._idle, None)
+
+    async def _pump(self, sink: StreamSink, body: _Body, head: bytes) -> None:
+        """Push the body into SINK: one piece decoded in the worker while the next is read."""
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future[None] | None = loop.run_in_executor(self._pool, sink.push, head)
+        try:
+            while True:
+                data = await body.piece()
+                if pending is not None:
+                    done, pending = pending, None
+                    await done
+                self._progress.received(body.received, body.length)
+                if not data:
+                    return
+                pending = loop.run_in_executor(self._pool, sink.push, data)
+        finally:
+            if pending is not None:
+                await asyncio.wait([pending])
+
+    async def _commit(self, sink: StreamSink, prepared: Prepared) -> None:
+        """The end of an async upload: durable and committed, then the server exits (a
+        failure here ends it too, as CDI's does: the body is gone)."""
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self._pool, sink.complete)
+            self._succeeded(result.preallocation_applied, result.virtual_size)
+        except BaseException as e:
+            log.error("the async upload failed after its body was received: %s", describe(e))
+            await loop.run_in_executor(self._pool, sink.abort)
+            self.failure = e
+            self._end("failed")
+        finally:
+            if prepared.close_fd >= 0:
+                os.close(prepared.close_fd)
+            self._busy = False
+
+    def _succeeded(self, preallocation_applied: bool, size: int) -> None:
+        self._done = True
+        self.preallocation_applied = preallocation_applied
+        self._progress.complete()
+        log.info("upload complete: %d bytes written to %s", size, self._name)
+        self._end("complete")
+
+    async def _failed(self, exc: BaseException, sink: StreamSink | None) -> web.Response:
+        if sink is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, sink.abort)
+        if isinstance(exc, asyncio.CancelledError):
+            raise exc
+        status, text = _answer(exc)
+        if sink is None or not is_memory_limit(exc) or self._scratch is not None:
+            log.error("upload failed (%d): %s", status, text)
+        if is_memory_limit(exc) and self._scratch is None:
+            self.scratch_reason = str(exc)
+            text = f"{SCRATCH_SPACE_REQUIRED}: {exc}"
+            log.error("upload failed: %s; exiting for a pod with scratch space", text)
+            self._end("scratch")
+        if not isinstance(exc, Exception):
+            raise exc
+        return web.Response(status=status, text=f"Saving stream failed: {text}")
+
+
+def _answer(exc: BaseException) -> tuple[int, str]:
+    """The status and the reason for a failed upload, as CDI's upload server words them."""
+    if isinstance(exc, UploadError):
+        return exc.status, str(exc)
+    if isinstance(exc, TargetTooSmallError) or (
+            isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return 400, f"{_NO_ROOM}: {describe(exc)}"
+    return 500, describe(exc)
+
+
+def volume_destination(path: str, filesystem_overhead: str,
+                       image_size: int | None) -> Destination:
+    """Uploads onto the CDI volume PATH (a directory: its ``disk.img``; a block device):
+    capacity by CDI's overhead formula, measured at each upload; a ``disk.img`` grown to
+    min(IMAGE_SIZE, usable space)."""
+    def prepare() -> Prepared:
+        from ..cdi.volume import BLOCK, Volume, target_place
+
+        vol = Volume.open(path, filesystem_overhead)
+        grow = None
+        if image_size is not None and vol.mode != BLOCK:
+            grow = min(image_size, vol.capacity)
+        place, dir_fd = target_place(vol)
+        return Prepared(target=place, capacity=vol.capacity, target_size=grow, close_fd=dir_fd)
+    return prepare
+
+
+def path_destination(path: str) -> Destination:
+    """Uploads onto the file or block device PATH: capacity the device's size, or the free
+    space of the file's filesystem."""
+    def prepare() -> Prepared:
+        from ..ops.sink import default_capacity
+
+        capacity = default_capacity(path)
+        if capacity is None:
+            raise OSError(errno.ENOENT, "cannot measure the free space for", path)
+        return Prepared(target=path, capacity=capacity)
+    return prepare
