@@ -184,11 +184,9 @@ def import_url(source: HttpSource | str, target: str | os.PathLike[str] | Place,
             args = dict(target_is_zero=target_is_zero, preallocation=prealloc,
                         target_size=target_size, capacity=capacity, progress=progress,
                         tuning=tuning, start=start, checksum=checksum)
-            if pr.info.ranges and pr.info.size is not None and pr.format == "qcow2" \
-                    and checksum is None and pr.image is not None:
-                return _convert_ranges(ctx, ns, source, pr, target, **args)  # type: ignore[arg-type]
-            if pr.info.ranges and pr.info.size is not None and pr.format == "raw":
-                return _copy_ranges(ctx, ns, source, pr, target, **args)  # type: ignore[arg-type]
+            ranges = pr.info.ranges and pr.info.size is not None
+            if ranges and (pr.format == "raw" or (pr.image is not None and checksum is None)):
+                return _by_ranges(ctx, ns, source, pr, target, **args)  # type: ignore[arg-type]
             try:
                 return _stream(ctx, ns, source, pr, target, source_format=source_format,
                                mem_limit=mem_limit, **args)  # type: ignore[arg-type]
@@ -237,56 +235,45 @@ def _finish(ctx: Context, dst: Target, virtual_size: int, final_size: int, preal
     dst.commit()
 
 
-def _convert_ranges(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
-                    target: str | os.PathLike[str] | Place, *, target_is_zero: bool,
-                    preallocation: str, target_size: int | None, capacity: int | None,
-                    progress: ProgressFn | None, tuning: Tuning, start: float,
-                    checksum: Checksum | None) -> ImportResult:
-    assert pr.image is not None
-    vsize = pr.image.virtual_size
-    _check_capacity(source.display_url, "the qcow2 image's virtual size", vsize, capacity)
+def _by_ranges(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
+               target: str | os.PathLike[str] | Place, *, target_is_zero: bool,
+               preallocation: str, target_size: int | None, capacity: int | None,
+               progress: ProgressFn | None, tuning: Tuning, start: float,
+               checksum: Checksum | None) -> ImportResult:
+    """The ranges strategy: a QCOW2 (PR.image set; never with a checksum) converted, or a RAW
+    file copied and hashed in offset order."""
+    qcow2 = pr.image is not None
+    if pr.image is not None:
+        vsize, what = pr.image.virtual_size, "the qcow2 image's virtual size"
+    else:
+        assert pr.info.size is not None
+        vsize, what = pr.info.size, "the raw image"
+    _check_capacity(source.display_url, what, vsize, capacity)
     final_size = final_size_for(vsize, target_size)
     need = room_needed(final_size, preallocation, None)
     with open_target(target, vsize, ctx=ctx, need=need) as dst:
         paths = (source.display_url, dst.path)
-        opts = target_opts(dst, vsize, scan_method=ScanMethod.QCOW2,
-                           target_is_zero=target_is_zero, preallocation=preallocation,
-                           tuning=tuning)
+        opts = target_opts(dst, vsize, scan_method=ScanMethod.QCOW2 if qcow2
+                           else ScanMethod.FULL_READ, target_is_zero=target_is_zero,
+                           preallocation=preallocation, tuning=tuning)
         stats = _native.new_stats()
-        try:
-            ns.qcow2_convert(ctx, dst.fd, opts, stats, progress=progress, paths=paths)
-        except ImageFormatError as e:
-            raise type(e)(f"{source.display_url}: {e}") from None
+        digest = b""
+        if qcow2:
+            try:
+                ns.qcow2_convert(ctx, dst.fd, opts, stats, progress=progress, paths=paths)
+            except ImageFormatError as e:
+                raise type(e)(f"{source.display_url}: {e}") from None
+        else:
+            digest = ns.copy(ctx, dst.fd, opts, stats,
+                             hash=checksum.algorithm if checksum else "", progress=progress,
+                             paths=paths).digest
+            _verify(checksum, digest, source.display_url)
         _finish(ctx, dst, vsize, final_size, preallocation, stats, paths)
-        return _result(ns, source, dst, stats, strategy="ranges", fmt="qcow2",
-                       compression="none", virtual_size=vsize, final_size=final_size,
-                       start=start, preallocation=preallocation, checksum=None, digest=b"")
-
-
-def _copy_ranges(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
-                 target: str | os.PathLike[str] | Place, *, target_is_zero: bool,
-                 preallocation: str, target_size: int | None, capacity: int | None,
-                 progress: ProgressFn | None, tuning: Tuning, start: float,
-                 checksum: Checksum | None) -> ImportResult:
-    assert pr.info.size is not None
-    size = pr.info.size
-    _check_capacity(source.display_url, "the raw image", size, capacity)
-    final_size = final_size_for(size, target_size)
-    need = room_needed(final_size, preallocation, None)
-    with open_target(target, size, ctx=ctx, need=need) as dst:
-        paths = (source.display_url, dst.path)
-        opts = target_opts(dst, size, scan_method=ScanMethod.FULL_READ,
-                           target_is_zero=target_is_zero, preallocation=preallocation,
-                           tuning=tuning)
-        stats = _native.new_stats()
-        res = ns.copy(ctx, dst.fd, opts, stats, hash=checksum.algorithm if checksum else "",
-                      progress=progress, paths=paths)
-        _verify(checksum, res.digest, source.display_url)
-        _finish(ctx, dst, size, final_size, preallocation, stats, paths)
-        return _result(ns, source, dst, stats, strategy="ranges", fmt="raw",
-                       compression="none", virtual_size=size, final_size=final_size,
-                       start=start, preallocation=preallocation, checksum=checksum,
-                       digest=res.digest)
+        return _result(ns, source, dst, stats, strategy="ranges",
+                       fmt="qcow2" if qcow2 else "raw", compression="none",
+                       virtual_size=vsize, final_size=final_size, start=start,
+                       preallocation=preallocation, checksum=None if qcow2 else checksum,
+                       digest=digest)
 
 
 def _stream(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
