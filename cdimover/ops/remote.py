@@ -43,7 +43,7 @@ from ..io.http import HttpSource
 from ..types import PREALLOCATION_MODES, CopyResult, ScanMethod
 from .copy import Tuning, final_size_for, grow_target, make_result, room_needed, target_opts
 from .prealloc import preallocation_mode
-from .sink import complete_stream, default_capacity, is_device, open_stream_writer
+from .sink import complete_stream, default_capacity, is_device, is_memory_limit, open_stream_writer
 
 __all__ = ["import_url", "ImportResult", "Checksum", "parse_checksum", "probe_url"]
 
@@ -175,12 +175,9 @@ def import_url(source: HttpSource | str, target: str | os.PathLike[str] | Place,
     ctx = context or Context()
     own_source = probed is None
     try:
-        if probed is None:
-            ns = source.open(ctx)
-            pr = probe_url(ctx, ns, source, source_format)
-        else:
-            ns, pr = probed
+        ns = source.open(ctx) if probed is None else probed[0]
         try:
+            pr = probe_url(ctx, ns, source, source_format) if probed is None else probed[1]
             args = dict(target_is_zero=target_is_zero, preallocation=prealloc,
                         target_size=target_size, capacity=capacity, progress=progress,
                         tuning=tuning, start=start, checksum=checksum)
@@ -191,7 +188,7 @@ def import_url(source: HttpSource | str, target: str | os.PathLike[str] | Place,
                 return _stream(ctx, ns, source, pr, target, source_format=source_format,
                                mem_limit=mem_limit, **args)  # type: ignore[arg-type]
             except UnsupportedImageError as e:
-                if scratch_dir is None or "memory limit" not in str(e):
+                if scratch_dir is None or not is_memory_limit(e):
                     raise
                 log.warning("%s; downloading it to %s first", e, scratch_dir)
             return _via_scratch(ctx, ns, source, target, scratch_dir, source_format=source_format,
