@@ -32,6 +32,14 @@ Scenarios (default: all but file2blk-dirty):
                     arguments, `qemu-img convert` of the QCOW2 over NBD)  (optional)
     http-xz         the RAW source compressed with `xz -T0 -3`, served by nginx -> file:
                     cdimover (one streamed GET) vs `curl | xz -dc | dd conv=sparse`  (optional)
+    upload-qcow2    the source as QCOW2 (64 KiB clusters) uploaded over HTTPS on 127.0.0.1 with
+                    `curl -T` -> file and -> fresh loop device: cdimover's upload server
+                    (`serve-upload`, sync route) vs CDI's route emulated: nginx storing the
+                    body in a scratch file (DAV PUT), then `qemu-img convert -O raw`
+                    (optional)
+    upload-raw      the RAW source uploaded the same way -> file: cdimover's upload server vs
+                    `curl -T` to nginx writing the body to disk (DAV PUT) + `sync -d`
+                    (optional)
 
 The source is a virtual disk of SIZE bytes: 25 % data in scattered 1-8 MiB extents (random,
 log-like text and repeated blocks mixed, about 2:1 for zlib), 10 % zeros written as data, the
@@ -70,6 +78,16 @@ falloc and full <= 0.5 x dd's, the backing file >= SIZE allocated after cdimover
 provisioned) and reading as zeros; copy with preallocation="full" <= 0.8 x qemu-img's,
 bytes verified and the target >= SIZE allocated.  cdimover's QCOW2 conversions run through
 bench/_cdm_convert.py, its blank disks through bench/_cdm_prealloc.py.
+
+Upload scenarios: cdimover runs through bench/_cdm_upload.py (server started, through the
+_spawn launcher for its own peak RSS, then curl, then the server's exit: the sync route
+answers once the image is durable; the server's start-up is inside the measured wall time);
+the peers PUT to nginx over HTTPS with the same curl (`-T`, streamed from disk), nginx
+(`dav_methods PUT`, `client_max_body_size 0`, its body temp files beside the destination)
+renames the body into place; the QCOW2 peer then runs qemu-img as in qcow2, and both peers
+`sync -d` their output.  A self-signed certificate for 127.0.0.1 is made with openssl.
+Targets: upload-qcow2 (file and device) <= 0.5 x the CDI route's time, the server's peak
+RSS <= 96 MiB; upload-raw throughput >= 0.8 x curl to nginx (time <= 1.25 x).
 
 HTTP scenarios: nginx (Debian nginx-light) runs as a child of the runner with its own
 configuration in the scratch directory (daemon off, master_process off, 127.0.0.1 on a free
@@ -121,6 +139,7 @@ CDM_RUNNER = HERE / "_cdm_copy.py"
 CDM_CONVERT = HERE / "_cdm_convert.py"
 CDM_PREALLOC = HERE / "_cdm_prealloc.py"
 CDM_IMPORT = HERE / "_cdm_import.py"
+CDM_UPLOAD = HERE / "_cdm_upload.py"
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 ALIGN = 4096
@@ -132,7 +151,7 @@ HASH_LIMIT = 16 * GiB          # beyond this, verify by sparse-aware comparison,
 DEFAULT_SCENARIOS = ["blk2file", "blkfull2file", "file2blk", "blk2blk", "ext4", "xfs",
                      "scaling", "memcg"]
 ALL_SCENARIOS = DEFAULT_SCENARIOS + ["file2blk-dirty", "qcow2", "qcow2-compressed", "prealloc",
-                                     "http-qcow2", "http-xz"]
+                                     "http-qcow2", "http-xz", "upload-qcow2", "upload-raw"]
 
 # Targets from the issue: scenario -> max ratio of cdimover's median wall time to the best peer's.
 RATIO_TARGETS = {"blk2file": 0.5, "blkfull2file": 0.9, "file2blk": 0.8, "blk2blk": 0.5,
@@ -1140,6 +1159,10 @@ def describe(scenario: str) -> str:
         "http-qcow2": "QCOW2 (64 KiB clusters) over HTTP (nginx, ranges) -> file",
         "http-qcow2-blk": "QCOW2 (64 KiB clusters) over HTTP (nginx, ranges) -> fresh loop device",
         "http-xz": f"RAW compressed with xz -T0 {XZ_LEVEL} over HTTP (nginx) -> file",
+        "upload-qcow2": "QCOW2 (64 KiB clusters) uploaded over HTTPS (curl -T) -> file",
+        "upload-qcow2-blk": "QCOW2 (64 KiB clusters) uploaded over HTTPS (curl -T) -> fresh "
+                            "loop device",
+        "upload-raw": "RAW uploaded over HTTPS (curl -T) -> file",
     }[scenario]
 
 
@@ -1756,13 +1779,19 @@ def http_checks(b: Bench, scenario: str, samples: list[Sample], served: int | No
                 f"{(worst or 0) / served:.3f}")
 
 
+def scenario_dir(b: Bench, res: Resources, name: str) -> Path:
+    """A new directory NAME in the scratch directory, removed with everything in it by RES."""
+    d = b.workdir / name
+    d.mkdir()
+    res.callback(shutil.rmtree, d, True)
+    return d
+
+
 def http_scenario(b: Bench, scenario: str) -> None:
     size = b.layout.size
     image, h = b.ensure_image()
     with Resources().scoped() as res:
-        www = b.workdir / "www"
-        www.mkdir()
-        res.callback(shutil.rmtree, www, True)
+        www = scenario_dir(b, res, "www")
         srv = Nginx(res, b.workdir / "nginx", www)
         http_versions(b)
         scratch = b.workdir / "scratch.qcow2"
@@ -1827,6 +1856,106 @@ def http_scenario(b: Bench, scenario: str) -> None:
                 f"not measured: cdimover {cdm.verified}, curl|xz|dd {dd.verified}")
         http_checks(b, scenario, samples, None)
         b.emit(api_line(samples))
+
+
+class DavNginx(Nginx):
+    """Nginx over HTTPS (CERT, KEY) whose ROOT takes PUT requests (the DAV module): the body
+    is received into a temp file beside ROOT and renamed into place."""
+
+    def __init__(self, res: Resources, d: Path, root: Path, cert: Path, key: Path) -> None:
+        self.cert, self.key = cert, key
+        super().__init__(res, d, root)
+
+    def conf(self) -> str:
+        base = super().conf()
+        base = base.replace(f"listen {LOCALHOST}:{self.port};",
+                            f"listen {LOCALHOST}:{self.port} ssl;\n"
+                            f"        ssl_certificate {self.cert};\n"
+                            f"        ssl_certificate_key {self.key};\n"
+                            f"        client_max_body_size 0;")
+        base = base.replace(f"client_body_temp_path {self.dir}/client_body_temp;",
+                            f"client_body_temp_path {self.root}/.client_body_temp;")
+        return base.replace("location / { }",
+                            "location / { dav_methods PUT; create_full_put_path on; }")
+
+    def url(self, name: str) -> str:
+        return f"https://{LOCALHOST}:{self.port}/{name}"
+
+
+UPLOAD_QCOW2_TARGET = 0.5        # x the CDI route's wall time
+UPLOAD_RAW_TARGET = 1.25         # x curl->nginx's wall time (throughput >= 0.8 x)
+UPLOAD_RSS_LIMIT = 96 * MiB      # the upload server's own peak RSS
+
+
+def upload_scenario(b: Bench, scenario: str) -> None:
+    size = b.layout.size
+    image, h = b.ensure_image()
+    with Resources().scoped() as res:
+        d = scenario_dir(b, res, "upload")
+        cert, key = d / "server.pem", d / "server.key"
+        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+             "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)])
+        srv = DavNginx(res, b.workdir / "nginx", b.workdir, cert, key)
+        http_versions(b)
+        curl = ["curl", "-sS", "--fail", "--cacert", str(cert), "-o", "/dev/null", "-T"]
+
+        def cdm(src: Path) -> Tool:
+            argv = [sys.executable, str(CDM_UPLOAD), str(src), "{DST}", "--cert", str(cert),
+                    "--key", str(key)] + (["--spawn", SPAWN] if SPAWN else [])
+            return Tool("cdimover", argv, is_cdm=True)
+
+        scratch = b.workdir / "scratch.qcow2"
+        if scenario == "upload-qcow2":
+            q = make_qcow2(b, res, image, "upload/source.qcow2", ["-o", "cluster_size=65536"])
+            cases = (("upload-qcow2", False), ("upload-qcow2-blk", True))
+        else:
+            q = image
+            cases = (("upload-raw", False),)
+        for sc, dev in cases:
+            if scenario == "upload-qcow2":
+                qemu = qemu_to_raw(str(scratch), "{DST}", dst_is_dev=dev).argv
+                store = [*curl, str(q), srv.url(scratch.name)]
+                peer = Tool("curl>nginx+qemu-img",
+                            ["sh", "-c", f"{shlex.join(store)} && {shlex.join(qemu)}"],
+                            sync="{DST}")
+            else:
+                peer = Tool("curl>nginx", [*curl, str(q), srv.url("target.img")],
+                            sync="{DST}")
+            prep = loop_target(b, size) if dev else file_target(b)
+
+            def prepared(r: Resources, prep: Callable[[Resources], tuple[str, str]] = prep
+                         ) -> tuple[str, str]:
+                r.callback(lambda: scratch.unlink(missing_ok=True))
+                return prep(r)
+            samples = run_rounds(b, sc, [cdm(q), peer], size, h, prepared)
+            rows = summarize(samples)
+            by = {r.case: r for r in rows}
+            c, p = by["cdimover"], by[peer.name]
+            b.emit("\n" + table(b, f"== {sc}: {describe(sc)}", rows, p.wall if p.n_ok else None))
+            lim = UPLOAD_QCOW2_TARGET if scenario == "upload-qcow2" else UPLOAD_RAW_TARGET
+            if c.n_ok and p.n_ok:
+                ratio = c.wall / p.wall
+                b.emit(f"cdimover/{peer.name} = {ratio:.3f}"
+                       + (f"; throughput {size / c.wall / MiB:.0f} vs "
+                          f"{size / p.wall / MiB:.0f} MiB/s (virtual bytes per second) = "
+                          f"{p.wall / c.wall:.3f}" if scenario == "upload-raw" else ""))
+                b.check(sc, f"time <= {lim} x {peer.name}'s", ratio <= lim, f"{ratio:.3f}")
+            else:
+                b.check(sc, f"time <= {lim} x {peer.name}'s", None, "not measured")
+            rss = [s.cdm["server_maxrss"] for s in samples
+                   if s.case == "cdimover" and s.ok and s.cdm]
+            worst = max(rss, default=0)
+            b.check(sc, "upload server peak RSS <= 96 MiB", bool(rss) and 0 < worst
+                    <= UPLOAD_RSS_LIMIT, f"max {worst / MiB:.1f} MiB (the measured tree "
+                    f"{c.rss:.1f} MiB, {peer.name} {p.rss:.1f} MiB)")
+            b.check(sc, "cdimover output verified every run", c.verified.startswith("ok")
+                    and c.n_ok == c.n, f"{c.verified}, {c.n_ok}/{c.n} runs ok")
+            if scenario == "upload-qcow2":
+                lim_alloc = b.layout.data_bytes * 1.01 / MiB
+                b.check(sc, "allocated <= data + 1 %", c.alloc is not None
+                        and c.alloc <= lim_alloc, f"{c.alloc or float('nan'):.1f} MiB vs "
+                        f"{lim_alloc:.1f} MiB")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1958,6 +2087,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     prealloc_scenario(b)
                 elif sc in ("http-qcow2", "http-xz"):
                     http_scenario(b, sc)
+                elif sc in ("upload-qcow2", "upload-raw"):
+                    upload_scenario(b, sc)
                 else:
                     direction(b, sc)
             except (subprocess.CalledProcessError, OSError, RuntimeError) as e:

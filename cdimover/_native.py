@@ -231,6 +231,12 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
     return bool(lib.cdm_is_zero(buf, len(buf)))
 
 
+def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """The CRC-32C of DATA, continued from CRC."""
+    buf = ffi.from_buffer(data)
+    return int(lib.cdm_crc32c(crc, buf, len(buf)))
+
+
 def new_stats() -> Any:
     return ffi.new("struct cdm_copy_stats *")
 

@@ -395,6 +395,32 @@ def _cmd_serve_upload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_upload(args: argparse.Namespace) -> int:
+    """``cdimover upload FILE URL``: a client of CDI's upload API."""
+    from .io.upload_client import tls_context, upload_file
+
+    if bool(args.cert) != bool(args.key):
+        from .errors import ConfigurationError
+        raise ConfigurationError("--cert and --key go together")
+    token = args.token
+    if token is not None and token.startswith("@"):
+        with open(token[1:], encoding="utf-8") as f:
+            token = f.read().strip()
+    ctx = tls_context(ca=args.ca, cert=args.cert, key=args.key, insecure=args.insecure)
+
+    def say(text: str) -> None:
+        print(f"cdimover: {text}", file=sys.stderr, flush=True)
+    with _progress(args, "upload") as cb:
+        r = upload_file(args.file, args.url, token=token, context=ctx, use_async=args.use_async,
+                        retries=args.retry, progress=cb, say=say)
+    _emit(args, {"file": args.file, "url": r.url, "bytes": r.size, "status": r.status,
+                 "attempts": r.attempts, "async": r.used_async,
+                 "seconds": round(r.elapsed, 3)},
+          f"uploaded {args.file} ({_fmt_bytes(r.size)}) to {r.url} in {r.elapsed:.1f} s"
+          + (f" after {r.attempts} attempts" if r.attempts > 1 else ""))
+    return EXIT_OK
+
+
 def _cmd_scan(args: argparse.Namespace) -> int:
     from .ops.copy import scan
 
@@ -642,8 +668,10 @@ def _parser() -> argparse.ArgumentParser:
         "serve-upload", parents=[common], help="receive one upload into a file or device",
         description="Serve CDI's upload API (the server of 'pod upload-server') and write "
         "the RAW, compressed RAW or QCOW2 image uploaded to /v1beta1/upload (or -async, "
-        "-form, -form-async) onto TARGET in one pass; exit once it is complete.")
-    su.add_argument("target", help="the file or block device to write")
+        "-form, -form-async) onto TARGET in one pass; exit once it is complete.  A "
+        "directory TARGET is a Filesystem volume: archives (/v1beta1/upload-archive) and "
+        "filesystem clones are extracted beneath it.")
+    su.add_argument("target", help="the file, block device or directory to write")
     su.add_argument("--listen", default="127.0.0.1:8443", metavar="HOST:PORT",
                     help="listen here (default 127.0.0.1:8443)")
     su.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
@@ -659,6 +687,27 @@ def _parser() -> argparse.ArgumentParser:
     su.add_argument("--idle-timeout", type=argtypes.seconds, default=60.0, metavar="SECONDS",
                     help="drop an upload whose body sends nothing this long (default 60)")
     su.set_defaults(func=_cmd_serve_upload)
+
+    up = sub.add_parser(
+        "upload", parents=[common], help="upload an image to CDI's upload proxy or pod",
+        description="Send FILE as the body of a POST to CDI's upload API at URL (an upload "
+        "proxy or upload pod; a URL without a path gets /v1beta1/upload), streamed with a "
+        "progress bar.  A refused connection or an answer 502/503/504 is retried with "
+        "backoff; every retry sends the file again from byte 0, as CDI cannot resume.")
+    up.add_argument("file", help="the image: RAW, QCOW2, or gzip/xz/zstd-compressed RAW")
+    up.add_argument("url", help="e.g. https://cdi-uploadproxy.example:443")
+    up.add_argument("--token", metavar="TOKEN",
+                    help="Authorization: Bearer TOKEN (@FILE reads it from FILE)")
+    up.add_argument("--ca", metavar="PEM", help="verify the server against this CA bundle")
+    up.add_argument("--insecure", action="store_true", help="do not verify the server")
+    up.add_argument("--cert", metavar="PEM", help="a client certificate")
+    up.add_argument("--key", metavar="PEM", help="the client certificate's key")
+    up.add_argument("--async", dest="use_async", action="store_true",
+                    help="use the async route when HEAD says the server has it")
+    up.add_argument("--retry", type=int, default=5, metavar="N",
+                    help="retries after a refused connection or 502/503/504 (default 5)")
+    up.add_argument("--progress", action="store_true", help="show a progress bar")
+    up.set_defaults(func=_cmd_upload)
 
     from .pod import command as pod_command
     pod_command.register(sub, common)

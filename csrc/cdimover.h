@@ -156,6 +156,10 @@ int cdm_loop_status(cdm_ctx *ctx, int fd, struct cdm_loop_status *out);
 
 /* Zero detection and zeroing. */
 int cdm_is_zero(const void *buf, size_t len);
+
+/* CRC-32C (Castagnoli, as iSCSI and the snappy framing format): CRC continued over LEN bytes
+ * of BUF; start with 0.  The SSE4.2 instruction when the CPU has it, else tables. */
+uint32_t cdm_crc32c(uint32_t crc, const void *buf, size_t len);
 int cdm_zero_range(cdm_ctx *ctx, int fd, int is_blockdev, uint32_t sector,
                    uint64_t offset, uint64_t length, struct cdm_copy_stats *stats);
 

@@ -52,6 +52,7 @@ __all__ = [
     "extract_tar",
     "open_dir_nofollow",
     "remove_entries",
+    "CheckedTarInfo",
 ]
 
 _BLOCK: Final = 4096
@@ -153,6 +154,11 @@ class _CountingReader:
         data = self._stream.read(n)
         self.count += len(data)
         return data
+
+
+CheckedTarInfo = _HeaderLimitedInfo
+"""For ``tarfile.open(tarinfo=...)``: extended headers bounded, corrupt or short headers an
+error (tarfile alone would end the archive there, silently)."""
 
 
 def _refuse(name: str, why: str) -> UnsafeArchiveError:

@@ -141,6 +141,9 @@ class StreamSink:
       memory-limit fallback; None: no copy, the limit is final.
     - PREALLOCATION ("off", "falloc", "full"), TARGET_SIZE (a file grows to it),
       TARGET_IS_ZERO, MEM_LIMIT (0: the core's 64 MiB), TUNING.
+    - FORMAT: "auto" (HEAD decides), or "raw": the bytes are the disk, written as they are
+      whatever they start with (a clone of a disk that holds a QCOW2 or a gzip file);
+      HEAD is then not examined.
 
     One thread at a time: :meth:`push` every piece, then :meth:`finish_body` (the body is
     complete and handed to the target) and :meth:`complete` (durable and committed), or
@@ -152,7 +155,7 @@ class StreamSink:
                  length: int | None, capacity: int, name: str = "upload",
                  scratch_dir: str | None = None, preallocation: str = "off",
                  target_size: int | None = None, target_is_zero: bool = False,
-                 mem_limit: int = 0, tuning: Tuning = Tuning()) -> None:
+                 mem_limit: int = 0, tuning: Tuning = Tuning(), format: str = "auto") -> None:
         self.name = name
         self._target = target
         self._capacity = capacity
@@ -164,7 +167,7 @@ class StreamSink:
         self._received = 0
         self._stream_result: StreamResult | None = None
         self._result: SinkResult | None = None
-        found = detect_head(head)
+        found = detect_head(head) if format == "auto" else None
         if found is not None and found.format not in _COMPRESSED + ("qcow2",):
             raise unsupported(found, name)
         self._raw = found is None
@@ -187,8 +190,9 @@ class StreamSink:
             self._writer, self._early, _ = open_stream_writer(
                 self._ctx, self._dst, bound, bound_known=known, capacity=capacity,
                 preallocation=preallocation, target_is_zero=target_is_zero, tuning=tuning)
-            opts = _native.new_stream_opts(format="auto", compression="auto",
-                                           mem_limit=mem_limit)
+            opts = _native.new_stream_opts(
+                format=format, compression="auto" if format == "auto" else "none",
+                mem_limit=mem_limit)
             self._stream = NativeStream(self._ctx, self._writer, opts, path=name)
         except BaseException:
             self.abort()

@@ -131,7 +131,8 @@ def _cmd_upload_server(args: argparse.Namespace) -> int:
         raise
     if outcome == "complete":
         write_termination_log(args.termination_log,
-                              success_message("upload", server.preallocation_applied))
+                              success_message("clone" if server.clone_target else "upload",
+                                              server.preallocation_applied))
         return 0
     if outcome == "deadline":
         write_termination_log(args.termination_log, deadline_message())

@@ -6,8 +6,19 @@ in one pass as it arrives -- RAW, gzip/xz/zstd-compressed RAW and QCOW2 -- with 
 (and v1alpha1; ``HEAD`` answers 200 so that virtctl picks it): answered once the body is
 received and written, the final sync and the commit follow before the server exits;
 ``POST /v1beta1/upload-form`` and ``-form-async``: multipart, the part named ``file``,
-streamed.  ``GET /metrics``: cdimover's own progress gauges (CDI's upload pod serves no
+streamed; ``POST /v1beta1/upload-archive`` (and v1alpha1, sync only, as CDI's): a tar
+(plain, gzip, bzip2 or xz) extracted safely into the Filesystem volume (400 on a Block
+volume).  ``GET /metrics``: cdimover's own progress gauges (CDI's upload pod serves no
 metrics).  Other methods on these paths: 405; other paths: 404.
+
+**Clone targets.**  The header ``x-cdi-content-type`` on a sync upload selects the target end
+of CDI's host-assisted clones, whose body is in the snappy framing format (every chunk's
+CRC-32C verified): ``blockdevice-clone``, the source device's bytes, written as RAW whatever
+they start with (zero blocks left as holes) onto the device or ``disk.img``, which ends
+exactly the source's size; ``filesystem-clone``, a GNU tar of the source volume (sparse
+members included), extracted into a Filesystem volume, or onto a Block volume only its first
+member named ``*disk.img*``.  The termination message then says "Clone Complete".  An async
+clone is refused with 500 ("async clone not supported"), as CDI's.
 
 **One upload.**  A second upload while one runs (or while an async one is committed): 503.
 After success every upload is answered 409, and the server exits with the termination
@@ -60,13 +71,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from ..errors import ConfigurationError, TargetTooSmallError
 from ..io.detect import HEAD_SIZE
 from ..io.endpoints import Place
+from ..ops.clonesink import BodySink
 from ..ops.sink import StreamSink, is_memory_limit
 from .messages import SCRATCH_SPACE_REQUIRED, describe
 from .metrics import UploadProgress
 
 __all__ = ["UploadServer", "Destination", "Prepared", "Outcome", "server_tls_context",
            "HEADER_TIMEOUT", "IDLE_TIMEOUT", "SYNC_PATHS", "ASYNC_PATHS", "FORM_PATHS",
-           "FORM_ASYNC_PATHS"]
+           "FORM_ASYNC_PATHS", "ARCHIVE_PATHS", "CONTENT_TYPE_HEADER", "BLOCKDEVICE_CLONE",
+           "FILESYSTEM_CLONE"]
 
 log = logging.getLogger("cdimover")
 
@@ -82,6 +95,10 @@ SYNC_PATHS: Final = ("/v1beta1/upload", "/v1alpha1/upload")
 ASYNC_PATHS: Final = ("/v1beta1/upload-async", "/v1alpha1/upload-async")
 FORM_PATHS: Final = ("/v1beta1/upload-form", "/v1alpha1/upload-form")
 FORM_ASYNC_PATHS: Final = ("/v1beta1/upload-form-async", "/v1alpha1/upload-form-async")
+ARCHIVE_PATHS: Final = ("/v1beta1/upload-archive", "/v1alpha1/upload-archive")
+CONTENT_TYPE_HEADER: Final = "x-cdi-content-type"
+BLOCKDEVICE_CLONE: Final = "blockdevice-clone"
+FILESYSTEM_CLONE: Final = "filesystem-clone"
 _NO_ROOM: Final = "effective image size is larger than the reported available storage"
 
 Outcome = Literal["complete", "deadline", "scratch", "failed", "stopped"]
@@ -90,12 +107,14 @@ Outcome = Literal["complete", "deadline", "scratch", "failed", "stopped"]
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """Where one upload goes: TARGET (a path or Place), the most the image may occupy, the
-    size a file grows to, and a descriptor to close afterwards (-1: none)."""
+    size a file grows to, a descriptor to close afterwards (-1: none), and the Filesystem
+    volume's directory, where archives and filesystem clones go (-1: a device or a file)."""
 
     target: str | Place
     capacity: int
     target_size: int | None = None
     close_fd: int = -1
+    volume_dir: int = -1
 
 
 Destination = Callable[[], Prepared]
@@ -223,6 +242,7 @@ class UploadServer:
         self._busy = False
         self._done = False
         self.preallocation_applied = False
+        self.clone_target = False
         self.outcome: Outcome = "stopped"
         self.failure: BaseException | None = None
         self.scratch_reason = ""
@@ -251,7 +271,7 @@ class UploadServer:
         loop = asyncio.get_running_loop()
         self._finished = asyncio.Event()
         app = web.Application(middlewares=[self._middleware], client_max_size=1 << 20)
-        for path in SYNC_PATHS + ASYNC_PATHS + FORM_PATHS + FORM_ASYNC_PATHS:
+        for path in SYNC_PATHS + ASYNC_PATHS + FORM_PATHS + FORM_ASYNC_PATHS + ARCHIVE_PATHS:
             app.router.add_route("POST", path, self._handler(path))
         for path in ASYNC_PATHS + FORM_ASYNC_PATHS:
             app.router.add_route("HEAD", path, self._head)
@@ -347,13 +367,37 @@ class UploadServer:
     def _handler(self, path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         form = path in FORM_PATHS + FORM_ASYNC_PATHS
         is_async = path in ASYNC_PATHS + FORM_ASYNC_PATHS
+        archive = path in ARCHIVE_PATHS
 
         async def handle(request: web.Request) -> web.Response:
-            return await self._upload(request, form=form, is_async=is_async)
+            return await self._upload(request, form=form, is_async=is_async, archive=archive)
         return handle
 
-    async def _upload(self, request: web.Request, *, form: bool,
-                      is_async: bool) -> web.Response:
+    def _open_sink(self, kind: str, pr: Prepared, head: bytes, length: int | None) -> BodySink:
+        """The sink for an upload of KIND ("image", "archive" or a clone content type)."""
+        from ..ops.clonesink import ArchiveSink, DiskMemberSink, FramedSink
+
+        def raw(size: int | None) -> StreamSink:
+            return StreamSink(pr.target, b"", length=size, capacity=pr.capacity,
+                              name=self._name, preallocation=self._prealloc, format="raw")
+        if kind == "image":
+            return StreamSink(pr.target, head, length=length, capacity=pr.capacity,
+                              name=self._name, scratch_dir=self._scratch,
+                              preallocation=self._prealloc, target_size=pr.target_size,
+                              mem_limit=self._mem_limit)
+        if kind == BLOCKDEVICE_CLONE:
+            return FramedSink(raw(None))
+        if kind == "archive" and pr.volume_dir < 0:
+            raise UploadError(400, "an archive upload needs a Filesystem volume; "
+                              f"{self._name} is not one")
+        if pr.volume_dir >= 0:
+            sink: BodySink = ArchiveSink(pr.volume_dir, name=self._name,
+                                         preallocate=self._prealloc != "off")
+            return sink if kind == "archive" else FramedSink(sink)
+        return FramedSink(DiskMemberSink(raw, name=self._name))
+
+    async def _upload(self, request: web.Request, *, form: bool, is_async: bool,
+                      archive: bool = False) -> web.Response:
         if not self._authorized(request):
             log.warning("refused an upload without the expected client certificate")
             return web.Response(status=401)
@@ -365,19 +409,24 @@ class UploadServer:
             return web.Response(status=409)
         self._busy = True
         loop = asyncio.get_running_loop()
-        sink: StreamSink | None = None
+        sink: BodySink | None = None
         prepared: Prepared | None = None
         committing = False
+        kind = "archive" if archive else "image"
+        content_type = request.headers.get(CONTENT_TYPE_HEADER, "")
+        if not archive and content_type in (BLOCKDEVICE_CLONE, FILESYSTEM_CLONE):
+            kind = content_type
+            log.info("content type %s", content_type)
         try:
+            if kind != "image" and is_async:
+                raise UploadError(500, "async clone not supported")
             body = await self._open_body(request, form)
             self._progress.start()
             head = await body.piece(HEAD_SIZE)
             prepared = await loop.run_in_executor(self._pool, self._destination)
             pr = prepared
-            sink = await loop.run_in_executor(self._pool, lambda: StreamSink(
-                pr.target, head, length=body.length, capacity=pr.capacity, name=self._name,
-                scratch_dir=self._scratch, preallocation=self._prealloc,
-                target_size=pr.target_size, mem_limit=self._mem_limit))
+            sink = await loop.run_in_executor(
+                self._pool, lambda: self._open_sink(kind, pr, head, body.length))
             await self._pump(sink, body, head)
             await loop.run_in_executor(self._pool, sink.finish_body)
             if is_async:
@@ -387,6 +436,7 @@ class UploadServer:
                 log.info("body received and written; committing in the background")
                 return web.Response(text="")
             result = await loop.run_in_executor(self._pool, sink.complete)
+            self.clone_target = kind in (BLOCKDEVICE_CLONE, FILESYSTEM_CLONE)
             self._succeeded(result.preallocation_applied, result.virtual_size)
             return web.Response(text="")
         except BaseException as e:
@@ -417,7 +467,7 @@ class UploadServer:
         file_part = part
         return _Body(lambda: file_part.read_chunk(PIECE), self._idle, None)
 
-    async def _pump(self, sink: StreamSink, body: _Body, head: bytes) -> None:
+    async def _pump(self, sink: BodySink, body: _Body, head: bytes) -> None:
         """Push the body into SINK: one piece decoded in the worker while the next is read."""
         loop = asyncio.get_running_loop()
         pending: asyncio.Future[None] | None = loop.run_in_executor(self._pool, sink.push, head)
@@ -435,7 +485,7 @@ class UploadServer:
             if pending is not None:
                 await asyncio.wait([pending])
 
-    async def _commit(self, sink: StreamSink, prepared: Prepared) -> None:
+    async def _commit(self, sink: BodySink, prepared: Prepared) -> None:
         """The end of an async upload: durable and committed, then the server exits (a
         failure here ends it too, as CDI's does: the body is gone)."""
         loop = asyncio.get_running_loop()
@@ -459,7 +509,7 @@ class UploadServer:
         log.info("upload complete: %d bytes written to %s", size, self._name)
         self._end("complete")
 
-    async def _failed(self, exc: BaseException, sink: StreamSink | None) -> web.Response:
+    async def _failed(self, exc: BaseException, sink: BodySink | None) -> web.Response:
         if sink is not None:
             await asyncio.get_running_loop().run_in_executor(self._pool, sink.abort)
         if isinstance(exc, asyncio.CancelledError):
@@ -500,15 +550,26 @@ def volume_destination(path: str, filesystem_overhead: str,
         if image_size is not None and vol.mode != BLOCK:
             grow = min(image_size, vol.capacity)
         place, dir_fd = target_place(vol)
-        return Prepared(target=place, capacity=vol.capacity, target_size=grow, close_fd=dir_fd)
+        return Prepared(target=place, capacity=vol.capacity, target_size=grow, close_fd=dir_fd,
+                        volume_dir=dir_fd if vol.mode != BLOCK else -1)
     return prepare
 
 
 def path_destination(path: str) -> Destination:
     """Uploads onto the file or block device PATH: capacity the device's size, or the free
-    space of the file's filesystem."""
+    space of the file's filesystem.  A directory PATH is a Filesystem volume: images go to
+    its ``disk.img``, archives and filesystem clones beneath it."""
     def prepare() -> Prepared:
+        from ..io.extract import open_dir_nofollow
         from ..ops.sink import default_capacity
+
+        if os.path.isdir(path):
+            dir_fd = open_dir_nofollow(path)
+            st = os.fstatvfs(dir_fd)
+            return Prepared(target=Place(dir_fd=dir_fd, name="disk.img",
+                                         path=os.path.join(path, "disk.img")),
+                            capacity=st.f_bavail * st.f_frsize, close_fd=dir_fd,
+                            volume_dir=dir_fd)
 
         capacity = default_capacity(path)
         if capacity is None:
