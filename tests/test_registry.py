@@ -234,3 +234,20 @@ def test_parse_reference() -> None:
                 "docker://h:1/x:bad tag"):
         with pytest.raises(ValueError):
             parse_reference(bad)
+
+
+def test_cli(images: dict[str, str], registry: Registries, tmp_path: Path) -> None:
+    import json
+    import sys
+    env = {**os.environ, "CDIMOVER_INSECURE_REGISTRIES": registry.plain.host}
+    out = subprocess.run([sys.executable, "-m", "cdimover", "info", "--json", "--arch", "arm64",
+                          images["multi"]], env=env, check=True, capture_output=True,
+                         text=True).stdout
+    doc = json.loads(out)
+    assert doc["platform"] == "linux/arm64/v8" and len(doc["layers"]) == 1
+    t = tmp_path / "t"
+    out = subprocess.run([sys.executable, "-m", "cdimover", "import", "--json", "--capacity",
+                          "64M", "--insecure-registry", registry.plain.host, images["raw-zstd"],
+                          str(t)], env=env, check=True, capture_output=True, text=True).stdout
+    assert json.loads(out)["member"] == "disk/disk.img"
+    assert file_sha(t) == sha(RAW_A)
