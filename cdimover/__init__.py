@@ -11,7 +11,9 @@ The API by purpose:
   context, cancellable from another thread).
 - Remote images: ``import_url`` (RAW or QCOW2, maybe gzip/xz/zstd, from http(s):// straight
   onto the target, resumable, checksum in the same pass) with ``HttpSource`` (credentials,
-  CA, headers, retries) -> ``ImportResult``; ``Checksum``.
+  CA, headers, retries) -> ``ImportResult``; ``Checksum``.  ``import_registry`` (a
+  containerDisk from docker://host/repo:tag or @sha256:, the layer holding /disk/ streamed
+  onto the target, every digest checked) -> ``RegistryImportResult``.
 - Images: ``inspect`` -> ``ImageInfo`` (``qemu-img info`` from a validated header); the
   format probe is ``cdimover.detect`` (``detect``, ``detect_path``).
 - Preallocation: ``preallocate``, ``create_blank`` -> ``PreallocResult``.
@@ -66,6 +68,7 @@ from .ops.convert import convert
 from .types import AllocMethod, CopyResult, Extent, PreallocResult, ScanMethod, ZeroMethod
 from .ops.writer import Writer
 from .io.http import HttpSource
+from .ops.registry import RegistryImportResult, import_registry
 from .ops.remote import Checksum, ImportResult, import_url
 
 if TYPE_CHECKING:
@@ -130,6 +133,8 @@ __all__ = [
     "UnsafeImageError",
     "UnsupportedImageError",
     "import_url",
+    "import_registry",
+    "RegistryImportResult",
     "HttpSource",
     "ImportResult",
     "Checksum",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -403,24 +404,62 @@ class StreamResult:
     format: str
     compression: str
     digest: bytes
+    tar: TarResult | None = None     # a container layer (opts with tar_dir)
+
+
+@dataclass(frozen=True, slots=True)
+class TarResult:
+    """What the tar stage saw in a container layer."""
+
+    found: bool                 # the image came from MEMBER
+    hidden: bool                # the layer hides lower layers' directory (whiteout, opaque)
+    member: str                 # the image's path in the archive
+    member_compression: str     # "none" | "gzip" | "xz" | "zstd" inside the member
+    member_size: int
+    entries: int
+    names: tuple[str, ...]      # other entries under the directory ("x/" directories,
+                                # ".wh.NAME" whiteouts; "..." ends a cut list)
 
 
 def _stream_result(res: Any) -> StreamResult:
+    tar = None
+    if int(res.tar_entries) or int(res.tar_found) or int(res.tar_hidden):
+        tar = TarResult(
+            found=bool(res.tar_found), hidden=bool(res.tar_hidden),
+            member=cstring(res.tar_member),
+            member_compression=COMPRESSION_NAMES.get(int(res.tar_compression), "none"),
+            member_size=int(res.tar_member_size), entries=int(res.tar_entries),
+            names=tuple(n for n in cstring(res.tar_names).split("\n") if n))
     return StreamResult(
         bytes_in=int(res.bytes_in), bytes_out=int(res.bytes_out),
         image_size=int(res.image_size), peak_held=int(res.peak_held),
         format=FORMAT_NAMES.get(int(res.format), "raw"),
         compression=COMPRESSION_NAMES.get(int(res.compression), "none"),
-        digest=bytes(ffi.buffer(res.digest, int(res.digest_len))))
+        digest=bytes(ffi.buffer(res.digest, int(res.digest_len))), tar=tar)
+
+
+# The strings a cdm_stream_opts points to live as long as it does.
+_OPTS_STRINGS: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
 
 
 def new_stream_opts(*, format: str = "auto", compression: str = "auto", hash: str = "",
-                    mem_limit: int = 0) -> Any:
+                    mem_limit: int = 0, tar_dir: str | None = None,
+                    tar_skip: Sequence[str] = ()) -> Any:
+    """Options of a stream.  TAR_DIR: the stream is a container layer (a tar archive after
+    COMPRESSION) whose single regular file directly under TAR_DIR is the image (FORMAT then
+    applies to it); TAR_SKIP: names under TAR_DIR hidden by upper layers' whiteouts."""
     opts = ffi.new("struct cdm_stream_opts *")
     opts.format = FORMATS[format]
     opts.compression = COMPRESSIONS[compression]
     opts.hash = HASHES[hash]
     opts.mem_limit = mem_limit
+    if tar_dir is not None:
+        if any("\n" in n or "\0" in n for n in tar_skip) or "\0" in tar_dir:
+            raise ValueError("names with a newline or NUL")
+        keep = [ffi.new("char[]", tar_dir.encode()),
+                ffi.new("char[]", "\n".join(tar_skip).encode())]
+        opts.tar_dir, opts.tar_skip = keep
+        _OPTS_STRINGS[opts] = keep
     return opts
 
 

@@ -196,9 +196,64 @@ def _http_source(args: argparse.Namespace, url: str) -> Any:
                       idle_timeout=getattr(args, "idle_timeout", 600))
 
 
+def _registry_args(args: argparse.Namespace) -> dict[str, Any]:
+    """What a docker:// import or info takes from the command line."""
+    auth = None
+    if getattr(args, "user", None) is not None:
+        source = _http_source(args, "https://registry.invalid/")
+        auth = source.auth
+    insecure = tuple(getattr(args, "insecure_registry", None) or ())
+    insecure += tuple(h for h in os.environ.get("CDIMOVER_INSECURE_REGISTRIES", "").split(",")
+                      if h)
+    return dict(auth=auth, ca=getattr(args, "ca", None),
+                insecure_tls=getattr(args, "insecure", False), insecure_registries=insecure)
+
+
+def _cmd_import_registry(args: argparse.Namespace) -> int:
+    from .ops.registry import import_registry
+
+    with _progress(args, "import") as cb:
+        r = import_registry(args.url, args.target, source_format=args.format,
+                            preallocation=args.preallocation,
+                            target_is_zero=args.target_is_zero, target_size=args.target_size,
+                            capacity=args.capacity, progress=cb, arch=args.arch,
+                            retries=args.retries, **_registry_args(args))
+    out = r.copy.as_dict()
+    out.update(image=r.image, manifest_digest=r.manifest_digest, platform=r.platform,
+               layer=r.layer, member=r.member, compression=r.compression,
+               member_compression=r.member_compression, layers_pulled=r.layers_pulled,
+               bytes_fetched=r.bytes_fetched, retries=r.retries, source_format=r.source_format)
+    human = (f"{_summary(r.copy)}; {r.member} of layer {r.layer[:19]} ({r.compression}), "
+             f"{r.layers_pulled} layer(s) pulled, {_fmt_bytes(r.bytes_fetched)} fetched, "
+             f"digests verified")
+    _emit(args, out, human)
+    return EXIT_OK
+
+
+def _registry_info(args: argparse.Namespace) -> int:
+    from .ops.registry import registry_client
+
+    client = registry_client(args.path, **_registry_args(args))
+    res = client.resolve(args.arch)
+    out = {"image": str(client.ref), "manifest_digest": res.digest,
+           "index_digest": res.index_digest, "platform": res.platform,
+           "media_type": res.media_type,
+           "layers": [{"digest": la.digest, "size": la.size, "media_type": la.media_type}
+                      for la in res.layers]}
+    human = "\n".join([f"image: {client.ref}", f"manifest: {res.digest}"] +
+                      ([f"platform: {res.platform}"] if res.platform else []) +
+                      [f"layer: {la.digest} {_fmt_bytes(la.size)} {la.compression}"
+                       for la in res.layers])
+    _emit(args, out, human)
+    return EXIT_OK
+
+
 def _cmd_import(args: argparse.Namespace) -> int:
+    from .io.registry import is_registry_url
     from .ops.remote import import_url
 
+    if is_registry_url(args.url):
+        return _cmd_import_registry(args)
     source = _http_source(args, args.url)
     with _progress(args, "import") as cb:
         r = import_url(source, args.target, source_format=args.format, checksum=args.checksum,
@@ -250,6 +305,10 @@ def _url_info(args: argparse.Namespace) -> Any:
 def _cmd_info(args: argparse.Namespace) -> int:
     from .formats.qcow2 import info_json, inspect
     from .io.http import is_url
+    from .io.registry import is_registry_url
+
+    if is_registry_url(args.path):
+        return _registry_info(args)
 
     info = _url_info(args) if is_url(args.path) else inspect(args.path, format=args.format)
     if args.json:
@@ -573,8 +632,15 @@ def _parser() -> argparse.ArgumentParser:
                         "(default 5)")
     remote.add_argument("--idle-timeout", type=int, default=600, metavar="SECONDS",
                         help="give up after this long below 1 KiB/s (default 600)")
+    remote.add_argument("--insecure-registry", action="append", metavar="HOST[:PORT]",
+                        help="a docker:// registry reached over plain HTTP (repeatable; also "
+                        "CDIMOVER_INSECURE_REGISTRIES, comma-separated)")
+    remote.add_argument("--arch", default=None,
+                        help="docker://: the architecture picked from a multi-arch image "
+                        "(default: this machine's)")
 
-    inf.add_argument("path", help="image file, block device, or http(s):// URL")
+    inf.add_argument("path", help="image file, block device, http(s):// URL or docker:// "
+                     "image")
     inf.add_argument("-f", "--format", choices=("auto", "raw", "qcow2"), default="auto")
     for action in remote._actions:
         inf._add_action(action)
@@ -587,7 +653,8 @@ def _parser() -> argparse.ArgumentParser:
                         "or block device, in one pass and without a scratch copy. With byte "
                         "ranges, a QCOW2 is converted by fetching only its allocated clusters; "
                         "otherwise the body is decoded as it arrives. Broken transfers resume.")
-    im.add_argument("url", help="http:// or https:// URL of the image")
+    im.add_argument("url", help="http:// or https:// URL of the image, or docker://HOST/REPO"
+                    "[:TAG|@sha256:...] of a containerDisk (the file under /disk/)")
     im.add_argument("target", help="target file or block device")
     im.add_argument("-f", "--format", choices=("auto", "raw", "qcow2"), default="auto",
                     help="image format after decompression (default: auto, by magic bytes)")

@@ -284,6 +284,13 @@ struct cdm_stream_opts {
     int compression;              /* CDM_COMPRESSION_* */
     int hash;                     /* CDM_HASH_*: over the bytes as received (before decoding) */
     uint64_t mem_limit;           /* bytes a sequential QCOW2 conversion may hold; 0 = 64 MiB */
+    /* A container layer (tar.c): non-NULL makes the decompressed stream a tar archive whose
+     * single regular file directly under this directory (e.g. "disk") is the image, decoded
+     * by a detection of its own (compressed or not, RAW or QCOW2) onto the writer.  FORMAT
+     * then applies to that file; COMPRESSION to the archive. */
+    const char *tar_dir;
+    /* With TAR_DIR: names under it, one a line, that upper layers' whiteouts hide (skipped). */
+    const char *tar_skip;
 };
 
 struct cdm_stream_result {
@@ -295,6 +302,19 @@ struct cdm_stream_result {
     int compression;              /* CDM_COMPRESSION_* found */
     uint32_t digest_len;          /* bytes of DIGEST (0: no hash) */
     uint8_t digest[64];
+    /* With TAR_DIR (else zeros).  COMPRESSION and BYTES_OUT then describe the archive;
+     * FORMAT, IMAGE_SIZE and PEAK_HELD the image found in it. */
+    int tar_found;                /* 1: the image came from the member TAR_MEMBER */
+    int tar_hidden;               /* 1: the layer hides lower layers' TAR_DIR (a whiteout of it
+                                   * or of a parent, an opaque whiteout in it or a parent, or a
+                                   * non-directory in its place) */
+    int tar_compression;          /* CDM_COMPRESSION_* of the member's bytes */
+    uint32_t tar_entries;         /* entries (files, directories, links...) in the archive */
+    uint64_t tar_member_size;     /* bytes of the member (a sparse member: its full size) */
+    char tar_member[256];         /* the member's path in the archive, normalised */
+    /* Every other entry seen under TAR_DIR (directories end in '/', whiteouts keep their
+     * ".wh." prefix), relative to it, one a line; "..." ends a list that did not fit. */
+    char tar_names[1024];
 };
 
 /* Read SRC_FD to its end and decode it onto W (which stays open: the caller finishes or

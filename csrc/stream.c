@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,7 @@
 #define DEFAULT_MEM_LIMIT (64ull << 20)      /* QCOW2 conversion memory when opts say 0 */
 #define QCOW2_SLACK (64ull << 20)            /* metadata a QCOW2 file may add to its size */
 #define PROGRESS_NS 100000000ll              /* progress and cancellation: every 100 ms */
+#define TAR_SLACK (1ull << 30)              /* a layer's bytes besides the image */
 #define HEAD_MAX 8                           /* bytes a detection stage may need */
 #define ULL(v) ((unsigned long long)(v))
 
@@ -153,7 +155,8 @@ struct detect {
     size_t n_head;
     uint64_t bytes;         /* bytes received */
     cdm_writer *w;
-    struct cdm_stream_opts opts;
+    struct cdm_stream_opts opts;    /* tar_dir and tar_skip point to the copies below */
+    char *tar_dir, *tar_skip;       /* owned */
     struct cdm_error *err;
 };
 
@@ -194,6 +197,14 @@ static uint64_t output_limit(const struct detect *d)
     return size > UINT64_MAX - slack ? UINT64_MAX : size + slack;
 }
 
+/* The bytes an archive holding the image may have: the image's bound plus TAR_SLACK for
+ * headers and the other files of a layer. */
+static uint64_t tar_limit(const struct detect *d)
+{
+    uint64_t size = output_limit(d);
+    return size > UINT64_MAX - TAR_SLACK ? UINT64_MAX : size + TAR_SLACK;
+}
+
 /* Decide D by its head (FINAL: no more bytes will come) and build what follows. */
 static int decide(struct detect *d, bool final)
 {
@@ -213,11 +224,15 @@ static int decide(struct detect *d, bool final)
                                  cdm_compression_name(c), head);
         }
         struct cdm_sink *tail;
-        rc = detect_new(DETECT_FORMAT, d->w, &d->opts, d->err, &tail);
+        if (d->opts.tar_dir != NULL)
+            rc = cdm_tar_new(d->w, &d->opts, tar_limit(d), d->err, &tail);
+        else
+            rc = detect_new(DETECT_FORMAT, d->w, &d->opts, d->err, &tail);
         if (rc == 0 && c == CDM_COMPRESSION_NONE)
             d->next = tail;
         else if (rc == 0)
-            rc = cdm_decomp_new(c, output_limit(d), tail, d->err, &d->next);
+            rc = cdm_decomp_new(c, d->opts.tar_dir != NULL ? tar_limit(d) : output_limit(d),
+                                tail, d->err, &d->next);
         d->found = c;
     } else {
         int f = d->wanted == CDM_FORMAT_AUTO ? seen : d->wanted;
@@ -280,6 +295,8 @@ static void detect_destroy(struct cdm_sink *s)
     struct detect *d = (struct detect *)s;
     if (d->next != NULL)
         d->next->destroy(d->next);
+    free(d->tar_dir);
+    free(d->tar_skip);
     free(d);
 }
 
@@ -297,8 +314,28 @@ static int detect_new(int what, cdm_writer *w, const struct cdm_stream_opts *opt
     d->w = w;
     d->opts = *opts;
     d->err = err;
+    if (opts->tar_dir != NULL) {
+        /* The caller's strings need not outlive this call: the decision comes later. */
+        d->tar_dir = strdup(opts->tar_dir);
+        d->tar_skip = strdup(opts->tar_skip != NULL ? opts->tar_skip : "");
+        d->opts.tar_dir = d->tar_dir;
+        d->opts.tar_skip = d->tar_skip;
+        if (d->tar_dir == NULL || d->tar_skip == NULL) {
+            detect_destroy(&d->sink);
+            return cdm_error_set(err, CDM_SIDE_NONE, -ENOMEM, "out of memory");
+        }
+    }
     *out = &d->sink;
     return 0;
+}
+
+int cdm_detect_new(cdm_writer *w, const struct cdm_stream_opts *opts, struct cdm_error *err,
+                   struct cdm_sink **out)
+{
+    struct cdm_stream_opts inner = *opts;
+    inner.tar_dir = NULL;
+    inner.tar_skip = NULL;
+    return detect_new(DETECT_COMPRESSION, w, &inner, err, out);
 }
 
 /* ---- the pipeline --------------------------------------------------------------------------- */
@@ -321,6 +358,9 @@ static int check_opts(const struct cdm_stream_opts *o, struct cdm_error *err)
                              o->compression);
     if (o->hash < CDM_HASH_NONE || o->hash > CDM_HASH_SHA512)
         return cdm_error_set(err, CDM_SIDE_NONE, -EINVAL, "unknown hash algorithm %d", o->hash);
+    if (o->tar_dir != NULL && (o->tar_dir[0] == '\0' || strlen(o->tar_dir) > 200))
+        return cdm_error_set(err, CDM_SIDE_NONE, -EINVAL,
+                             "the archive's directory must be 1 to 200 bytes long");
     return 0;
 }
 
@@ -388,6 +428,8 @@ int cdm_pipeline_end(struct cdm_pipeline *p, struct cdm_stream_result *res)
     struct cdm_stream_result local;
     if (res == NULL)
         res = &local;
+    /* Only a tar stage fills these. */
+    memset(&res->tar_found, 0, sizeof *res - offsetof(struct cdm_stream_result, tar_found));
     int rc = p->head->end(p->head, res);
     res->bytes_in = p->bytes_in;
     if (rc == 0)

@@ -37,6 +37,20 @@ const char *cdm_compression_name(int compression);
  * -CDM_ETOOSMALL.  Errors go to ERR. */
 int cdm_raw_sink_new(cdm_writer *w, struct cdm_error *err, struct cdm_sink **out);
 
+/* The detection stage alone (stream.c): compression by magic bytes, then the format, then
+ * the RAW sink or the QCOW2 converter onto W, as the tail of cdm_pipeline_new builds it
+ * (OPTS->tar_dir is ignored).  Errors go to ERR. */
+int cdm_detect_new(cdm_writer *w, const struct cdm_stream_opts *opts, struct cdm_error *err,
+                   struct cdm_sink **out);
+
+/* The tar stage (tar.c): the bytes pushed are a tar archive (ustar, GNU or pax); the single
+ * regular file directly under OPTS->tar_dir goes through a fresh cdm_detect_new pipeline onto
+ * W (a sparse member's holes as zeros), other members are skipped.  Its end fills the tar_*
+ * fields of the result (and the image's).  LIMIT bounds the archive's bytes.  Errors go to
+ * ERR. */
+int cdm_tar_new(cdm_writer *w, const struct cdm_stream_opts *opts, uint64_t limit,
+                struct cdm_error *err, struct cdm_sink **out);
+
 /* Hashes (hash.c, OpenSSL's EVP). */
 struct cdm_hasher {
     void *md_ctx;           /* EVP_MD_CTX *, or NULL for CDM_HASH_NONE */

@@ -6,7 +6,8 @@
  * of a QCOW2 conversion, the digest, the size of the target (a memfd behind a writer) and
  * whether it is known to read as zeros; the second byte seeds the sizes of the pieces the
  * stream is pushed in and, when its top two bits are set, declares the format and the
- * compression (else both are detected: AUTO).  Invariants:
+ * compression (else both are detected: AUTO), and when they are 10 the stream is a container
+ * layer whose image is under disk/ (the tar stage, csrc/tar.c).  Invariants:
  *   - a failure is a negative code with a message, from push or end alike;
  *   - on success all bytes were taken (bytes_in), the image fits the target, a QCOW2
  *     conversion held at most the memory limit (peak_held counts every buffer that grows
@@ -121,7 +122,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                                          : CDM_COMPRESSION_AUTO,
         .hash = (o0 >> 2) % (CDM_HASH_SHA512 + 1),
         .mem_limit = MEM_LIMITS[o0 & 3],
+        /* top bits 10: a container layer, the image under disk/ (csrc/tar.c) */
+        .tar_dir = data[1] >> 6 == 2 ? "disk" : NULL,
     };
+    bool tar = opts.tar_dir != NULL;
     uint64_t target = TARGET_SIZES[(o0 >> 5) & 3];
     bool zero = (o0 >> 7) & 1;
 
@@ -169,8 +173,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (rc == 0) {
         check(res.bytes_in == len, "bytes_in", res.bytes_in, len);
         check(res.image_size <= target, "image larger than the target", res.image_size, target);
-        check(res.format == CDM_FORMAT_RAW || res.format == CDM_FORMAT_QCOW2, "format",
-              (uint64_t)res.format, 0);
+        if (tar && !res.tar_found)
+            check(res.format == 0 && res.image_size == 0, "a layer without an image",
+                  (uint64_t)res.format, res.image_size);
+        else
+            check(res.format == CDM_FORMAT_RAW || res.format == CDM_FORMAT_QCOW2, "format",
+                  (uint64_t)res.format, 0);
+        check(memchr(res.tar_member, 0, sizeof res.tar_member) != NULL &&
+              memchr(res.tar_names, 0, sizeof res.tar_names) != NULL, "unterminated names", 0, 0);
         check(res.compression >= CDM_COMPRESSION_NONE && res.compression <= CDM_COMPRESSION_ZSTD,
               "compression", (uint64_t)res.compression, 0);
         check(opts.format == CDM_FORMAT_AUTO || res.format == opts.format, "format declared",
@@ -180,13 +190,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (res.format == CDM_FORMAT_QCOW2)
             check(res.peak_held <= opts.mem_limit, "peak_held over the memory limit",
                   res.peak_held, opts.mem_limit);
-        if (res.format == CDM_FORMAT_RAW)
+        if (res.format == CDM_FORMAT_RAW && !tar)
             check(res.image_size == res.bytes_out, "RAW image size", res.image_size,
                   res.bytes_out);
         check_digest(opts.hash, in, len, &res);
         rc = cdm_writer_finish(w, NULL);
         check(rc == 0, "finishing the writer", (uint64_t)(int64_t)rc, 0);
-        if (res.format == CDM_FORMAT_RAW && res.compression == CDM_COMPRESSION_NONE) {
+        if (res.format == CDM_FORMAT_RAW && res.compression == CDM_COMPRESSION_NONE && !tar) {
             check(res.image_size == len, "RAW size", res.image_size, len);
             if (len > 0 && pread(dst_fd, readback, len, 0) != (ssize_t)len)
                 abort();

@@ -121,6 +121,29 @@ gzip -c < "$WORK/seed/v3-512" > "$WORK/tmp.b.gz"
 stream_seed members.gz 08 "$WORK/tmp.a.gz" "$WORK/tmp.b.gz"
 printf '\x1f\x8b' > "$WORK/tmp.magic"
 stream_seed gzip-magic-only 00 "$WORK/tmp.magic"
+# Container layers (second option byte 10xxxxxx): ustar, GNU sparse, pax sparse, gzip.
+mkdir -p "$WORK/layer/disk" "$WORK/layer/etc"
+cp "$WORK/seed/v3-512" "$WORK/layer/disk/disk.qcow2"
+echo x > "$WORK/layer/etc/hostname"
+tar_seed() {   # tar_seed NAME TAR-OPTIONS...
+    local name=$1
+    shift
+    tar -C "$WORK/layer" "$@" -cf "$WORK/tmp.tar" . &&
+        { printf '\x0c\x9a'; cat "$WORK/tmp.tar"; } > "$WORK/stream-seed/$name"
+}
+tar_seed layer-ustar --format=ustar
+truncate -s 64k "$WORK/layer/disk/disk.qcow2"
+rm "$WORK/layer/disk/disk.qcow2"
+head -c 3000 "$WORK/text.raw" > "$WORK/layer/disk/disk.img"
+truncate -s 40k "$WORK/layer/disk/disk.img"
+printf Z >> "$WORK/layer/disk/disk.img"
+tar_seed layer-gnu-sparse --format=gnu --sparse
+tar_seed layer-pax-sparse --format=pax --sparse
+tar_seed layer-pax01-sparse --format=pax --sparse --sparse-version=0.1
+touch "$WORK/layer/disk/.wh..wh..opq"
+tar -C "$WORK/layer" -czf "$WORK/tmp.tgz" . && { printf '\x0c\x9a'; cat "$WORK/tmp.tgz"; } \
+    > "$WORK/stream-seed/layer-gz"
+rm -rf "$WORK/layer"
 rm -f "$WORK"/tmp.* "$WORK/text.raw"
 
 # Fuzz each target for half the time, in its own directory (findings land there).
