@@ -43,7 +43,7 @@ from ..io.http import _version, read_ca_bundle
 from ..io.registry import ImageRef, Layer, RegistryClient, Resolved, parse_reference
 from ..types import CopyResult, ScanMethod
 from .copy import Tuning, make_result
-from .sink import complete_stream, default_capacity, is_device, open_stream_writer
+from .sink import complete_stream, default_capacity, is_device, open_stream_writer, writing
 
 __all__ = ["import_registry", "RegistryImportResult", "resolve_image", "registry_client"]
 
@@ -144,7 +144,7 @@ def import_registry(image: str | ImageRef, target: str | os.PathLike[str] | Plac
                 preallocation=prealloc, target_is_zero=target_is_zero, tuning=Tuning())
             paths = (name, dst.path)
             fetched = retries_seen = pulled = 0
-            try:
+            with writing(writer):
                 skip: list[str] = []
                 found: tuple[Layer, StreamResult] | None = None
                 for layer in reversed(resolved.layers):
@@ -172,14 +172,6 @@ def import_registry(image: str | ImageRef, target: str | os.PathLike[str] | Plac
                                            f"image ({len(resolved.layers)} layers, "
                                            f"{pulled} read)")
                 stats = writer.finish()
-            except BaseException:
-                try:
-                    writer.abort()
-                except OSError:
-                    pass
-                raise
-            finally:
-                writer.free()
             layer, res = found
             assert res.tar is not None
             vsize = res.image_size

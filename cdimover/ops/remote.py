@@ -43,7 +43,8 @@ from ..io.http import HttpSource
 from ..types import PREALLOCATION_MODES, CopyResult, ScanMethod
 from .copy import Tuning, final_size_for, grow_target, make_result, room_needed, target_opts
 from .prealloc import preallocation_mode
-from .sink import complete_stream, default_capacity, is_device, is_memory_limit, open_stream_writer
+from .sink import complete_stream, default_capacity, is_device, is_memory_limit, \
+    open_stream_writer, writing
 
 __all__ = ["import_url", "ImportResult", "Checksum", "parse_checksum", "probe_url"]
 
@@ -298,7 +299,7 @@ def _stream(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
             ctx, dst, bound, bound_known=bound_known, capacity=capacity,
             preallocation=preallocation, target_is_zero=target_is_zero, tuning=tuning)
         paths = (source.display_url, dst.path)
-        try:
+        with writing(writer):
             opts = _native.new_stream_opts(
                 format=source_format, compression="auto",
                 hash=checksum.algorithm if checksum else "", mem_limit=mem_limit)
@@ -318,14 +319,6 @@ def _stream(ctx: Context, ns: NativeSource, source: HttpSource, pr: Probed,
             except ImageFormatError as e:
                 raise type(e)(f"{source.display_url}: {e}") from None
             stats = writer.finish()
-        except BaseException:
-            try:
-                writer.abort()
-            except OSError:
-                pass
-            raise
-        finally:
-            writer.free()
         _verify(checksum, res.digest, source.display_url)
         vsize = res.image_size
         final_size = complete_stream(ctx, dst, stats, vsize, preallocation=preallocation,

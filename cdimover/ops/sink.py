@@ -16,6 +16,8 @@ body is complete: the target then sees one write, from the copy.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 import os
 import stat
 import tempfile
@@ -31,11 +33,27 @@ from ..io.endpoints import Place, Target, open_target
 from ..types import PREALLOCATION_MODES
 from .copy import Tuning, final_size_for, grow_target
 
-__all__ = ["StreamSink", "SinkResult", "open_stream_writer", "complete_stream",
+__all__ = ["writing", "StreamSink", "SinkResult", "open_stream_writer", "complete_stream",
            "default_capacity", "is_device", "is_memory_limit"]
 
 log = logging.getLogger("cdimover")
 _COMPRESSED = ("gzip", "xz", "zstd")
+
+
+@contextmanager
+def writing(writer: NativeWriter) -> Iterator[NativeWriter]:
+    """The life of WRITER around a block: when the block fails, what was written is synced
+    for a re-run and completion is never reported (abort); the writer is freed either way."""
+    try:
+        yield writer
+    except BaseException:
+        try:
+            writer.abort()
+        except OSError:
+            pass        # the block's failure is the one to report
+        raise
+    finally:
+        writer.free()
 
 
 def is_device(target: str | os.PathLike[str] | Place) -> bool:
