@@ -390,7 +390,8 @@ def test_concurrent_upload_is_503_and_after_success_409(
 
 
 def test_deadline_passed(start: Callable[..., Server]) -> None:
-    when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=2)
+    # far enough ahead for a slow start (the sanitizer run) to reach /healthz first
+    when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=10)
     srv = start(None, DEADLINE=when.strftime("%Y-%m-%dT%H:%M:%SZ"))
     rc, msg = srv.wait()
     assert rc == 0
