@@ -428,8 +428,9 @@ int cdm_pipeline_end(struct cdm_pipeline *p, struct cdm_stream_result *res)
     struct cdm_stream_result local;
     if (res == NULL)
         res = &local;
-    /* Only a tar stage fills these. */
-    memset(&res->tar_found, 0, sizeof *res - offsetof(struct cdm_stream_result, tar_found));
+    /* Every field is an output: what no stage fills (a tar layer with no disk in it has no
+     * image; only a tar stage sets the tar fields) reads as zero. */
+    memset(res, 0, sizeof *res);
     int rc = p->head->end(p->head, res);
     res->bytes_in = p->bytes_in;
     if (rc == 0)

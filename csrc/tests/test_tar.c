@@ -150,6 +150,7 @@ static struct run run(const uint8_t *buf, size_t len, size_t step0, const char *
         if (step0 == 0 || step0 == 1)
             step = step >= 65536 ? 1 : step * 3 + 1;
     }
+    memset(&r.res, 0xa5, sizeof r.res);     /* every field of the result is an output */
     if (r.rc == 0)
         r.rc = cdm_pipeline_end(p, &r.res);
     assert(r.rc == 0 || (r.rc < 0 && r.err.msg[0] != '\0'));
@@ -498,6 +499,20 @@ static void test_malformed(void)
     free(a.p);
 }
 
+/* A layer without a disk: success, nothing found, no image (no stale result fields). */
+static void test_no_disk(void)
+{
+    struct ar a = new_ar();
+    file(&a, "etc/hostname", "node\n", 5);
+    finish(&a);
+    struct run r = run(a.p, a.len, 4096, NULL);
+    assert(r.rc == 0);
+    assert(!r.res.tar_found);
+    assert(r.res.image_size == 0 && r.res.peak_held == 0 && r.res.bytes_in == a.len);
+    free(r.out);
+    free(a.p);
+}
+
 int main(void)
 {
     assert(mkdtemp(dir) != NULL);
@@ -513,6 +528,7 @@ int main(void)
     test_gzip();
     test_sparse();
     test_malformed();
+    test_no_disk();
     cdm_ctx_free(ctx);
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
