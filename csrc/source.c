@@ -31,6 +31,19 @@ static struct cdm_reader *reader_of(cdm_ctx *ctx, cdm_source *src)
     return r;
 }
 
+/* Start a job over SRC's random-access reader (*R): OPTS checked as every job's.  0 or an
+ * error with the message in CTX. */
+static int begin_job(cdm_ctx *ctx, cdm_source *src, const struct cdm_copy_opts *opts,
+                     struct cdm_reader **r)
+{
+    uint32_t request, sparse;
+    int rc = cdm_job_begin(ctx, opts, &request, &sparse);
+    if (rc < 0)
+        return rc;
+    *r = reader_of(ctx, src);
+    return *r != NULL ? 0 : -ESPIPE;
+}
+
 int cdm_source_pread(cdm_ctx *ctx, cdm_source *src, void *buf, size_t len, uint64_t off)
 {
     cdm_clear_error(ctx);
@@ -50,13 +63,10 @@ int cdm_source_pread(cdm_ctx *ctx, cdm_source *src, void *buf, size_t len, uint6
 int cdm_source_copy(cdm_ctx *ctx, cdm_source *src, int dst_fd, const struct cdm_copy_opts *opts,
                     int hash, struct cdm_copy_stats *stats, struct cdm_stream_result *res)
 {
-    uint32_t request, sparse;
-    int rc = cdm_job_begin(ctx, opts, &request, &sparse);
+    struct cdm_reader *r;
+    int rc = begin_job(ctx, src, opts, &r);
     if (rc < 0)
         return rc;
-    struct cdm_reader *r = reader_of(ctx, src);
-    if (r == NULL)
-        return -ESPIPE;
     struct cdm_hasher hasher;
     rc = cdm_hasher_init(&hasher, hash, &ctx->error);
     if (rc < 0)
@@ -94,13 +104,10 @@ int cdm_source_qcow2_inspect(cdm_ctx *ctx, cdm_source *src, struct cdm_qcow2_inf
 int cdm_source_qcow2_convert(cdm_ctx *ctx, cdm_source *src, int dst_fd,
                              const struct cdm_copy_opts *opts, struct cdm_copy_stats *stats)
 {
-    uint32_t request, sparse;
-    int rc = cdm_job_begin(ctx, opts, &request, &sparse);
+    struct cdm_reader *r;
+    int rc = begin_job(ctx, src, opts, &r);
     if (rc < 0)
         return rc;
-    struct cdm_reader *r = reader_of(ctx, src);
-    if (r == NULL)
-        return -ESPIPE;
     src->ops->bind(src, ctx);
     rc = cdm_qcow2_convert_reader(ctx, r, dst_fd, opts, stats);
     src->ops->bind(src, NULL);
