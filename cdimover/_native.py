@@ -17,6 +17,7 @@ from typing import Any
 from ._cdimover import ffi, lib  # type: ignore[import-not-found]
 from .errors import (
     AuthenticationError,
+    ChecksumMismatchError,
     CopyCancelled,
     HttpStatusError,
     ImageFormatError,
@@ -30,7 +31,7 @@ from .errors import (
     UnsupportedImageError,
 )
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 if lib.CDM_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"cdimover's native core has ABI {lib.CDM_ABI_VERSION}, the Python layer expects "
@@ -51,6 +52,7 @@ _LIB_ERRORS: dict[int, type[Exception]] = {
     lib.CDM_ENETWORK: NetworkError,
     lib.CDM_EPROTOCOL: ProtocolError,
     lib.CDM_ECHANGED: SourceChangedError,
+    lib.CDM_EDIGEST: ChecksumMismatchError,
 }
 
 
@@ -444,21 +446,33 @@ _OPTS_STRINGS: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictio
 
 def new_stream_opts(*, format: str = "auto", compression: str = "auto", hash: str = "",
                     mem_limit: int = 0, tar_dir: str | None = None,
-                    tar_skip: Sequence[str] = ()) -> Any:
+                    tar_skip: Sequence[str] = (), expect_digest: bytes | None = None,
+                    expect_size: int = 0) -> Any:
     """Options of a stream.  TAR_DIR: the stream is a container layer (a tar archive after
     COMPRESSION) whose single regular file directly under TAR_DIR is the image (FORMAT then
-    applies to it); TAR_SKIP: names under TAR_DIR hidden by upper layers' whiteouts."""
+    applies to it); TAR_SKIP: names under TAR_DIR hidden by upper layers' whiteouts.
+    EXPECT_DIGEST: the HASH digest the bytes must have (a mismatch is ChecksumMismatchError,
+    also when the corrupted bytes failed to decode first); EXPECT_SIZE: their length."""
     opts = ffi.new("struct cdm_stream_opts *")
     opts.format = FORMATS[format]
     opts.compression = COMPRESSIONS[compression]
     opts.hash = HASHES[hash]
     opts.mem_limit = mem_limit
+    keep: list[Any] = []
+    if expect_digest is not None:
+        if not hash:
+            raise ValueError("an expected digest needs a hash")
+        keep.append(ffi.new("uint8_t[]", expect_digest))
+        opts.expect_digest = keep[-1]
+        opts.expect_size = expect_size
     if tar_dir is not None:
         if any("\n" in n or "\0" in n for n in tar_skip) or "\0" in tar_dir:
             raise ValueError("names with a newline or NUL")
-        keep = [ffi.new("char[]", tar_dir.encode()),
-                ffi.new("char[]", "\n".join(tar_skip).encode())]
-        opts.tar_dir, opts.tar_skip = keep
+        names = [ffi.new("char[]", tar_dir.encode()),
+                 ffi.new("char[]", "\n".join(tar_skip).encode())]
+        opts.tar_dir, opts.tar_skip = names
+        keep += names
+    if keep:
         _OPTS_STRINGS[opts] = keep
     return opts
 

@@ -203,7 +203,8 @@ def _pull_layer(ctx: Context, client: RegistryClient, layer: Layer, writer: _nat
     try:
         opts = _native.new_stream_opts(format=source_format, compression=layer.compression,
                                        hash="sha256", mem_limit=mem_limit, tar_dir=DISK_DIR,
-                                       tar_skip=skip)
+                                       tar_skip=skip, expect_digest=bytes.fromhex(layer.digest[7:]),
+                                       expect_size=layer.size)
         shown: ProgressFn | None = None
         if progress is not None:
             report = progress
@@ -211,6 +212,11 @@ def _pull_layer(ctx: Context, client: RegistryClient, layer: Layer, writer: _nat
             shown = lambda done, _t: report(done, total)  # noqa: E731
         try:
             res = ns.stream(ctx, writer, opts, progress=shown, paths=paths)
+        except ChecksumMismatchError as e:
+            # the core read the whole blob through the digest, also past a decoding failure
+            raise ChecksumMismatchError(
+                f"{name}: layer {layer.digest} does not match its digest: {e}; refusing it "
+                "(the target is not committed)") from None
         except (ImageFormatError, TargetTooSmallError) as e:
             raise type(e)(f"{name}: layer {layer.digest}: {e}") from None
         info = ns.info()
