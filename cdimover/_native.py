@@ -115,6 +115,24 @@ def _cdm_progress_cb(opaque: Any, done: int, total: int) -> int:
         return 1
 
 
+@ffi.def_extern(onerror=_on_callback_error)  # type: ignore[untyped-decorator]
+def _cdm_reauth_cb(opaque: Any, header: Any, cap: int) -> int:
+    src: NativeSource = ffi.from_handle(opaque)
+    try:
+        assert src.reauth is not None
+        line = src.reauth()
+        if line is None:
+            return 1
+        data = line.encode("latin-1") + b"\0"
+        if len(data) > cap:
+            return 1
+        ffi.memmove(header, data, len(data))
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - stored, re-raised after the C call
+        src.reauth_error = exc
+        return 1
+
+
 class Context:
     """An owned ``cdm_ctx``: one operation at a time, cancellable from any thread."""
 
@@ -487,8 +505,15 @@ class NativeSource:
                  user_agent: str = "cdimover", insecure: bool = False,
                  no_ranges: bool = False, max_redirects: int = 10, retries: int = 5,
                  retry_delay_ms: int = 500, idle_timeout: int = 600,
-                 connect_timeout: int = 30) -> None:
+                 connect_timeout: int = 30,
+                 reauth: Callable[[], str | None] | None = None) -> None:
+        """REAUTH: called when a request of a stream is answered 401 (an expired token): a
+        new header line ("Authorization: Bearer ...") replacing the extra header of that
+        name, or None to keep the 401; what it raises ends the stream."""
         self.url = url
+        self.reauth = reauth
+        self.reauth_error: BaseException | None = None
+        self._handle = ffi.new_handle(self) if reauth is not None else ffi.NULL
         keep: list[Any] = []
 
         def cstr(s: str | None) -> Any:
@@ -513,6 +538,9 @@ class NativeSource:
         opts.retry_delay_ms = retry_delay_ms
         opts.idle_timeout = idle_timeout
         opts.connect_timeout = connect_timeout
+        if reauth is not None:
+            opts.reauth = lib._cdm_reauth_cb
+            opts.reauth_opaque = self._handle
         out = ffi.new("cdm_source **")
         try:
             ctx.call(lib.cdm_http_open, opts, out)
@@ -559,8 +587,14 @@ class NativeSource:
                progress: ProgressFn | None = None,
                paths: Sequence[str | None] = (None, None)) -> StreamResult:
         res = ffi.new("struct cdm_stream_result *")
-        ctx.call(lib.cdm_source_stream, self._ptr, writer._ptr, opts, res, progress=progress,
-                 paths=paths)
+        self.reauth_error = None
+        try:
+            ctx.call(lib.cdm_source_stream, self._ptr, writer._ptr, opts, res,
+                     progress=progress, paths=paths)
+        except Exception:
+            if self.reauth_error is not None:
+                raise self.reauth_error from None   # why new credentials were not had
+            raise
         return _stream_result(res)
 
     def free(self) -> None:

@@ -354,6 +354,13 @@ enum cdm_http_flags {
     CDM_HTTP_NO_RANGES = 2        /* never ask for byte ranges */
 };
 
+/* Asked for new credentials when a request of a stream (cdm_source_stream) is answered 401,
+ * e.g. a Bearer token that expired mid-download: write one "Name: value" line, NUL-terminated,
+ * into HEADER (CAP bytes; it replaces the extra header of that name) and return 0, and the
+ * request is made again from where the stream stands; nonzero keeps the 401.  Asked at most
+ * 3 times per request, from the thread running the stream (ABI 4). */
+typedef int (*cdm_reauth_fn)(void *opaque, char *header, size_t cap);
+
 struct cdm_http_opts {
     const char *url;              /* http:// or https:// without user information */
     const char *user;             /* basic auth user, or NULL */
@@ -368,6 +375,8 @@ struct cdm_http_opts {
     uint32_t retry_delay_ms;      /* first pause before a retry, doubled each time (max 10 s) */
     uint32_t idle_timeout;        /* seconds below 1 KiB/s before giving up; 0 = 600 */
     uint32_t connect_timeout;     /* seconds; 0 = 30 */
+    cdm_reauth_fn reauth;         /* NULL: a 401 is final */
+    void *reauth_opaque;
 };
 
 struct cdm_source_info {

@@ -55,6 +55,8 @@ struct http_source {
     char *password;
     bool creds;             /* send USER/PASSWORD and HEADERS (same origin as given) */
     struct curl_slist *headers;
+    cdm_reauth_fn reauth;   /* new credentials after a 401 of a stream's request */
+    void *reauth_opaque;
     char *ca_pem;
     char *proxy_ca_pem;
     char *user_agent;
@@ -517,6 +519,59 @@ static int pause_ms(struct http_source *h, uint32_t ms)
     return 0;
 }
 
+#define MAX_REAUTH 3            /* new credentials asked for per request */
+
+/* Free the header list L, wiping the lines (they may hold credentials). */
+static void free_headers(struct curl_slist *l)
+{
+    for (struct curl_slist *i = l; i != NULL; i = i->next)
+        explicit_bzero(i->data, strlen(i->data));
+    curl_slist_free_all(l);
+}
+
+/* A 401 answered a stream's request: ask H's reauth callback for a new header line and put
+ * it in place of the one of the same name.  0: ask again; 1: keep the 401; -ENOMEM. */
+static int reauthenticate(struct http_source *h)
+{
+    char line[8192];
+    line[0] = '\0';
+    if (h->reauth(h->reauth_opaque, line, sizeof line) != 0)
+        return 1;
+    line[sizeof line - 1] = '\0';
+    const char *colon = strchr(line, ':');
+    if (colon == NULL || colon == line || strpbrk(line, "\r\n") != NULL) {
+        explicit_bzero(line, sizeof line);
+        return 1;
+    }
+    size_t name = (size_t)(colon - line);
+    struct curl_slist *fresh = NULL;
+    int rc = 0;
+    for (struct curl_slist *l = h->headers; l != NULL && rc == 0; l = l->next) {
+        if (strncasecmp(l->data, line, name) == 0 && l->data[name] == ':')
+            continue;       /* the old credentials */
+        struct curl_slist *n = curl_slist_append(fresh, l->data);
+        if (n == NULL)
+            rc = -ENOMEM;
+        else
+            fresh = n;
+    }
+    if (rc == 0) {
+        struct curl_slist *n = curl_slist_append(fresh, line);
+        if (n == NULL)
+            rc = -ENOMEM;
+        else
+            fresh = n;
+    }
+    explicit_bzero(line, sizeof line);
+    if (rc < 0) {
+        free_headers(fresh);
+        return rc;
+    }
+    free_headers(h->headers);
+    h->headers = fresh;
+    return 0;
+}
+
 /* Fetch WANT bytes (or UINT64_MAX: to the end) from offset START through X (buf or pipe and
  * probe set by the caller) on a pooled connection, with retries: each retry asks for the rest
  * from the last byte taken.  A stream over a server without ranges cannot resume: -EAGAIN
@@ -526,7 +581,7 @@ static int transfer(struct http_source *h, struct xfer *x, uint64_t start, uint6
 {
     char errbuf[CURL_ERROR_SIZE];
     char range[64];
-    unsigned attempts = 0;
+    unsigned attempts = 0, reauths = 0;
     uint32_t delay = h->retry_delay_ms;
     int rc;
     x->h = h;
@@ -587,6 +642,20 @@ static int transfer(struct http_source *h, struct xfer *x, uint64_t start, uint6
                 break;
             }
             cc = CURLE_PARTIAL_FILE;        /* the body ended early: resume */
+        }
+        if (cc == CURLE_OK && status == 401 && x->pipe != NULL && h->reauth != NULL &&
+            h->creds && reauths < MAX_REAUTH) {
+            /* (a stream runs in one thread: no other request uses the header list now) */
+            reauths++;
+            rc = reauthenticate(h);
+            if (rc < 0) {
+                rc = cdm_error_set(err, CDM_SIDE_NONE, rc, "out of memory");
+                break;
+            }
+            if (rc == 0) {
+                attempts--;     /* the same attempt, with new credentials */
+                continue;
+            }
         }
         if (!retryable(cc, status) || attempts > h->retries) {
             rc = failed(h, err, cc, status, errbuf, h->shown, attempts);
@@ -745,9 +814,7 @@ static void http_destroy(cdm_source *src)
     for (unsigned i = 0; i < MAX_CONNS; i++)
         if (h->conns[i].easy != NULL)
             curl_easy_cleanup(h->conns[i].easy);
-    for (struct curl_slist *l = h->headers; l != NULL; l = l->next)
-        explicit_bzero(l->data, strlen(l->data));
-    curl_slist_free_all(h->headers);
+    free_headers(h->headers);
     wipe_free(h->user);
     wipe_free(h->password);
     free(h->url);
@@ -868,6 +935,8 @@ int cdm_http_open(cdm_ctx *ctx, const struct cdm_http_opts *opts, cdm_source **o
     h->idle_timeout = opts->idle_timeout ? opts->idle_timeout : 600;
     h->connect_timeout = opts->connect_timeout ? opts->connect_timeout : 30;
     h->creds = true;
+    h->reauth = opts->reauth;
+    h->reauth_opaque = opts->reauth_opaque;
     int rc = 0;
     if (dup_opt(&h->url, opts->url) < 0 || dup_opt(&h->user, opts->user) < 0 ||
         dup_opt(&h->password, opts->password) < 0 || dup_opt(&h->ca_pem, opts->ca_pem) < 0 ||
