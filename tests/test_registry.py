@@ -133,6 +133,23 @@ def test_qcow2(images: dict[str, str], registry: Registries, tmp_path: Path) -> 
     assert file_sha(t) == sha(RAW_A)
 
 
+def test_qcow2_beyond_the_memory_bound(images: dict[str, str], registry: Registries,
+                                       tmp_path: Path) -> None:
+    from cdimover.errors import UnsupportedImageError
+
+    t = tmp_path / "t"
+    with pytest.raises(UnsupportedImageError, match="memory limit"):
+        run(images["qcow2-gzip"], t, registry, mem_limit=4096)
+    assert not t.exists()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    r = run(images["qcow2-gzip"], t, registry, mem_limit=4096, scratch_dir=str(scratch))
+    assert r.strategy == "scratch" and r.source_format == "qcow2"
+    assert file_sha(t) == sha(RAW_A)
+    assert list(scratch.iterdir()) == []        # the scratch copy is removed
+    assert r.layers_pulled == 1 and r.member == "disk/disk.qcow2"
+
+
 def test_multi_arch(images: dict[str, str], registry: Registries, tmp_path: Path) -> None:
     r = run(images["multi"], tmp_path / "a", registry, arch="amd64")
     assert file_sha(tmp_path / "a") == sha(RAW_A) and r.platform == "linux/amd64"

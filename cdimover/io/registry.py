@@ -384,6 +384,9 @@ class RegistryClient:
                 continue
             if status == 200:
                 return h, body
+            if status == 401 and self.use_basic:
+                raise AuthenticationError(f"{self.ref}: the registry refused the user and "
+                                          "password (401)", status)
             if status in (401, 403):
                 raise AuthenticationError(f"{self.ref}: access denied ({status})", status)
             if status == 404:

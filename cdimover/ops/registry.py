@@ -69,6 +69,7 @@ class RegistryImportResult:
     bytes_fetched: int          # blob bytes received (all layers pulled)
     retries: int
     peak_held: int
+    strategy: str = "stream"    # "scratch": converted from a copy in the scratch directory
 
 
 def registry_client(image: str | ImageRef, *, auth: tuple[str, str] | None = None,
@@ -207,14 +208,15 @@ class _Walk:
         return res
 
     def result(self, copy: CopyResult, layer: Layer, res: StreamResult, *, fmt: str,
-               peak_held: int) -> RegistryImportResult:
+               peak_held: int, strategy: str = "stream") -> RegistryImportResult:
         assert res.tar is not None
         return RegistryImportResult(
             copy=copy, image=str(self.client.ref), manifest_digest=self.resolved.digest,
             platform=self.resolved.platform, layer=layer.digest, member=res.tar.member,
             source_format=fmt, compression=layer.compression,
             member_compression=res.tar.member_compression, layers_pulled=self.pulled,
-            bytes_fetched=self.fetched, retries=self.retried, peak_held=peak_held)
+            bytes_fetched=self.fetched, retries=self.retried, peak_held=peak_held,
+            strategy=strategy)
 
 
 def _import_stream(walk: _Walk, target: str | os.PathLike[str] | Place, limit: int, *,
@@ -296,7 +298,7 @@ def _import_via_scratch(walk: _Walk, layer: Layer, skip: list[str],
     finally:
         os.close(fd)
         os.unlink(path)
-    return walk.result(copy, layer, res, fmt="qcow2", peak_held=0)
+    return walk.result(copy, layer, res, fmt="qcow2", peak_held=0, strategy="scratch")
 
 
 def _pull_layer(ctx: Context, client: RegistryClient, layer: Layer, writer: _native.NativeWriter,
