@@ -22,7 +22,8 @@ import pytest
 from conftest import TOOL_ENV, need_tool
 from netfix import Request, Response, drip
 from regfix import Layout, Registries, layer_tar
-from test_pod import UID, free_port, pod_args, popen, run_pod, watch  # noqa: F401 (fixture)
+from test_pod import UID, free_port, pod_args, run_pod, watch
+from test_pod import popen  # noqa: F401 (a fixture)
 
 MiB = 1 << 20
 
