@@ -5,6 +5,10 @@ conftest.py), and the images they push.
   registry, Debian's docker-registry) on 127.0.0.1 with ephemeral ports and storage in temp
   directories: one plain HTTP (reached as an insecure registry), one HTTPS (a throwaway CA from
   netfix.make_certs) with htpasswd basic auth (bcrypt, `htpasswd -B`).  Stopped by PID.
+- `token_registry` (session): a third registry in the token mode (`auth.token`, plain HTTP)
+  with its token endpoint, `TokenServer`: a thread of this process that checks basic
+  credentials and signs JWTs (RS256 through `openssl dgst`, the certificate in the x5c
+  header and in the registry's rootcertbundle); tests shorten the tokens' lives.
 - `Image`: an OCI image layout written by the test (layer tars made with tarfile or GNU tar,
   gzip or zstd, a config, a manifest, index.json and oci-layout) and pushed with
   `skopeo copy`; a multi-arch index is pushed with `skopeo copy --all`.

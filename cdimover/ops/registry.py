@@ -6,10 +6,12 @@ from an index, manifest digest checked).  Then the layers are walked **from the 
 as a container runtime shows ``/disk``:
 
 - each layer blob is one GET through the native core (resumed with Range when a connection
-  breaks; the registry's Authorization header is not sent to another origin after a
-  redirect), decompressed (the media type's compression must match the magic bytes), and
-  read as a tar archive by the core's tar stage; the sha256 of the blob as received must be
-  the layer's digest, or the import fails and the target is never committed;
+  breaks, with a new token when the old one ran out meanwhile; the registry's Authorization
+  header is not sent to another origin after a redirect), decompressed (the media type's
+  compression must match the magic bytes), and read as a tar archive by the core's tar
+  stage; the sha256 of the blob as received must be the layer's digest, or the import fails
+  and the target is never committed (a blob corrupted so that it stops decoding is still read
+  to its end, so that the digest mismatch is what is reported);
 - the topmost layer holding a regular file directly under ``disk/`` provides the disk: that
   file's bytes go through the format probe (gzip/xz inside it too) onto the target as they
   arrive, RAW as is (sparse members' holes stay holes) and QCOW2 through the single-pass
@@ -21,7 +23,10 @@ as a container runtime shows ``/disk``:
   link) is an error naming them, and so is no file at all;
 - only the layers needed are downloaded: in a single-layer containerDisk exactly one blob,
   and the layers below the one holding the disk never.  Layers above it are downloaded (to
-  see that they hold no disk) and written nowhere.
+  see that they hold no disk) and written nowhere;
+- a QCOW2 disk whose layout needs more than the memory bound is, with a scratch directory,
+  pulled again into it and converted from there (the one case where a blob is fetched
+  twice); without one the import fails with UnsupportedImageError.
 
 CDI itself scans base-first and stops at the first file, ignoring replacements in upper
 layers; cdimover gives what the running container would see.

@@ -212,7 +212,8 @@ def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
         "CDIMOVER_INSECURE_REGISTRIES), into DESTINATION.  Remote sources: "
         "IMPORTER_ACCESS_KEY_ID, IMPORTER_SECRET_KEY, IMPORTER_CERT_DIR, INSECURE_TLS, "
         "http_proxy, https_proxy, no_proxy, IMPORTER_PROXY_CERT_DIR; SCRATCH_DIR (/scratch) "
-        "for a QCOW2 that cannot be converted as it arrives.  Optional: IMPORTER_CONTENTTYPE (kubevirt|archive), IMPORTER_IMAGE_SIZE "
+        "for a QCOW2 that cannot be converted as it arrives.  Optional: IMPORTER_CONTENTTYPE "
+        "(kubevirt|archive), IMPORTER_IMAGE_SIZE "
         "(grow disk.img to this quantity), IMPORTER_CHECKSUM (sha256:<hex>, md5, sha1, "
         "sha512), PREALLOCATION (true|false), FILESYSTEM_OVERHEAD (0.06), OWNER_UID, "
         "DESTINATION (default /dev/cdi-block-volume or /data).")

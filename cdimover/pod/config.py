@@ -19,8 +19,8 @@ from ..io.http import HttpSource, is_url
 from ..io.registry import is_registry_url, parse_reference
 from ..sizing import DEFAULT_OVERHEAD, parse_overhead, parse_quantity
 
-__all__ = ["Checksum", "CloneConfig", "ImportConfig", "RegistrySource", "UploadConfig", "clone_config",
-           "import_config", "upload_config", "BLOCK_VOLUME", "DATA_DIR", "UPLOAD_DESTINATION",
+__all__ = ["Checksum", "CloneConfig", "ImportConfig", "RegistrySource", "UploadConfig",
+           "clone_config", "import_config", "upload_config", "BLOCK_VOLUME", "DATA_DIR", "UPLOAD_DESTINATION",
            "SCRATCH_DIR", "get_env"]
 
 BLOCK_VOLUME: Final = "/dev/cdi-block-volume"
