@@ -115,7 +115,8 @@ Registry scenario: `docker-registry serve` (Debian's, the distribution project's
 as a child of the runner on 127.0.0.1 (plain HTTP, storage in the scratch directory) and is
 stopped by its PID; the image is an OCI layout written here (the layer made with GNU tar,
 owner 107, and `gzip REGISTRY_GZIP`) pushed with `skopeo copy`.  cdimover runs through
-bench/_cdm_registry.py (import_registry; its JSON adds bytes_fetched and the layer).  The
+bench/_cdm_import.py (import_registry for a docker:// image; its JSON adds
+bytes_fetched and the layer).  The
 peer's skopeo copies the image to a directory in the scratch directory, tar extracts the
 layer there, qemu-img converts as in qcow2, and `sync -d` makes the output durable; the
 scratch files are removed after each run, outside the timing.  Targets: registry-qcow2 (file
@@ -156,7 +157,6 @@ CDM_CONVERT = HERE / "_cdm_convert.py"
 CDM_PREALLOC = HERE / "_cdm_prealloc.py"
 CDM_IMPORT = HERE / "_cdm_import.py"
 CDM_UPLOAD = HERE / "_cdm_upload.py"
-CDM_REGISTRY = HERE / "_cdm_registry.py"
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 ALIGN = 4096
@@ -1619,7 +1619,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Nginx:
+class ChildServer:
+    """A server run as a child of the runner on 127.0.0.1:self.port, stopped by its PID."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    def wait_listening(self, what: str, detail: str, logs: Sequence[Path], busy: str) -> bool:
+        """Wait (10 s) until the child listens: True; False when it failed because the port
+        was taken meanwhile (BUSY in its LOGS); RuntimeError for any other failure."""
+        import socket
+        assert self.proc is not None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                socket.create_connection((LOCALHOST, self.port), timeout=1).close()
+                log(f"{what} (pid {self.proc.pid}) {detail}")
+                return True
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        why = "".join(p.read_text() for p in logs)
+        if busy.lower() in why.lower():
+            return False
+        raise RuntimeError(f"{what} did not start: {why.strip()[-1000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM to the child's PID, SIGKILL if it is still there 10 s later."""
+        p, self.proc = self.proc, None
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if p is None or p.poll() is not None:
+                return
+            p.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
+
+
+class Nginx(ChildServer):
     """nginx serving ROOT on 127.0.0.1 at a free ephemeral port: a child process (daemon off,
     master_process off) with its own configuration, pid file, logs and temp paths in DIR,
     stopped by its PID when RES closes.  The access log records $body_bytes_sent, so the bytes
@@ -1635,7 +1671,6 @@ class Nginx:
         d.mkdir()
         res.callback(shutil.rmtree, d, True)
         self.dir, self.root, self.log = d, root, d / "access.log"
-        self.proc: subprocess.Popen[bytes] | None = None
         res.callback(self.stop)
         for _ in range(5):
             self.port = free_port()
@@ -1665,7 +1700,6 @@ class Nginx:
 
     def _start(self, exe: str) -> bool:
         """Start on self.port; False when the port was taken meanwhile."""
-        import socket
         (self.dir / "nginx.conf").write_text(self.conf())
         for name in ("error.log", "access.log"):
             (self.dir / name).write_bytes(b"")
@@ -1673,30 +1707,10 @@ class Nginx:
             self.proc = subprocess.Popen([exe, "-e", str(self.dir / "error.log"),
                                           "-p", f"{self.dir}/", "-c", str(self.dir / "nginx.conf")],
                                          stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                socket.create_connection((LOCALHOST, self.port), timeout=1).close()
-                log(f"nginx (pid {self.proc.pid}) serving {self.root} on "
-                    f"http://{LOCALHOST}:{self.port}/")
-                return True
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        why = (self.dir / "error.log").read_text() + (self.dir / "stderr.log").read_text()
-        if "Address already in use" in why:
-            return False
-        raise RuntimeError(f"nginx did not start: {why.strip()[-1000:]}")
-
-    def stop(self) -> None:
-        """SIGTERM to nginx's PID, SIGKILL if it is still there 10 s later."""
-        p, self.proc = self.proc, None
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if p is None or p.poll() is not None:
-                return
-            p.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=10)
+        return self.wait_listening("nginx", f"serving {self.root} on "
+                                   f"http://{LOCALHOST}:{self.port}/",
+                                   [self.dir / "error.log", self.dir / "stderr.log"],
+                                   "Address already in use")
 
     def url(self, name: str) -> str:
         return f"http://{LOCALHOST}:{self.port}/{name}"
@@ -1985,7 +1999,7 @@ REGISTRY_RSS_LIMIT = 96 * MiB    # cdimover's peak RSS
 REGISTRY_GZIP = "-6"             # gzip's default level, as image builders use
 
 
-class LocalRegistry:
+class LocalRegistry(ChildServer):
     """`docker-registry serve` on 127.0.0.1 at a free ephemeral port (plain HTTP), its
     configuration and storage in DIR: a child process stopped by its PID when RES closes."""
 
@@ -1996,7 +2010,6 @@ class LocalRegistry:
         d.mkdir()
         res.callback(shutil.rmtree, d, True)
         self.dir = d
-        self.proc: subprocess.Popen[bytes] | None = None
         res.callback(self.stop)
         for _ in range(5):
             self.port = free_port()
@@ -2009,7 +2022,6 @@ class LocalRegistry:
         return f"{LOCALHOST}:{self.port}"
 
     def _start(self, exe: str) -> bool:
-        import socket
         conf = self.dir / "config.yml"
         conf.write_text("\n".join([
             "version: 0.1", "log:", "  level: error", "  accesslog:", "    disabled: true",
@@ -2018,29 +2030,8 @@ class LocalRegistry:
         with open(self.dir / "stderr.log", "wb") as err:
             self.proc = subprocess.Popen([exe, "serve", str(conf)], stdin=subprocess.DEVNULL,
                                          stdout=err, stderr=err)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                socket.create_connection((LOCALHOST, self.port), timeout=1).close()
-                log(f"docker-registry (pid {self.proc.pid}) on http://{self.host}/")
-                return True
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        why = (self.dir / "stderr.log").read_text()
-        if "address already in use" in why:
-            return False
-        raise RuntimeError(f"docker-registry did not start: {why.strip()[-1000:]}")
-
-    def stop(self) -> None:
-        """SIGTERM to the registry's PID, SIGKILL if it is still there 10 s later."""
-        p, self.proc = self.proc, None
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if p is None or p.poll() is not None:
-                return
-            p.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=10)
+        return self.wait_listening("docker-registry", f"on http://{self.host}/",
+                                   [self.dir / "stderr.log"], "address already in use")
 
 
 def _oci_blob(layout: Path, src: Path | bytes) -> dict[str, Any]:
@@ -2125,9 +2116,8 @@ def registry_scenario(b: Bench) -> None:
         extracted = b.workdir / "extracted"
         layer_hex = str(layer["digest"]).split(":", 1)[1]
         for sc, dev in (("registry-qcow2", False), ("registry-qcow2-blk", True)):
-            cdm = Tool("cdimover", [sys.executable, str(CDM_REGISTRY), ref, "{DST}",
-                                    "--insecure-registry", reg.host]
-                       + (["--target-is-zero"] if dev else []), is_cdm=True)
+            cdm = import_tool(ref, "{DST}", target_is_zero=dev)
+            cdm.argv += ["--insecure-registry", reg.host]
             qemu = qemu_to_raw(str(extracted / "disk" / "disk.qcow2"), "{DST}",
                                dst_is_dev=dev).argv
             peer = Tool("skopeo+tar+qemu-img", [

@@ -114,12 +114,14 @@ class Registries:
     tls: Registry
 
 
+def need_registry_tools(*more: str) -> None:
+    for tool in ("docker-registry", "skopeo", "openssl", *more):
+        need_tool(tool)
+
+
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registries]:
-    need_tool("docker-registry")
-    need_tool("skopeo")
-    need_tool("htpasswd")
-    need_tool("openssl")
+    need_registry_tools("htpasswd")
     d1 = tmp_path_factory.mktemp("registry-plain")
     d2 = tmp_path_factory.mktemp("registry-tls")
     make_certs(d2)
@@ -251,9 +253,7 @@ class TokenRegistry:
 @pytest.fixture(scope="session")
 def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRegistry]:
     """A plain-HTTP registry with token auth, and its token endpoint (TokenServer)."""
-    need_tool("docker-registry")
-    need_tool("skopeo")
-    need_tool("openssl")
+    need_registry_tools()
     d = tmp_path_factory.mktemp("registry-token")
     tokens = TokenServer(d, "cdi", secrets.token_urlsafe(12))
     proc = None

@@ -84,6 +84,15 @@ def env_for(registry: Registries, endpoint: str, dst: Path | str, **extra: str) 
     return env
 
 
+def cert_dir(tmp_path: Path, registry: Registries) -> Path:
+    """IMPORTER_CERT_DIR as CDI mounts it: the TLS registry's CA."""
+    assert registry.tls.ca is not None
+    certs = tmp_path / "certs"
+    certs.mkdir(exist_ok=True)
+    (certs / "ca.crt").write_bytes(registry.tls.ca.read_bytes())
+    return certs
+
+
 def sha_prefix(path: Path | str, n: int) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read(n)).hexdigest()
@@ -107,10 +116,7 @@ def test_pod_registry_tls_basic_auth_onto_a_loop_device(
         pod_images: dict[str, Any], registry: Registries, tmp_path: Path,
         loopdev: Callable[..., str]) -> None:
     tls = registry.tls
-    assert tls.ca is not None
-    certs = tmp_path / "certs"
-    certs.mkdir()
-    (certs / "ca.crt").write_bytes(tls.ca.read_bytes())
+    certs = cert_dir(tmp_path, registry)
     backing = tmp_path / "dev.img"
     backing.write_bytes(b"\xff" * (32 * MiB))
     dev = loopdev(backing)
@@ -146,10 +152,7 @@ def test_pod_registry_architecture_and_pinned_digest(pod_images: dict[str, Any],
 def test_pod_registry_failures_are_one_line(pod_images: dict[str, Any], registry: Registries,
                                             tmp_path: Path) -> None:
     tls = registry.tls
-    assert tls.ca is not None
-    certs = tmp_path / "certs"
-    certs.mkdir()
-    (certs / "ca.crt").write_bytes(tls.ca.read_bytes())
+    certs = cert_dir(tmp_path, registry)
     dst = tmp_path / "data"
     dst.mkdir()
     missing = pod_images["qcow2"].rsplit(":", 1)[0] + ":nosuchtag"
