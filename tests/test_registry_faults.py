@@ -2,7 +2,8 @@
 token endpoint written here (regfix.TokenServer), a token that runs out in the middle of a
 blob download, wrong credentials, a manifest whose bytes do not match the digest announced
 or pinned (served through a small rewriting proxy), a connection cut mid-blob (resumed with
-Range, nothing fetched twice).  Oracle: the disk's bytes."""
+Range, nothing fetched twice), a blob redirected to another origin (no token sent there).
+Oracle: the disk's bytes."""
 
 from __future__ import annotations
 
@@ -163,3 +164,36 @@ def test_manifest_digest_mismatch(registry: Registries, plain_big: str,
     r = pull(f"127.0.0.1:{srv.port}", pinned, tmp_path / "v")
     assert r.manifest_digest == good.manifest_digest
     assert sha((tmp_path / "v").read_bytes()) == sha(BIG)
+
+
+def test_blob_redirect_gets_no_credentials(token_registry: TokenRegistry, token_big: str,
+                                           rawhttp: Callable[..., Any], tmp_path: Path) -> None:
+    """A registry that sends blobs to object storage (307 to another origin): the token goes
+    to the registry only, never to the storage host."""
+    reg, tokens = token_registry.registry, token_registry.tokens
+    tokens.lifetime = 300
+    storage_seen: list[Request] = []
+
+    def storage(req: Request) -> Response:
+        storage_seen.append(req)
+        digest = req.path.rsplit("/", 1)[-1]
+        return Response(body=reg.blob_path(digest).read_bytes())
+
+    store = rawhttp(storage)
+    front_seen: list[Request] = []
+
+    forward = rewriting_proxy(reg, lambda req, body, headers: body)
+
+    def front(req: Request) -> Response:
+        front_seen.append(req)
+        if "/blobs/" in req.path and "authorization" in req.headers:
+            digest = req.path.rsplit("/", 1)[-1]
+            return Response(status=307, headers={"Location": store.url(f"/store/{digest}")})
+        return forward(req)
+
+    srv = rawhttp(front)
+    r = pull(f"127.0.0.1:{srv.port}", token_big, tmp_path / "t", auth=(reg.user, reg.password))
+    assert sha((tmp_path / "t").read_bytes()) == sha(BIG)
+    assert r.bytes_fetched == reg.blob_path(r.layer).stat().st_size
+    assert any("/blobs/" in q.path and "authorization" in q.headers for q in front_seen)
+    assert storage_seen and all("authorization" not in q.headers for q in storage_seen)
