@@ -127,6 +127,14 @@ def test_pod_registry_tls_basic_auth_onto_a_loop_device(
     assert json.loads(message)["message"] == "Import Complete"
     assert sha_prefix(dev, len(GUEST)) == pod_images["oracle"]   # zeros written over 0xff
     assert tls.password not in p.stdout + p.stderr + message
+    # INSECURE_TLS: no CA needed (still HTTPS: the registry speaks nothing else)
+    dst = tmp_path / "data"
+    dst.mkdir()
+    p, message = run_pod("import", tmp_path, env_for(
+        registry, pod_images["tls"], dst, IMPORTER_ACCESS_KEY_ID=tls.user,
+        IMPORTER_SECRET_KEY=tls.password, INSECURE_TLS="true"))
+    assert p.returncode == 0, p.stderr
+    assert sha_prefix(dst / "disk.img", len(GUEST)) == pod_images["oracle"]
 
 
 def test_pod_registry_architecture_and_pinned_digest(pod_images: dict[str, Any],
