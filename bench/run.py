@@ -40,6 +40,11 @@ Scenarios (default: all but file2blk-dirty):
     upload-raw      the RAW source uploaded the same way -> file: cdimover's upload server vs
                     `curl -T` to nginx writing the body to disk (DAV PUT) + `sync -d`
                     (optional)
+    registry-qcow2  a containerDisk holding the source as QCOW2 (64 KiB clusters) under /disk/
+                    in one gzip layer, in a local registry (docker-registry) -> file and ->
+                    fresh loop device: cdimover.import_registry vs CDI's scratch route with the
+                    same tools (`skopeo copy` to a local directory, `tar -xzf` of the layer,
+                    `qemu-img convert -O raw`, timed together)  (optional)
 
 The source is a virtual disk of SIZE bytes: 25 % data in scattered 1-8 MiB extents (random,
 log-like text and repeated blocks mixed, about 2:1 for zlib), 10 % zeros written as data, the
@@ -105,6 +110,18 @@ whole 1 MiB blocks from the pipe.  Targets: http-qcow2 (file and device) <= 0.5 
 scratch route's time and <= 0.8 x the direct route's, nginx bytes for cdimover <= 1.02 x the
 QCOW2 file's allocated size (st_blocks), peak RSS <= 64 MiB, output verified every run,
 allocated <= data + 1 %; http-xz: time <= 1.0 x the pipeline's, same checks but the bytes.
+
+Registry scenario: `docker-registry serve` (Debian's, the distribution project's registry) runs
+as a child of the runner on 127.0.0.1 (plain HTTP, storage in the scratch directory) and is
+stopped by its PID; the image is an OCI layout written here (the layer made with GNU tar,
+owner 107, and `gzip REGISTRY_GZIP`) pushed with `skopeo copy`.  cdimover runs through
+bench/_cdm_import.py (import_registry for a docker:// image; its JSON adds
+bytes_fetched and the layer).  The
+peer's skopeo copies the image to a directory in the scratch directory, tar extracts the
+layer there, qemu-img converts as in qcow2, and `sync -d` makes the output durable; the
+scratch files are removed after each run, outside the timing.  Targets: registry-qcow2 (file
+and device) <= 0.5 x the peer's time, cdimover's peak RSS <= 96 MiB, bytes pulled by
+cdimover = the layer's size, output verified every run, allocated <= data + 1 %.
 """
 
 from __future__ import annotations
@@ -151,7 +168,8 @@ HASH_LIMIT = 16 * GiB          # beyond this, verify by sparse-aware comparison,
 DEFAULT_SCENARIOS = ["blk2file", "blkfull2file", "file2blk", "blk2blk", "ext4", "xfs",
                      "scaling", "memcg"]
 ALL_SCENARIOS = DEFAULT_SCENARIOS + ["file2blk-dirty", "qcow2", "qcow2-compressed", "prealloc",
-                                     "http-qcow2", "http-xz", "upload-qcow2", "upload-raw"]
+                                     "http-qcow2", "http-xz", "upload-qcow2", "upload-raw",
+                                     "registry-qcow2"]
 
 # Targets from the issue: scenario -> max ratio of cdimover's median wall time to the best peer's.
 RATIO_TARGETS = {"blk2file": 0.5, "blkfull2file": 0.9, "file2blk": 0.8, "blk2blk": 0.5,
@@ -1159,6 +1177,10 @@ def describe(scenario: str) -> str:
         "http-qcow2": "QCOW2 (64 KiB clusters) over HTTP (nginx, ranges) -> file",
         "http-qcow2-blk": "QCOW2 (64 KiB clusters) over HTTP (nginx, ranges) -> fresh loop device",
         "http-xz": f"RAW compressed with xz -T0 {XZ_LEVEL} over HTTP (nginx) -> file",
+        "registry-qcow2": "containerDisk (QCOW2, 64 KiB clusters, gzip layer) from a local "
+                          "registry -> file",
+        "registry-qcow2-blk": "containerDisk (QCOW2, 64 KiB clusters, gzip layer) from a local "
+                              "registry -> fresh loop device",
         "upload-qcow2": "QCOW2 (64 KiB clusters) uploaded over HTTPS (curl -T) -> file",
         "upload-qcow2-blk": "QCOW2 (64 KiB clusters) uploaded over HTTPS (curl -T) -> fresh "
                             "loop device",
@@ -1597,7 +1619,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Nginx:
+class ChildServer:
+    """A server run as a child of the runner on 127.0.0.1:self.port, stopped by its PID."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    def wait_listening(self, what: str, detail: str, logs: Sequence[Path], busy: str) -> bool:
+        """Wait (10 s) until the child listens: True; False when it failed because the port
+        was taken meanwhile (BUSY in its LOGS); RuntimeError for any other failure."""
+        import socket
+        assert self.proc is not None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                socket.create_connection((LOCALHOST, self.port), timeout=1).close()
+                log(f"{what} (pid {self.proc.pid}) {detail}")
+                return True
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        why = "".join(p.read_text() for p in logs)
+        if busy.lower() in why.lower():
+            return False
+        raise RuntimeError(f"{what} did not start: {why.strip()[-1000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM to the child's PID, SIGKILL if it is still there 10 s later."""
+        p, self.proc = self.proc, None
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if p is None or p.poll() is not None:
+                return
+            p.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
+
+
+class Nginx(ChildServer):
     """nginx serving ROOT on 127.0.0.1 at a free ephemeral port: a child process (daemon off,
     master_process off) with its own configuration, pid file, logs and temp paths in DIR,
     stopped by its PID when RES closes.  The access log records $body_bytes_sent, so the bytes
@@ -1613,7 +1671,6 @@ class Nginx:
         d.mkdir()
         res.callback(shutil.rmtree, d, True)
         self.dir, self.root, self.log = d, root, d / "access.log"
-        self.proc: subprocess.Popen[bytes] | None = None
         res.callback(self.stop)
         for _ in range(5):
             self.port = free_port()
@@ -1643,7 +1700,6 @@ class Nginx:
 
     def _start(self, exe: str) -> bool:
         """Start on self.port; False when the port was taken meanwhile."""
-        import socket
         (self.dir / "nginx.conf").write_text(self.conf())
         for name in ("error.log", "access.log"):
             (self.dir / name).write_bytes(b"")
@@ -1651,30 +1707,10 @@ class Nginx:
             self.proc = subprocess.Popen([exe, "-e", str(self.dir / "error.log"),
                                           "-p", f"{self.dir}/", "-c", str(self.dir / "nginx.conf")],
                                          stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                socket.create_connection((LOCALHOST, self.port), timeout=1).close()
-                log(f"nginx (pid {self.proc.pid}) serving {self.root} on "
-                    f"http://{LOCALHOST}:{self.port}/")
-                return True
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        why = (self.dir / "error.log").read_text() + (self.dir / "stderr.log").read_text()
-        if "Address already in use" in why:
-            return False
-        raise RuntimeError(f"nginx did not start: {why.strip()[-1000:]}")
-
-    def stop(self) -> None:
-        """SIGTERM to nginx's PID, SIGKILL if it is still there 10 s later."""
-        p, self.proc = self.proc, None
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if p is None or p.poll() is not None:
-                return
-            p.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=10)
+        return self.wait_listening("nginx", f"serving {self.root} on "
+                                   f"http://{LOCALHOST}:{self.port}/",
+                                   [self.dir / "error.log", self.dir / "stderr.log"],
+                                   "Address already in use")
 
     def url(self, name: str) -> str:
         return f"http://{LOCALHOST}:{self.port}/{name}"
@@ -1958,6 +1994,172 @@ def upload_scenario(b: Bench, scenario: str) -> None:
                         f"{lim_alloc:.1f} MiB")
 
 
+REGISTRY_TARGET = 0.5            # x the scratch route's wall time
+REGISTRY_RSS_LIMIT = 96 * MiB    # cdimover's peak RSS
+REGISTRY_GZIP = "-6"             # gzip's default level, as image builders use
+
+
+class LocalRegistry(ChildServer):
+    """`docker-registry serve` on 127.0.0.1 at a free ephemeral port (plain HTTP), its
+    configuration and storage in DIR: a child process stopped by its PID when RES closes."""
+
+    def __init__(self, res: Resources, d: Path) -> None:
+        exe = shutil.which("docker-registry")
+        if exe is None:
+            raise RuntimeError("docker-registry not found (Debian docker-registry)")
+        d.mkdir()
+        res.callback(shutil.rmtree, d, True)
+        self.dir = d
+        res.callback(self.stop)
+        for _ in range(5):
+            self.port = free_port()
+            if self._start(exe):
+                return
+        raise RuntimeError("docker-registry: no free port after 5 attempts")
+
+    @property
+    def host(self) -> str:
+        return f"{LOCALHOST}:{self.port}"
+
+    def _start(self, exe: str) -> bool:
+        conf = self.dir / "config.yml"
+        conf.write_text("\n".join([
+            "version: 0.1", "log:", "  level: error", "  accesslog:", "    disabled: true",
+            "storage:", "  filesystem:", f"    rootdirectory: {self.dir / 'data'}",
+            "http:", f"  addr: {self.host}", "  secret: cdimover-bench", ""]))
+        with open(self.dir / "stderr.log", "wb") as err:
+            self.proc = subprocess.Popen([exe, "serve", str(conf)], stdin=subprocess.DEVNULL,
+                                         stdout=err, stderr=err)
+        return self.wait_listening("docker-registry", f"on http://{self.host}/",
+                                   [self.dir / "stderr.log"], "address already in use")
+
+
+def _oci_blob(layout: Path, src: Path | bytes) -> dict[str, Any]:
+    """Put SRC (a file, moved, or bytes) into the OCI layout as a blob: its descriptor."""
+    h = hashlib.sha256()
+    if isinstance(src, bytes):
+        h.update(src)
+        size = len(src)
+    else:
+        with open(src, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        size = src.stat().st_size
+    dest = layout / "blobs" / "sha256" / h.hexdigest()
+    if isinstance(src, bytes):
+        dest.write_bytes(src)
+    else:
+        src.rename(dest)
+    return {"digest": f"sha256:{h.hexdigest()}", "size": size}
+
+
+def container_disk(b: Bench, res: Resources, qcow2: Path, reg: LocalRegistry,
+                   repo: str) -> dict[str, Any]:
+    """Push a containerDisk holding QCOW2 as /disk/disk.qcow2 (one gzip layer, made with GNU
+    tar and gzip) to REG with skopeo: the layer's descriptor."""
+    d = scenario_dir(b, res, "oci")
+    stage = d / "stage"
+    (stage / "disk").mkdir(parents=True)
+    os.link(qcow2, stage / "disk" / "disk.qcow2")
+    layout = d / "layout"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    t = time.perf_counter()
+    layer_file = d / "layer.tar.gz"
+    run(["sh", "-c", f"tar --owner=107 --group=107 --numeric-owner -C {shlex.quote(str(stage))}"
+         f" -cf - disk | gzip {REGISTRY_GZIP} > {shlex.quote(str(layer_file))}"])
+    diff = hashlib.sha256()
+    with subprocess.Popen(["gzip", "-dc", str(layer_file)], stdout=subprocess.PIPE) as gz:
+        assert gz.stdout is not None
+        while chunk := gz.stdout.read(CHUNK):
+            diff.update(chunk)
+    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+             **_oci_blob(layout, layer_file)}
+    took = time.perf_counter() - t
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+        "type": "layers", "diff_ids": [f"sha256:{diff.hexdigest()}"]}}).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   **_oci_blob(layout, config)},
+        "layers": [layer]}).encode()
+    desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            **_oci_blob(layout, manifest),
+            "annotations": {"org.opencontainers.image.ref.name": "v1"}}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+    run(["skopeo", "copy", "-q", "--insecure-policy", "--dest-tls-verify=false",
+         f"oci:{layout}:v1", f"docker://{reg.host}/{repo}:v1"])
+    shutil.rmtree(d, ignore_errors=True)
+    text = (f"containerDisk {repo}:v1: /disk/disk.qcow2 in a tar+gzip layer (gzip "
+            f"{REGISTRY_GZIP}) of {fmt_size(layer['size'])}, made in {took:.1f}s")
+    log(text)
+    b.emit(f"image {text}")
+    b.info["registry_image"] = {"layer_size": layer["size"], "gzip": REGISTRY_GZIP,
+                                "make_s": took, "layer": layer["digest"]}
+    return layer
+
+
+def registry_scenario(b: Bench) -> None:
+    size = b.layout.size
+    image, h = b.ensure_image()
+    with Resources().scoped() as res:
+        reg = LocalRegistry(res, b.workdir / "registry")
+        skopeo = run(["skopeo", "--version"]).strip()
+        reg_version = run(["docker-registry", "--version"]).strip()
+        b.info["registry_tools"] = {"skopeo": skopeo, "docker-registry": reg_version}
+        b.emit(f"registry tools: {reg_version}; {skopeo}")
+        q = make_qcow2(b, res, image, "source.qcow2", ["-o", "cluster_size=65536"])
+        layer = container_disk(b, res, q, reg, "bench/disk")
+        q.unlink()
+        ref = f"docker://{reg.host}/bench/disk:v1"
+        pulled = b.workdir / "skopeo-dir"
+        extracted = b.workdir / "extracted"
+        layer_hex = str(layer["digest"]).split(":", 1)[1]
+        for sc, dev in (("registry-qcow2", False), ("registry-qcow2-blk", True)):
+            cdm = import_tool(ref, "{DST}", target_is_zero=dev)
+            cdm.argv += ["--insecure-registry", reg.host]
+            qemu = qemu_to_raw(str(extracted / "disk" / "disk.qcow2"), "{DST}",
+                               dst_is_dev=dev).argv
+            peer = Tool("skopeo+tar+qemu-img", [
+                "sh", "-c", 'skopeo copy -q --insecure-policy --src-tls-verify=false "$1" '
+                '"dir:$2" && mkdir "$3" && tar -xzf "$2/$4" -C "$3" && shift 4 && "$@"', "sh",
+                ref, str(pulled), str(extracted), layer_hex, *qemu], sync="{DST}")
+            prep = loop_target(b, size) if dev else file_target(b)
+
+            def prepared(r: Resources, prep: Callable[[Resources], tuple[str, str]] = prep
+                         ) -> tuple[str, str]:
+                for p in (pulled, extracted):
+                    r.callback(shutil.rmtree, p, True)
+                return prep(r)
+            samples = run_rounds(b, sc, [cdm, peer], size, h, prepared)
+            rows = summarize(samples)
+            by = {r.case: r for r in rows}
+            c, p = by["cdimover"], by[peer.name]
+            b.emit("\n" + table(b, f"== {sc}: {describe(sc)}", rows, p.wall if p.n_ok else None))
+            if c.n_ok and p.n_ok:
+                ratio = c.wall / p.wall
+                b.emit(f"cdimover/{peer.name} = {ratio:.3f}")
+                b.check(sc, f"time <= {REGISTRY_TARGET} x {peer.name}'s",
+                        ratio <= REGISTRY_TARGET, f"{ratio:.3f}")
+            else:
+                b.check(sc, f"time <= {REGISTRY_TARGET} x {peer.name}'s", None, "not measured")
+            b.check(sc, "cdimover peak RSS <= 96 MiB", 0 < c.rss <= REGISTRY_RSS_LIMIT / MiB,
+                    f"{c.rss:.1f} MiB ({peer.name} {p.rss:.1f} MiB)")
+            cs = [s.cdm for s in samples if s.case == "cdimover" and s.ok and s.cdm]
+            fetched = sorted({int(x["bytes_fetched"]) for x in cs})
+            b.emit(f"cdimover reported: layers pulled {sorted({x['layers_pulled'] for x in cs})}, "
+                   f"bytes fetched {fetched}, retries {sum(x['retries'] for x in cs)}, "
+                   f"strategy {sorted({x['strategy'] for x in cs})}")
+            b.check(sc, "bytes pulled = the layer's size", bool(cs) and fetched ==
+                    [int(layer["size"])], f"{fetched} vs {layer['size']}")
+            b.check(sc, "cdimover output verified every run", c.verified.startswith("ok")
+                    and c.n_ok == c.n, f"{c.verified}, {c.n_ok}/{c.n} runs ok")
+            lim_alloc = b.layout.data_bytes * 1.01 / MiB
+            b.check(sc, "allocated <= data + 1 %", c.alloc is not None and c.alloc <= lim_alloc,
+                    f"{c.alloc or float('nan'):.1f} MiB vs {lim_alloc:.1f} MiB")
+            b.emit(api_line(samples))
+
+
 # ---------------------------------------------------------------------------------------------
 
 def snapshot_package(workdir: Path, wait: float) -> dict[str, str]:
@@ -2089,6 +2291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     http_scenario(b, sc)
                 elif sc in ("upload-qcow2", "upload-raw"):
                     upload_scenario(b, sc)
+                elif sc == "registry-qcow2":
+                    registry_scenario(b)
                 else:
                     direction(b, sc)
             except (subprocess.CalledProcessError, OSError, RuntimeError) as e:

@@ -17,6 +17,7 @@ from typing import Any
 from ._cdimover import ffi, lib  # type: ignore[import-not-found]
 from .errors import (
     AuthenticationError,
+    ChecksumMismatchError,
     CopyCancelled,
     HttpStatusError,
     ImageFormatError,
@@ -30,7 +31,7 @@ from .errors import (
     UnsupportedImageError,
 )
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 if lib.CDM_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"cdimover's native core has ABI {lib.CDM_ABI_VERSION}, the Python layer expects "
@@ -51,6 +52,7 @@ _LIB_ERRORS: dict[int, type[Exception]] = {
     lib.CDM_ENETWORK: NetworkError,
     lib.CDM_EPROTOCOL: ProtocolError,
     lib.CDM_ECHANGED: SourceChangedError,
+    lib.CDM_EDIGEST: ChecksumMismatchError,
 }
 
 
@@ -110,6 +112,24 @@ def _cdm_progress_cb(opaque: Any, done: int, total: int) -> int:
         return 1 if ctx.progress(done, total) else 0
     except BaseException as exc:  # noqa: BLE001 - stored, re-raised after the C call
         ctx.callback_error = exc
+        return 1
+
+
+@ffi.def_extern(onerror=_on_callback_error)  # type: ignore[untyped-decorator]
+def _cdm_reauth_cb(opaque: Any, header: Any, cap: int) -> int:
+    src: NativeSource = ffi.from_handle(opaque)
+    try:
+        assert src.reauth is not None
+        line = src.reauth()
+        if line is None:
+            return 1
+        data = line.encode("latin-1") + b"\0"
+        if len(data) > cap:
+            return 1
+        ffi.memmove(header, data, len(data))
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - stored, re-raised after the C call
+        src.reauth_error = exc
         return 1
 
 
@@ -444,21 +464,33 @@ _OPTS_STRINGS: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictio
 
 def new_stream_opts(*, format: str = "auto", compression: str = "auto", hash: str = "",
                     mem_limit: int = 0, tar_dir: str | None = None,
-                    tar_skip: Sequence[str] = ()) -> Any:
+                    tar_skip: Sequence[str] = (), expect_digest: bytes | None = None,
+                    expect_size: int = 0) -> Any:
     """Options of a stream.  TAR_DIR: the stream is a container layer (a tar archive after
     COMPRESSION) whose single regular file directly under TAR_DIR is the image (FORMAT then
-    applies to it); TAR_SKIP: names under TAR_DIR hidden by upper layers' whiteouts."""
+    applies to it); TAR_SKIP: names under TAR_DIR hidden by upper layers' whiteouts.
+    EXPECT_DIGEST: the HASH digest the bytes must have (a mismatch is ChecksumMismatchError,
+    also when the corrupted bytes failed to decode first); EXPECT_SIZE: their length."""
     opts = ffi.new("struct cdm_stream_opts *")
     opts.format = FORMATS[format]
     opts.compression = COMPRESSIONS[compression]
     opts.hash = HASHES[hash]
     opts.mem_limit = mem_limit
+    keep: list[Any] = []
+    if expect_digest is not None:
+        if not hash:
+            raise ValueError("an expected digest needs a hash")
+        keep.append(ffi.new("uint8_t[]", expect_digest))
+        opts.expect_digest = keep[-1]
+        opts.expect_size = expect_size
     if tar_dir is not None:
         if any("\n" in n or "\0" in n for n in tar_skip) or "\0" in tar_dir:
             raise ValueError("names with a newline or NUL")
-        keep = [ffi.new("char[]", tar_dir.encode()),
-                ffi.new("char[]", "\n".join(tar_skip).encode())]
-        opts.tar_dir, opts.tar_skip = keep
+        names = [ffi.new("char[]", tar_dir.encode()),
+                 ffi.new("char[]", "\n".join(tar_skip).encode())]
+        opts.tar_dir, opts.tar_skip = names
+        keep += names
+    if keep:
         _OPTS_STRINGS[opts] = keep
     return opts
 
@@ -473,8 +505,15 @@ class NativeSource:
                  user_agent: str = "cdimover", insecure: bool = False,
                  no_ranges: bool = False, max_redirects: int = 10, retries: int = 5,
                  retry_delay_ms: int = 500, idle_timeout: int = 600,
-                 connect_timeout: int = 30) -> None:
+                 connect_timeout: int = 30,
+                 reauth: Callable[[], str | None] | None = None) -> None:
+        """REAUTH: called when a request of a stream is answered 401 (an expired token): a
+        new header line ("Authorization: Bearer ...") replacing the extra header of that
+        name, or None to keep the 401; what it raises ends the stream."""
         self.url = url
+        self.reauth = reauth
+        self.reauth_error: BaseException | None = None
+        self._handle = ffi.new_handle(self) if reauth is not None else ffi.NULL
         keep: list[Any] = []
 
         def cstr(s: str | None) -> Any:
@@ -499,6 +538,9 @@ class NativeSource:
         opts.retry_delay_ms = retry_delay_ms
         opts.idle_timeout = idle_timeout
         opts.connect_timeout = connect_timeout
+        if reauth is not None:
+            opts.reauth = lib._cdm_reauth_cb
+            opts.reauth_opaque = self._handle
         out = ffi.new("cdm_source **")
         try:
             ctx.call(lib.cdm_http_open, opts, out)
@@ -545,8 +587,14 @@ class NativeSource:
                progress: ProgressFn | None = None,
                paths: Sequence[str | None] = (None, None)) -> StreamResult:
         res = ffi.new("struct cdm_stream_result *")
-        ctx.call(lib.cdm_source_stream, self._ptr, writer._ptr, opts, res, progress=progress,
-                 paths=paths)
+        self.reauth_error = None
+        try:
+            ctx.call(lib.cdm_source_stream, self._ptr, writer._ptr, opts, res,
+                     progress=progress, paths=paths)
+        except Exception:
+            if self.reauth_error is not None:
+                raise self.reauth_error from None   # why new credentials were not had
+            raise
         return _stream_result(res)
 
     def free(self) -> None:

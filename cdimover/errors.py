@@ -21,6 +21,7 @@ __all__ = [
     "ConfigurationError",
     "ChecksumMismatchError",
     "Terminated",
+    "ScratchSpaceRequired",
     "UnsafeArchiveError",
     "RemoteError",
     "HttpStatusError",
@@ -103,6 +104,12 @@ class CloneValidationError(CdimoverError, ValueError):
 
 class ConfigurationError(CdimoverError, ValueError):
     """A pod or CLI configuration value is missing or malformed."""
+
+
+class ScratchSpaceRequired(CdimoverError):
+    """A pod's image cannot be converted as it arrives and the pod has no scratch volume: the
+    pod ends with CDI's ``scratchSpaceRequired`` message (exit 0), and the controller
+    recreates it with one."""
 
 
 class ChecksumMismatchError(CdimoverError):

@@ -87,6 +87,7 @@ libraries.append("crypto")
 ffibuilder = FFI()
 ffibuilder.cdef(API[1])
 ffibuilder.cdef('extern "Python" int _cdm_progress_cb(void *, uint64_t, uint64_t);')
+ffibuilder.cdef('extern "Python" int _cdm_reauth_cb(void *, char *, size_t);')
 # The kernel's ioctl numbers and flags the Python layer uses (loop devices, block devices),
 # taken from the system's headers by the compiler: their encoding differs between
 # architectures (ppc64le, mips...), so none is written down by hand.

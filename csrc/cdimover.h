@@ -19,7 +19,7 @@
 #include <stdint.h>
 
 /* cffi:begin */
-#define CDM_ABI_VERSION 3
+#define CDM_ABI_VERSION 4
 
 enum {
     CDM_EFORMAT = 1000,       /* malformed image */
@@ -31,7 +31,8 @@ enum {
     CDM_ETLS = 1006,          /* TLS failed: untrusted certificate, bad CA bundle, handshake */
     CDM_ENETWORK = 1007,      /* connection failed, dropped or idle, after the retries */
     CDM_EPROTOCOL = 1008,     /* the server broke the protocol (length, ranges, headers) */
-    CDM_ECHANGED = 1009       /* the remote file changed during the transfer */
+    CDM_ECHANGED = 1009,      /* the remote file changed during the transfer */
+    CDM_EDIGEST = 1010        /* the bytes received do not have the expected digest */
 };
 
 /* Which endpoint an error concerns (cdm_ctx_errside). */
@@ -291,6 +292,13 @@ struct cdm_stream_opts {
     const char *tar_dir;
     /* With TAR_DIR: names under it, one a line, that upper layers' whiteouts hide (skipped). */
     const char *tar_skip;
+    /* With HASH: the digest the bytes must have (as long as HASH's digest), NULL: none.  A
+     * mismatch ends the stream in -CDM_EDIGEST, also after a decoding failure: once the bytes
+     * stop decoding (-CDM_EFORMAT), the rest of the stream (at most EXPECT_SIZE bytes in all
+     * when nonzero) goes through the digest alone, so that a corrupted download is reported
+     * as the cause and the decoding failure as its consequence (ABI 4). */
+    const uint8_t *expect_digest;
+    uint64_t expect_size;
 };
 
 struct cdm_stream_result {
@@ -346,6 +354,13 @@ enum cdm_http_flags {
     CDM_HTTP_NO_RANGES = 2        /* never ask for byte ranges */
 };
 
+/* Asked for new credentials when a request of a stream (cdm_source_stream) is answered 401,
+ * e.g. a Bearer token that expired mid-download: write one "Name: value" line, NUL-terminated,
+ * into HEADER (CAP bytes; it replaces the extra header of that name) and return 0, and the
+ * request is made again from where the stream stands; nonzero keeps the 401.  Asked at most
+ * 3 times per request, from the thread running the stream (ABI 4). */
+typedef int (*cdm_reauth_fn)(void *opaque, char *header, size_t cap);
+
 struct cdm_http_opts {
     const char *url;              /* http:// or https:// without user information */
     const char *user;             /* basic auth user, or NULL */
@@ -360,6 +375,8 @@ struct cdm_http_opts {
     uint32_t retry_delay_ms;      /* first pause before a retry, doubled each time (max 10 s) */
     uint32_t idle_timeout;        /* seconds below 1 KiB/s before giving up; 0 = 600 */
     uint32_t connect_timeout;     /* seconds; 0 = 30 */
+    cdm_reauth_fn reauth;         /* NULL: a 401 is final */
+    void *reauth_opaque;
 };
 
 struct cdm_source_info {

@@ -55,6 +55,8 @@ struct http_source {
     char *password;
     bool creds;             /* send USER/PASSWORD and HEADERS (same origin as given) */
     struct curl_slist *headers;
+    cdm_reauth_fn reauth;   /* new credentials after a 401 of a stream's request */
+    void *reauth_opaque;
     char *ca_pem;
     char *proxy_ca_pem;
     char *user_agent;
@@ -91,7 +93,7 @@ struct xfer {
     CURL *easy;
     bool probe;             /* the open: a 200 answer is accepted, its body cut short */
     uint8_t *buf;           /* where the body goes: a buffer (reads), or */
-    struct cdm_pipeline *pipe;  /* a pipeline (streams) */
+    struct feeder *pipe;    /* a stream's decoding thread */
     uint64_t taken;         /* body bytes taken by every attempt (BUF is filled this far) */
     uint64_t reported;      /* TAKEN at the last progress report */
     /* the current request */
@@ -251,6 +253,133 @@ static int check_answer(struct xfer *x)
     return 0;
 }
 
+/* ---- a stream's decoding thread --------------------------------------------------------- */
+
+/* A stream's bytes go from the transfer (the calling thread, where curl and the progress and
+ * reauth callbacks run) to a thread that decodes and writes them, through FEED_SLOTS buffers
+ * of FEED_CHUNK bytes: receiving (and the server reading its disk) overlaps decoding and
+ * writing instead of alternating with them. */
+#define FEED_CHUNK (1u << 20)
+#define FEED_SLOTS 8
+
+struct feeder {
+    struct cdm_pipeline *p;
+    struct cdm_error err;       /* the decoding thread's failure (the pipeline's messages) */
+    pthread_t thread;
+    bool started;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    uint8_t *slot[FEED_SLOTS];
+    size_t len[FEED_SLOTS];
+    unsigned head, count;       /* the next slot to decode; slots handed over */
+    bool done;                  /* no more bytes (or: stop, when ABANDON) */
+    bool abandon;
+    int rc;                     /* the decoding thread's result */
+};
+
+static void *feeder_main(void *opaque)
+{
+    struct feeder *f = opaque;
+    pthread_mutex_lock(&f->lock);
+    for (;;) {
+        while (f->count == 0 && !f->done && !f->abandon)
+            pthread_cond_wait(&f->cond, &f->lock);
+        if (f->abandon || f->count == 0)
+            break;
+        unsigned i = f->head;
+        pthread_mutex_unlock(&f->lock);
+        int rc = cdm_pipeline_push(f->p, f->slot[i], f->len[i]);
+        pthread_mutex_lock(&f->lock);
+        f->len[i] = 0;
+        f->head = (f->head + 1) % FEED_SLOTS;
+        f->count--;
+        if (rc < 0)
+            f->rc = rc;
+        pthread_cond_broadcast(&f->cond);
+        if (rc < 0)
+            break;
+    }
+    pthread_mutex_unlock(&f->lock);
+    return NULL;
+}
+
+/* Start F: a pipeline for OPTS onto W and its thread.  0 or an error (message in F->err). */
+static int feeder_start(struct feeder *f, cdm_writer *w, const struct cdm_stream_opts *opts)
+{
+    memset(f, 0, sizeof *f);
+    pthread_mutex_init(&f->lock, NULL);
+    pthread_cond_init(&f->cond, NULL);
+    int rc = cdm_pipeline_new(w, opts, &f->err, &f->p);
+    for (unsigned i = 0; rc == 0 && i < FEED_SLOTS; i++)
+        if ((f->slot[i] = malloc(FEED_CHUNK)) == NULL)
+            rc = cdm_error_set(&f->err, CDM_SIDE_NONE, -ENOMEM, "out of memory");
+    if (rc == 0) {
+        int e = pthread_create(&f->thread, NULL, feeder_main, f);
+        if (e != 0)
+            rc = cdm_error_set(&f->err, CDM_SIDE_NONE, -e, "cannot start a thread: %s",
+                               strerror(e));
+        f->started = e == 0;
+    }
+    return rc;
+}
+
+/* Hand LEN bytes of DATA to F's thread, waiting for a free slot.  0, or the decoding
+ * thread's failure. */
+static int feeder_put(struct feeder *f, const uint8_t *data, size_t len)
+{
+    pthread_mutex_lock(&f->lock);
+    while (len > 0 && f->rc == 0) {
+        unsigned fill = (f->head + f->count) % FEED_SLOTS;
+        if (f->count == FEED_SLOTS) {
+            pthread_cond_wait(&f->cond, &f->lock);
+            continue;
+        }
+        /* the slot being filled is the one after the last handed over; it is handed over
+         * when full (below) or at the end (feeder_stop) */
+        size_t n = CDM_MIN(len, FEED_CHUNK - f->len[fill]);
+        memcpy(f->slot[fill] + f->len[fill], data, n);
+        f->len[fill] += n;
+        data += n;
+        len -= n;
+        if (f->len[fill] == FEED_CHUNK) {
+            f->count++;
+            pthread_cond_broadcast(&f->cond);
+        }
+    }
+    int rc = f->rc;
+    pthread_mutex_unlock(&f->lock);
+    return rc;
+}
+
+/* No more bytes: hand over the last partial slot and wait for F's thread to decode what it
+ * has (ABANDON: to stop at once instead).  The decoding thread's result. */
+static int feeder_stop(struct feeder *f, bool abandon)
+{
+    if (!f->started)
+        return f->err.rc;
+    pthread_mutex_lock(&f->lock);
+    unsigned fill = (f->head + f->count) % FEED_SLOTS;
+    if (!abandon && f->count < FEED_SLOTS && f->len[fill] > 0)
+        f->count++;
+    f->done = true;
+    f->abandon = abandon;
+    pthread_cond_broadcast(&f->cond);
+    pthread_mutex_unlock(&f->lock);
+    pthread_join(f->thread, NULL);
+    f->started = false;
+    return f->rc;
+}
+
+static void feeder_free(struct feeder *f)
+{
+    feeder_stop(f, true);
+    cdm_pipeline_free(f->p);
+    for (unsigned i = 0; i < FEED_SLOTS; i++)
+        free(f->slot[i]);
+    pthread_cond_destroy(&f->cond);
+    pthread_mutex_destroy(&f->lock);
+}
+
 static size_t on_body(char *data, size_t size, size_t nmemb, void *opaque)
 {
     struct xfer *x = opaque;
@@ -276,7 +405,7 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *opaque)
     if (x->buf != NULL) {
         memcpy(x->buf + x->taken, data, take);
     } else if (x->pipe != NULL && take > 0) {
-        int rc = cdm_pipeline_push(x->pipe, (const uint8_t *)data, take);
+        int rc = feeder_put(x->pipe, (const uint8_t *)data, take);
         if (rc < 0) {
             if (x->err.rc == 0)
                 cdm_error_set(&x->err, CDM_SIDE_NONE, rc, "%s", strerror(rc > -1000 ? -rc : EIO));
@@ -517,6 +646,59 @@ static int pause_ms(struct http_source *h, uint32_t ms)
     return 0;
 }
 
+#define MAX_REAUTH 3            /* new credentials asked for per request */
+
+/* Free the header list L, wiping the lines (they may hold credentials). */
+static void free_headers(struct curl_slist *l)
+{
+    for (struct curl_slist *i = l; i != NULL; i = i->next)
+        explicit_bzero(i->data, strlen(i->data));
+    curl_slist_free_all(l);
+}
+
+/* A 401 answered a stream's request: ask H's reauth callback for a new header line and put
+ * it in place of the one of the same name.  0: ask again; 1: keep the 401; -ENOMEM. */
+static int reauthenticate(struct http_source *h)
+{
+    char line[8192];
+    line[0] = '\0';
+    if (h->reauth(h->reauth_opaque, line, sizeof line) != 0)
+        return 1;
+    line[sizeof line - 1] = '\0';
+    const char *colon = strchr(line, ':');
+    if (colon == NULL || colon == line || strpbrk(line, "\r\n") != NULL) {
+        explicit_bzero(line, sizeof line);
+        return 1;
+    }
+    size_t name = (size_t)(colon - line);
+    struct curl_slist *fresh = NULL;
+    int rc = 0;
+    for (struct curl_slist *l = h->headers; l != NULL && rc == 0; l = l->next) {
+        if (strncasecmp(l->data, line, name) == 0 && l->data[name] == ':')
+            continue;       /* the old credentials */
+        struct curl_slist *n = curl_slist_append(fresh, l->data);
+        if (n == NULL)
+            rc = -ENOMEM;
+        else
+            fresh = n;
+    }
+    if (rc == 0) {
+        struct curl_slist *n = curl_slist_append(fresh, line);
+        if (n == NULL)
+            rc = -ENOMEM;
+        else
+            fresh = n;
+    }
+    explicit_bzero(line, sizeof line);
+    if (rc < 0) {
+        free_headers(fresh);
+        return rc;
+    }
+    free_headers(h->headers);
+    h->headers = fresh;
+    return 0;
+}
+
 /* Fetch WANT bytes (or UINT64_MAX: to the end) from offset START through X (buf or pipe and
  * probe set by the caller) on a pooled connection, with retries: each retry asks for the rest
  * from the last byte taken.  A stream over a server without ranges cannot resume: -EAGAIN
@@ -526,7 +708,7 @@ static int transfer(struct http_source *h, struct xfer *x, uint64_t start, uint6
 {
     char errbuf[CURL_ERROR_SIZE];
     char range[64];
-    unsigned attempts = 0;
+    unsigned attempts = 0, reauths = 0;
     uint32_t delay = h->retry_delay_ms;
     int rc;
     x->h = h;
@@ -587,6 +769,20 @@ static int transfer(struct http_source *h, struct xfer *x, uint64_t start, uint6
                 break;
             }
             cc = CURLE_PARTIAL_FILE;        /* the body ended early: resume */
+        }
+        if (cc == CURLE_OK && status == 401 && x->pipe != NULL && h->reauth != NULL &&
+            h->creds && reauths < MAX_REAUTH) {
+            /* (a stream runs in one thread: no other request uses the header list now) */
+            reauths++;
+            rc = reauthenticate(h);
+            if (rc < 0) {
+                rc = cdm_error_set(err, CDM_SIDE_NONE, rc, "out of memory");
+                break;
+            }
+            if (rc == 0) {
+                attempts--;     /* the same attempt, with new credentials */
+                continue;
+            }
         }
         if (!retryable(cc, status) || attempts > h->retries) {
             rc = failed(h, err, cc, status, errbuf, h->shown, attempts);
@@ -672,26 +868,41 @@ static struct cdm_reader *http_reader(cdm_source *src, bool random)
     return (h->ranges && h->size_known) || !random ? &h->r : NULL;
 }
 
+/* The decoding's failure (F's), when there is one, is the one to report: the transfer only
+ * stopped because of it. */
+static int stream_result(cdm_ctx *ctx, struct feeder *f, int rc)
+{
+    if (f->err.rc != 0) {
+        cdm_error_clear(&ctx->error);
+        return cdm_error_take(&ctx->error, &f->err);
+    }
+    return rc;
+}
+
 static int http_stream(cdm_source *src, cdm_ctx *ctx, cdm_writer *w,
                        const struct cdm_stream_opts *opts, struct cdm_stream_result *res)
 {
     struct http_source *h = as_http(src);
     for (;;) {
-        struct cdm_pipeline *p = NULL;
-        int rc = cdm_pipeline_new(w, opts, &ctx->error, &p);
-        if (rc < 0)
+        struct feeder f;
+        int rc = feeder_start(&f, w, opts);
+        if (rc < 0) {
+            rc = stream_result(ctx, &f, rc);
+            feeder_free(&f);
             return rc;
+        }
         struct xfer x;
         memset(&x, 0, sizeof x);
-        x.pipe = p;
+        x.pipe = &f;
         /* with ranges, the first bytes the open fetched are not fetched again */
         uint64_t from = h->ranges ? h->head_len : 0;
         if (from > 0)
-            rc = cdm_pipeline_push(p, h->head, (size_t)from);
+            rc = feeder_put(&f, h->head, (size_t)from);
         if (rc == 0 && !(h->size_known && from >= h->size))
             rc = transfer(h, &x, from, UINT64_MAX, &ctx->error);
+        int decoded = feeder_stop(&f, rc < 0);
         if (rc == -EAGAIN) {
-            cdm_pipeline_free(p);
+            feeder_free(&f);
             if (atomic_load(&h->restarts) >= h->retries)
                 return cdm_set_error(ctx, CDM_SIDE_SOURCE, -CDM_ENETWORK,
                                      "GET %s: the transfer broke %u times and the server does "
@@ -701,8 +912,11 @@ static int http_stream(cdm_source *src, cdm_ctx *ctx, cdm_writer *w,
             continue;       /* from byte 0 again: the server cannot resume */
         }
         if (rc == 0)
-            rc = cdm_pipeline_end(p, res);
-        cdm_pipeline_free(p);
+            rc = decoded;
+        if (rc == 0)
+            rc = cdm_pipeline_end(f.p, res);
+        rc = stream_result(ctx, &f, rc);
+        feeder_free(&f);
         return rc;
     }
 }
@@ -745,9 +959,7 @@ static void http_destroy(cdm_source *src)
     for (unsigned i = 0; i < MAX_CONNS; i++)
         if (h->conns[i].easy != NULL)
             curl_easy_cleanup(h->conns[i].easy);
-    for (struct curl_slist *l = h->headers; l != NULL; l = l->next)
-        explicit_bzero(l->data, strlen(l->data));
-    curl_slist_free_all(h->headers);
+    free_headers(h->headers);
     wipe_free(h->user);
     wipe_free(h->password);
     free(h->url);
@@ -868,6 +1080,8 @@ int cdm_http_open(cdm_ctx *ctx, const struct cdm_http_opts *opts, cdm_source **o
     h->idle_timeout = opts->idle_timeout ? opts->idle_timeout : 600;
     h->connect_timeout = opts->connect_timeout ? opts->connect_timeout : 30;
     h->creds = true;
+    h->reauth = opts->reauth;
+    h->reauth_opaque = opts->reauth_opaque;
     int rc = 0;
     if (dup_opt(&h->url, opts->url) < 0 || dup_opt(&h->user, opts->user) < 0 ||
         dup_opt(&h->password, opts->password) < 0 || dup_opt(&h->ca_pem, opts->ca_pem) < 0 ||

@@ -54,6 +54,7 @@
 #include "stream.h"
 
 #define DEFAULT_MEM_LIMIT (64ull << 20)
+#define STAGE_BYTES (4u << 20)              /* guest data gathered per write request */
 #define FAKE_SIZE QCOW2_MAX_VIRTUAL_SIZE    /* file size bound while the length is unknown */
 #define REFTABLE_OFFSET_MASK 0xfffffffffffffe00ull
 #define ALL_SUBCLUSTERS 0xffffffffu
@@ -143,6 +144,8 @@ struct qstream {
     struct span *spans;
     size_t n_spans, cap_spans;
     uint64_t zero_off, zero_len;    /* guest zeros not yet issued */
+    uint8_t *stage;                 /* STAGE_BYTES, aligned: guest data not yet written */
+    uint64_t stage_off, stage_len;  /* guest offset and length of what STAGE holds */
     uint64_t used, peak;            /* counted memory */
 };
 
@@ -201,11 +204,47 @@ static int writer_failed(struct qstream *s, int rc)
     return cdm_error_set(s->err, CDM_SIDE_TARGET, rc, "%s", s->w->ctx->error.msg);
 }
 
+/* Write what S has staged (contiguous guest data) in one request. */
+static int flush_stage(struct qstream *s)
+{
+    if (s->stage_len == 0)
+        return 0;
+    int rc = cdm_writer_put(s->w, s->stage, (size_t)s->stage_len, s->stage_off);
+    s->stage_len = 0;
+    return rc < 0 ? writer_failed(s, rc) : 0;
+}
+
+/* Write LEN bytes of guest data BUF at guest offset OFF: clusters that follow one another in
+ * the guest (as qemu-img lays them out) are gathered into STAGE_BYTES requests instead of one
+ * synchronous request per cluster. */
+static int put_data(struct qstream *s, const uint8_t *buf, uint64_t off, uint64_t len)
+{
+    if (s->stage_len > 0 && (off != s->stage_off + s->stage_len ||
+                             s->stage_len + len > STAGE_BYTES)) {
+        int rc = flush_stage(s);
+        if (rc < 0)
+            return rc;
+    }
+    if (s->stage == NULL && len < STAGE_BYTES &&
+        (s->stage = cdm_alloc_aligned(STAGE_BYTES)) == NULL)
+        return cdm_error_set(s->err, CDM_SIDE_NONE, -ENOMEM, "out of memory");
+    if (len >= STAGE_BYTES) {
+        int rc = cdm_writer_put(s->w, buf, (size_t)len, off);
+        return rc < 0 ? writer_failed(s, rc) : 0;
+    }
+    if (s->stage_len == 0)
+        s->stage_off = off;
+    memcpy(s->stage + s->stage_len, buf, (size_t)len);
+    s->stage_len += len;
+    return 0;
+}
+
 static int flush_zero(struct qstream *s)
 {
-    if (s->zero_len == 0)
-        return 0;
-    int rc = cdm_writer_zero(s->w, s->zero_off, s->zero_len);
+    int rc = flush_stage(s);
+    if (rc < 0 || s->zero_len == 0)
+        return rc;
+    rc = cdm_writer_zero(s->w, s->zero_off, s->zero_len);
     s->zero_len = 0;
     return rc < 0 ? writer_failed(s, rc) : 0;
 }
@@ -245,13 +284,10 @@ static int put_cluster(struct qstream *s, const uint8_t *buf, uint64_t guest, ui
             break;
         len = CDM_MIN(len, s->img.virtual_size - off);
         int rc;
-        if (buf == NULL) {
+        if (buf == NULL)
             rc = zero_guest(s, off, len);
-        } else {
-            rc = cdm_writer_put(s->w, buf + (off - guest), (size_t)len, off);
-            if (rc < 0)
-                rc = writer_failed(s, rc);
-        }
+        else
+            rc = put_data(s, buf + (off - guest), off, len);
         if (rc < 0)
             return rc;
     }
@@ -1015,6 +1051,7 @@ static void qs_destroy(struct cdm_sink *sink)
     free(s->cur);
     free(s->out);
     free(s->gather);
+    free(s->stage);
     free(s->p1);
     free(s);
 }

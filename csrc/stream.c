@@ -347,6 +347,11 @@ struct cdm_pipeline {
     uint64_t bytes_in;
     int failed;             /* the first failure; returned from then on */
     bool ended;
+    bool expect;            /* EXPECT_DIGEST holds the digest the bytes must have */
+    bool draining;          /* decoding failed (CAUSE): the rest goes to the digest alone */
+    uint8_t expect_digest[64];
+    uint64_t expect_size;   /* with EXPECT: the most bytes the stream may have (0: no bound) */
+    struct cdm_error cause;
 };
 
 static int check_opts(const struct cdm_stream_opts *o, struct cdm_error *err)
@@ -364,6 +369,15 @@ static int check_opts(const struct cdm_stream_opts *o, struct cdm_error *err)
     return 0;
 }
 
+/* Bytes of the digest of hash ALGO (CDM_HASH_*, checked). */
+static size_t hash_length(int algo)
+{
+    static const size_t len[] = {[CDM_HASH_NONE] = 0, [CDM_HASH_MD5] = 16,
+                                 [CDM_HASH_SHA1] = 20, [CDM_HASH_SHA256] = 32,
+                                 [CDM_HASH_SHA512] = 64};
+    return len[algo];
+}
+
 /* A pipeline for OPTS onto W into *OUT: digest, detection, decompression, then the RAW
  * sink or the QCOW2 converter.  Messages go to ERR, which must outlive the pipeline.
  * 0, -EINVAL (bad options), -ENOMEM or -CDM_EUNSUPPORTED (a digest OpenSSL refuses). */
@@ -378,6 +392,11 @@ int cdm_pipeline_new(cdm_writer *w, const struct cdm_stream_opts *opts, struct c
     if (p == NULL)
         return cdm_error_set(err, CDM_SIDE_NONE, -ENOMEM, "out of memory");
     p->err = err;
+    if (opts->expect_digest != NULL && opts->hash != CDM_HASH_NONE) {
+        p->expect = true;
+        p->expect_size = opts->expect_size;
+        memcpy(p->expect_digest, opts->expect_digest, hash_length(opts->hash));
+    }
     rc = cdm_hasher_init(&p->hasher, opts->hash, err);
     if (rc == 0)
         rc = detect_new(DETECT_COMPRESSION, w, opts, err, &p->head);
@@ -396,6 +415,33 @@ static int fail(struct cdm_pipeline *p, int rc)
     return p->failed;
 }
 
+/* The digest of P's bytes is not the one expected (WHY: how that shows): -CDM_EDIGEST,
+ * with the decoding failure it caused, if any, in the message. */
+static int digest_mismatch(struct cdm_pipeline *p, const char *why)
+{
+    bool caused = p->draining;
+    cdm_error_clear(p->err);
+    if (caused)
+        cdm_error_set(p->err, CDM_SIDE_SOURCE, -CDM_EDIGEST,
+                      "%s (decoding stopped at a corrupted byte: %s)", why, p->cause.msg);
+    else
+        cdm_error_set(p->err, CDM_SIDE_SOURCE, -CDM_EDIGEST, "%s", why);
+    p->draining = false;
+    return fail(p, -CDM_EDIGEST);
+}
+
+/* A decoding failure RC with an expected digest: the bytes may be corrupted, which the
+ * digest tells once they are all in.  Whether P now drains (RC is kept as the cause). */
+static bool start_draining(struct cdm_pipeline *p, int rc)
+{
+    if (!p->expect || rc != -CDM_EFORMAT || p->err->rc != rc)
+        return false;
+    p->cause = *p->err;
+    cdm_error_clear(p->err);
+    p->draining = true;
+    return true;
+}
+
 /* Push the next LEN bytes of the stream (BUF) through P.  0 or the error (message in P's
  * error); after a failure every call returns it again. */
 int cdm_pipeline_push(struct cdm_pipeline *p, const uint8_t *buf, size_t len)
@@ -408,12 +454,43 @@ int cdm_pipeline_push(struct cdm_pipeline *p, const uint8_t *buf, size_t len)
     if (len == 0)
         return 0;
     int rc = cdm_hasher_update(&p->hasher, buf, len, p->err);
-    if (rc == 0)
+    if (rc == 0 && !p->draining) {
         rc = p->head->push(p->head, buf, len);
+        if (rc < 0 && start_draining(p, rc))
+            rc = 0;
+    }
     if (rc < 0)
         return fail(p, rc);
     p->bytes_in += len;
+    if (p->expect && p->expect_size != 0 && p->bytes_in > p->expect_size) {
+        char why[96];
+        snprintf(why, sizeof why, "more than the %llu bytes expected arrived",
+                 ULL(p->expect_size));
+        return digest_mismatch(p, why);
+    }
     return 0;
+}
+
+/* With an expected digest: compare it with the one of RES (after the end of P). */
+static int check_digest(struct cdm_pipeline *p, const struct cdm_stream_result *res)
+{
+    if (!p->expect || memcmp(res->digest, p->expect_digest, res->digest_len) == 0) {
+        if (p->draining) {
+            /* The bytes are the right ones: the decoding failure is the answer. */
+            p->draining = false;
+            cdm_error_clear(p->err);
+            cdm_error_take(p->err, &p->cause);
+            return fail(p, p->cause.rc);
+        }
+        return 0;
+    }
+    char got[2 * 64 + 1], why[2 * 64 + 96];
+    for (uint32_t i = 0; i < res->digest_len; i++)
+        snprintf(got + 2 * i, 3, "%02x", res->digest[i]);
+    got[2 * res->digest_len] = '\0';
+    snprintf(why, sizeof why, "the %llu bytes received have digest %s, not the one expected",
+             ULL(p->bytes_in), got);
+    return digest_mismatch(p, why);
 }
 
 /* The stream ended: complete every stage (truncation is detected here) and fill RES (may be
@@ -431,10 +508,15 @@ int cdm_pipeline_end(struct cdm_pipeline *p, struct cdm_stream_result *res)
     /* Every field is an output: what no stage fills (a tar layer with no disk in it has no
      * image; only a tar stage sets the tar fields) reads as zero. */
     memset(res, 0, sizeof *res);
-    int rc = p->head->end(p->head, res);
+    int rc = p->draining ? 0 : p->head->end(p->head, res);
     res->bytes_in = p->bytes_in;
+    if (rc < 0 && start_draining(p, rc))
+        rc = 0;     /* e.g. a gzip trailer whose CRC fails: the digest tells whether it is
+                     * the download that is corrupted */
     if (rc == 0)
         rc = cdm_hasher_final(&p->hasher, res->digest, &res->digest_len, p->err);
+    if (rc == 0)
+        rc = check_digest(p, res);
     return rc < 0 ? fail(p, rc) : 0;
 }
 

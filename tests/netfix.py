@@ -387,8 +387,9 @@ FaultKind = Literal["pass", "cut", "reset", "stall", "drip"]
 @dataclass(frozen=True)
 class Fault:
     """What the proxy does to one connection's server->client stream once `after` bytes went
-    through: cut (FIN), reset (RST), stall for `seconds` (None: until the client leaves or the
-    proxy stops), or drip `chunk` bytes every `delay` seconds."""
+    through: cut (FIN; after a pause of `seconds` when given), reset (RST), stall for
+    `seconds` (None: until the client leaves or the proxy stops), or drip `chunk` bytes every
+    `delay` seconds."""
     kind: FaultKind = "pass"
     after: int = 0
     seconds: float | None = None
@@ -399,8 +400,8 @@ class Fault:
 PASS = Fault()
 
 
-def cut(after: int) -> Fault:
-    return Fault("cut", after)
+def cut(after: int, pause: float | None = None) -> Fault:
+    return Fault("cut", after, seconds=pause)
 
 
 def reset(after: int) -> Fault:
@@ -487,6 +488,8 @@ class FaultProxy(TcpServer):
                             and info.to_client >= fault.after:
                         info.fired = True
                         if fault.kind == "cut":
+                            if fault.seconds is not None and self.stop.wait(fault.seconds):
+                                return
                             self._shutdown_write(client)
                             client.close()
                             return

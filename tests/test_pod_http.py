@@ -110,3 +110,26 @@ def test_pod_http_volume_too_small(nginx: Any, tmp_path: Path, loopdev: Any) -> 
         OWNER_UID=UID))
     assert p.returncode == 1
     assert "target holds 4.0 MiB" in message or "larger than" in message, message
+
+
+def test_pod_http_scratch_space(nginx: Any, tmp_path: Path) -> None:
+    """A QCOW2 streamed (no ranges) that needs more than the memory bound: without a scratch
+    volume the pod asks for one (scratchSpaceRequired, exit 0, nothing written); with
+    SCRATCH_DIR it converts from there."""
+    image, guest = qcow2_bytes(tmp_path)
+    name = nginx.put(image, name=f"{tmp_path.name}-scratch.qcow2")
+    dst = tmp_path / "data"
+    dst.mkdir()
+    env = dict(IMPORTER_SOURCE="http", IMPORTER_ENDPOINT=nginx.url(f"noranges/{name}"),
+               DESTINATION=str(dst), OWNER_UID=UID, SCRATCH_DIR=str(tmp_path / "none"))
+    p, message = run_pod("import", tmp_path, env, "--mem-limit", "4096")
+    assert p.returncode == 0, p.stderr
+    assert message.startswith('{"message":"Unable to process data: scratch space required')
+    assert message.endswith('"scratchSpaceRequired":true}')
+    assert os.listdir(dst) == []
+    (tmp_path / "none").mkdir()
+    p, message = run_pod("import", tmp_path, env, "--mem-limit", "4096")
+    assert p.returncode == 0, p.stderr
+    assert message == '{"message":"Import Complete","preallocationApplied":false}'
+    assert (dst / "disk.img").read_bytes() == guest
+    assert os.listdir(tmp_path / "none") == []

@@ -133,6 +133,23 @@ def test_qcow2(images: dict[str, str], registry: Registries, tmp_path: Path) -> 
     assert file_sha(t) == sha(RAW_A)
 
 
+def test_qcow2_beyond_the_memory_bound(images: dict[str, str], registry: Registries,
+                                       tmp_path: Path) -> None:
+    from cdimover.errors import UnsupportedImageError
+
+    t = tmp_path / "t"
+    with pytest.raises(UnsupportedImageError, match="memory limit"):
+        run(images["qcow2-gzip"], t, registry, mem_limit=4096)
+    assert not t.exists()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    r = run(images["qcow2-gzip"], t, registry, mem_limit=4096, scratch_dir=str(scratch))
+    assert r.strategy == "scratch" and r.source_format == "qcow2"
+    assert file_sha(t) == sha(RAW_A)
+    assert list(scratch.iterdir()) == []        # the scratch copy is removed
+    assert r.layers_pulled == 1 and r.member == "disk/disk.qcow2"
+
+
 def test_multi_arch(images: dict[str, str], registry: Registries, tmp_path: Path) -> None:
     r = run(images["multi"], tmp_path / "a", registry, arch="amd64")
     assert file_sha(tmp_path / "a") == sha(RAW_A) and r.platform == "linux/amd64"
@@ -195,7 +212,15 @@ def test_corrupt_blob(images: dict[str, str], registry: Registries, tmp_path: Pa
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     t = tmp_path / "t"
-    with pytest.raises((ChecksumMismatchError, ImageFormatError)):
+    # the gzip decoder stumbles over the flipped bit first; the digest is named as the cause
+    with pytest.raises(ChecksumMismatchError, match=rf"layer {layer.digest} does not match its "
+                       r"digest: the \d+ bytes received have digest [0-9a-f]{64}.*decoding "
+                       r"stopped at a corrupted byte"):
+        run(images["corrupt"], t, registry)
+    assert not t.exists()
+    # a blob cut short (and a byte changed in the last block): the digest, not the truncation
+    path.write_bytes(bytes(data[:-5]))
+    with pytest.raises(ChecksumMismatchError, match="does not match its digest"):
         run(images["corrupt"], t, registry)
     assert not t.exists()
 

@@ -15,7 +15,9 @@ Covered:
 - authentication: anonymous, basic (``Authorization: Basic`` when a ``Basic`` challenge comes
   back), and Bearer: the ``WWW-Authenticate: Bearer realm=,service=,scope=`` challenge sends
   the client to the token endpoint (with the basic credentials when given); ``token`` or
-  ``access_token`` of the answer is used until a 401 says it expired (then one refresh);
+  ``access_token`` of the answer is renewed before a new request when its ``expires_in``
+  (default 60 s) is about to pass, and when a 401 says it expired -- also in the middle of a
+  blob download, whose next request (a resume) then carries the new token;
 - trust: the CA bundle of ``read_ca_bundle`` added to the system's, or no verification
   (INSECURE_TLS); plain HTTP only for registries listed as insecure; proxies from the
   environment (http_proxy, https_proxy, no_proxy), as urllib reads them;
@@ -42,6 +44,7 @@ import json
 import platform
 import re
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -64,6 +67,8 @@ ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
 MAX_MANIFEST = 4 << 20
 MAX_TOKEN = 1 << 20
 MAX_REDIRECTS = 5
+DEFAULT_TOKEN_LIFETIME = 60     # seconds, when the token endpoint does not say (the spec's)
+TOKEN_MARGIN = 5                # seconds before its end a token is renewed for a new request
 
 # Layer media types -> the compression their bytes must have.
 LAYER_TYPES = {
@@ -194,24 +199,29 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 @dataclass
 class RegistryClient:
     """Requests to one registry for one repository.  AUTH: (user, password) or None; CA: a PEM
-    file or directory trusted besides the system's; INSECURE_TLS: no verification;
+    file or directory trusted besides the system's; PROXY_CA: the same for a proxy (a proxy
+    that intercepts TLS signs with it); INSECURE_TLS: no verification;
     PLAIN_HTTP: the registry speaks http:// (listed as insecure by the user)."""
 
     ref: ImageRef
     auth: tuple[str, str] | None = field(default=None, repr=False)
     ca: str | None = None
+    proxy_ca: str | None = None
     insecure_tls: bool = False
     plain_http: bool = False
     timeout: float = 60.0
     token: str | None = field(default=None, repr=False)
+    token_expires: float = 0.0      # time.monotonic() when the token runs out
+    tokens: int = 0                 # tokens fetched
     use_basic: bool = False
     challenge: dict[str, str] | None = None
     requests: int = 0
 
     def __post_init__(self) -> None:
         ctx = ssl.create_default_context()
-        if self.ca:
-            ctx.load_verify_locations(cadata=read_ca_bundle(self.ca))
+        for bundle in (self.ca, self.proxy_ca):
+            if bundle:
+                ctx.load_verify_locations(cadata=read_ca_bundle(bundle))
         if self.insecure_tls:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
@@ -307,11 +317,16 @@ class RegistryClient:
         try:
             doc = json.loads(body)
             token = doc.get("token") or doc.get("access_token")
+            lifetime = doc.get("expires_in", DEFAULT_TOKEN_LIFETIME)
         except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str) or not token or len(body) > MAX_TOKEN:
             raise ProtocolError(f"{realm}: the token endpoint gave no token")
+        if not isinstance(lifetime, (int, float)) or lifetime <= 0:
+            lifetime = DEFAULT_TOKEN_LIFETIME
         self.token = token
+        self.tokens += 1
+        self.token_expires = time.monotonic() + lifetime
 
     def authenticate(self, www_authenticate: str | None) -> None:
         """Answer a 401: a Bearer challenge fetches a token, a Basic one turns basic auth on
@@ -344,15 +359,34 @@ class RegistryClient:
         self._fetch_token(self.challenge)
         return True
 
+    def fresh_authorization(self) -> str | None:
+        """The Authorization value for a new request: a token about to run out (within
+        TOKEN_MARGIN seconds) is replaced first."""
+        if self.token is not None and self.challenge is not None and \
+                time.monotonic() > self.token_expires - TOKEN_MARGIN:
+            self.refresh()
+        return self.authorization()
+
+    def reauth_header(self) -> str | None:
+        """For a blob download answered 401 midway (its token expired): the header line
+        with a new token, or None when there is no token to renew (basic credentials)."""
+        if not self.refresh():
+            return None
+        value = self.authorization()
+        return f"Authorization: {value}" if value else None
+
     def get(self, url: str, headers: dict[str, str], limit: int) -> tuple[Message, bytes]:
         """GET with authentication: a 401 is answered once."""
         for attempt in range(2):
-            status, h, body, final = self._raw(url, headers, limit, self.authorization())
+            status, h, body, final = self._raw(url, headers, limit, self.fresh_authorization())
             if status == 401 and attempt == 0:
                 self.authenticate(h.get("WWW-Authenticate"))
                 continue
             if status == 200:
                 return h, body
+            if status == 401 and self.use_basic:
+                raise AuthenticationError(f"{self.ref}: the registry refused the user and "
+                                          "password (401)", status)
             if status in (401, 403):
                 raise AuthenticationError(f"{self.ref}: access denied ({status})", status)
             if status == 404:

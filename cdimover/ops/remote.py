@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _native
-from .._native import Context, NativeSource, NativeWriter, ProgressFn, SourceInfo
+from .._native import Context, NativeSource, ProgressFn, SourceInfo
 from ..checksum import Checksum
 from ..errors import ChecksumMismatchError, ImageFormatError, TargetTooSmallError, \
     UnsupportedImageError
@@ -40,11 +40,11 @@ from ..formats.qcow2 import ImageInfo, _qcow2_info, refusal
 from ..io.detect import HEAD_SIZE, detect_head, unsupported
 from ..io.endpoints import Place, Target, open_target
 from ..io.http import HttpSource
-from ..types import PREALLOCATION_MODES, CopyResult, ScanMethod
+from ..types import CopyResult, ScanMethod
 from .copy import Tuning, final_size_for, grow_target, make_result, room_needed, target_opts
 from .prealloc import preallocation_mode
-from .sink import complete_stream, default_capacity, is_device, is_memory_limit, \
-    open_stream_writer, writing
+from .sink import complete_stream, convert_scratch, default_capacity, is_device, \
+    is_memory_limit, open_stream_writer, scratch_writer, writing
 
 __all__ = ["import_url", "ImportResult", "Checksum", "parse_checksum", "probe_url"]
 
@@ -337,16 +337,10 @@ def _via_scratch(ctx: Context, ns: NativeSource, source: HttpSource,
     del source_format, start     # a QCOW2, converted as convert() does
     """The fallback for a QCOW2 that cannot be converted as it arrives: the file is streamed
     (decompressed, hashed) into SCRATCH_DIR, converted from there, and removed."""
-    from .convert import convert
-
     fd, path = tempfile.mkstemp(prefix="cdimover-scratch-", dir=scratch_dir)
     try:
         bound = capacity if capacity is not None else default_capacity(scratch_dir + "/x")
-        writer = NativeWriter(ctx, fd, -1, size=bound or 0, sector=512, is_blockdev=False,
-                              sparse_size=tuning.sparse_size,
-                              flags=_native.const("CDM_COPY_TARGET_IS_ZERO"),
-                              preallocation=PREALLOCATION_MODES["off"], path=path)
-        os.ftruncate(fd, bound or 0)
+        writer = scratch_writer(ctx, fd, path, bound or 0)
         try:
             opts = _native.new_stream_opts(format="raw", compression="auto",
                                            hash=checksum.algorithm if checksum else "")
@@ -356,10 +350,9 @@ def _via_scratch(ctx: Context, ns: NativeSource, source: HttpSource,
             writer.free()
         _verify(checksum, res.digest, source.display_url)
         os.ftruncate(fd, res.image_size)
-        copy = convert(path, target, source_format="qcow2", preallocation=preallocation,
-                       target_is_zero=target_is_zero, progress=progress,
-                       target_size=target_size, threads=tuning.threads,
-                       request_size=tuning.request_size)
+        copy = convert_scratch(ctx, path, target, source.display_url, capacity=capacity,
+                               preallocation=preallocation, target_is_zero=target_is_zero,
+                               target_size=target_size, tuning=tuning, progress=progress)
     finally:
         os.close(fd)
         os.unlink(path)

@@ -30,11 +30,12 @@ from .._native import Context, NativeStream, NativeWriter, StreamResult
 from ..errors import TargetTooSmallError, UnsupportedImageError
 from ..io.detect import detect_head, unsupported
 from ..io.endpoints import Place, Target, open_target
-from ..types import PREALLOCATION_MODES
+from ..types import PREALLOCATION_MODES, CopyResult
 from .copy import Tuning, final_size_for, grow_target
 
 __all__ = ["writing", "StreamSink", "SinkResult", "open_stream_writer", "complete_stream",
-           "default_capacity", "is_device", "is_memory_limit"]
+           "default_capacity", "is_device", "is_memory_limit", "scratch_writer",
+           "convert_scratch"]
 
 log = logging.getLogger("cdimover")
 _COMPRESSED = ("gzip", "xz", "zstd")
@@ -317,9 +318,6 @@ class StreamSink:
     def _convert_scratch(self) -> SinkResult:
         """The memory-limit fallback: the scratch copy (decompressed into a second one when
         compressed) converted onto the target."""
-        from ..io.endpoints import open_source
-        from .convert import convert, examine
-
         fd, path = self._scratch_fd, self._scratch_path
         compression = "none"
         decoded = ""
@@ -332,12 +330,7 @@ class StreamSink:
                 dfd, decoded = tempfile.mkstemp(prefix="cdimover-upload-",
                                                 dir=os.path.dirname(path))
                 try:
-                    writer = NativeWriter(self._ctx, dfd, -1, size=self._capacity, sector=512,
-                                          is_blockdev=False, sparse_size=0,
-                                          flags=_native.const("CDM_COPY_TARGET_IS_ZERO"),
-                                          preallocation=PREALLOCATION_MODES["off"],
-                                          path=decoded)
-                    os.ftruncate(dfd, self._capacity)
+                    writer = scratch_writer(self._ctx, dfd, decoded, self._capacity)
                     try:
                         res = _native.run_stream(self._ctx, fd, writer,
                                                  format=_native.FORMATS["raw"], path=self.name)
@@ -347,15 +340,10 @@ class StreamSink:
                     os.ftruncate(dfd, res.image_size)
                 finally:
                     os.close(dfd)
-            with open_source(decoded or path, ctx=self._ctx) as src:
-                image = examine(src, "qcow2", context=self._ctx)
-                if image.virtual_size > self._capacity:
-                    raise TargetTooSmallError.of(self.name, image.virtual_size, self._capacity,
-                                                 what="the qcow2 image's virtual size")
-                copy = convert(src, self._target, image=image, preallocation=self._prealloc,
-                               target_is_zero=self._target_is_zero,
-                               target_size=self._target_size, threads=self._tuning.threads,
-                               request_size=self._tuning.request_size, context=self._ctx)
+            copy = convert_scratch(self._ctx, decoded or path, self._target, self.name,
+                                   capacity=self._capacity, preallocation=self._prealloc,
+                                   target_is_zero=self._target_is_zero,
+                                   target_size=self._target_size, tuning=self._tuning)
         finally:
             if decoded:
                 os.unlink(decoded)
@@ -365,6 +353,35 @@ class StreamSink:
             final_size=copy.target_size or copy.virtual_size, bytes_in=self._received,
             strategy="scratch", peak_held=0, preallocation_applied=copy.preallocation_applied,
             elapsed=time.monotonic() - self._start)
+
+
+def scratch_writer(ctx: Context, fd: int, path: str, size: int) -> NativeWriter:
+    """A writer onto the new scratch file FD (PATH), sized SIZE (the bound of what it may
+    receive; the caller truncates it to what arrived): sparse, no preallocation."""
+    os.ftruncate(fd, size)
+    return NativeWriter(ctx, fd, -1, size=size, sector=512, is_blockdev=False, sparse_size=0,
+                        flags=_native.const("CDM_COPY_TARGET_IS_ZERO"),
+                        preallocation=PREALLOCATION_MODES["off"], path=path)
+
+
+def convert_scratch(ctx: Context, path: str, target: str | os.PathLike[str] | Place,
+                    name: str, *, capacity: int | None, preallocation: str,
+                    target_is_zero: bool, target_size: int | None, tuning: Tuning,
+                    progress: _native.ProgressFn | None = None) -> CopyResult:
+    """Convert the QCOW2 scratch copy PATH (of the image NAME) onto TARGET, its virtual size
+    checked against CAPACITY first."""
+    from ..io.endpoints import open_source
+    from .convert import convert, examine
+
+    with open_source(path, ctx=ctx) as src:
+        image = examine(src, "qcow2", context=ctx)
+        if capacity is not None and image.virtual_size > capacity:
+            raise TargetTooSmallError.of(name, image.virtual_size, capacity,
+                                         what="the qcow2 image's virtual size")
+        return convert(src, target, image=image, preallocation=preallocation,
+                       target_is_zero=target_is_zero, target_size=target_size,
+                       threads=tuning.threads, request_size=tuning.request_size,
+                       progress=progress, context=ctx)
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview, path: str) -> None:

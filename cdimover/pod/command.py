@@ -12,7 +12,7 @@ import time
 from typing import Final, Literal
 
 from .. import argtypes
-from ..errors import Terminated
+from ..errors import ScratchSpaceRequired, Terminated
 from .clone import run_clone
 from .config import CloneConfig, ImportConfig, clone_config, get_env, import_config, \
     upload_config
@@ -80,11 +80,18 @@ def _cmd_pod(args: argparse.Namespace) -> int:
             source, target = cfg.mount_point, cfg.destination
         else:
             applied = run_import(cfg, counter, threads=args.threads,
-                                 request_size=args.request_size)
+                                 request_size=args.request_size, mem_limit=args.mem_limit)
             source, target = cfg.endpoint, cfg.destination
         counter.set(100.0)
         message = success_message(kind, applied)
         write_termination_log(args.termination_log, message)
+    except ScratchSpaceRequired as e:
+        # CDI's convention: exit 0 with the request, and the controller adds /scratch
+        write_termination_log(args.termination_log, scratch_required_message(str(e)))
+        if server is not None:
+            server.stop()
+        log.warning("%s: the pod needs a scratch volume", e)
+        return 0
     except BaseException as e:
         write_termination_log(args.termination_log, failure_message(kind, e))
         if server is not None:
@@ -195,16 +202,27 @@ def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     c.set_defaults(func=_cmd_pod, endpoint=None)
 
     i = pods.add_parser(
-        "import", parents=[common, shared], help="import an image (IMPORTER_ENDPOINT, "
-        "IMPORTER_CONTENTTYPE, IMPORTER_IMAGE_SIZE, IMPORTER_CHECKSUM, PREALLOCATION, ...)",
+        "import", parents=[common, shared], help="import an image (IMPORTER_SOURCE, "
+        "IMPORTER_ENDPOINT, IMPORTER_CONTENTTYPE, IMPORTER_IMAGE_SIZE, IMPORTER_CHECKSUM, "
+        "PREALLOCATION, ...)",
         description="Import the RAW or QCOW2 image (or, with IMPORTER_CONTENTTYPE=archive, "
-        "the tar archive) at IMPORTER_ENDPOINT, a local path or file:// URL, into "
-        "DESTINATION.  Optional: IMPORTER_CONTENTTYPE (kubevirt|archive), IMPORTER_IMAGE_SIZE "
+        "the tar archive) at IMPORTER_ENDPOINT, a local path or file:// URL, an http(s):// "
+        "URL (IMPORTER_SOURCE=http) or a containerDisk docker://HOST/REPO:TAG or @sha256:... "
+        "(IMPORTER_SOURCE=registry; IMPORTER_REGISTRY_IMAGE_ARCHITECTURE, "
+        "CDIMOVER_INSECURE_REGISTRIES), into DESTINATION.  Remote sources: "
+        "IMPORTER_ACCESS_KEY_ID, IMPORTER_SECRET_KEY, IMPORTER_CERT_DIR, INSECURE_TLS, "
+        "http_proxy, https_proxy, no_proxy, IMPORTER_PROXY_CERT_DIR; SCRATCH_DIR (/scratch) "
+        "for a QCOW2 that cannot be converted as it arrives.  Optional: IMPORTER_CONTENTTYPE "
+        "(kubevirt|archive), IMPORTER_IMAGE_SIZE "
         "(grow disk.img to this quantity), IMPORTER_CHECKSUM (sha256:<hex>, md5, sha1, "
         "sha512), PREALLOCATION (true|false), FILESYSTEM_OVERHEAD (0.06), OWNER_UID, "
         "DESTINATION (default /dev/cdi-block-volume or /data).")
     i.add_argument("--endpoint", metavar="PATH_OR_URL",
                    help="the image (overrides IMPORTER_ENDPOINT)")
+    i.add_argument("--mem-limit", type=argtypes.size, default=0, metavar="SIZE",
+                   help="bytes a streamed QCOW2 (http, registry) may hold before the tables "
+                   "that place them (default 64Mi); past it the image is converted from "
+                   "SCRATCH_DIR, or the pod asks for scratch space")
     i.set_defaults(func=_cmd_pod, mount_point=None)
 
     u = pods.add_parser(

@@ -10,16 +10,17 @@ import ssl
 import stat
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from ..checksum import Checksum
 from ..errors import ConfigurationError
 from ..io.http import HttpSource, is_url
+from ..io.registry import is_registry_url, parse_reference
 from ..sizing import DEFAULT_OVERHEAD, parse_overhead, parse_quantity
 
-__all__ = ["Checksum", "CloneConfig", "ImportConfig", "UploadConfig", "clone_config",
-           "import_config", "upload_config", "BLOCK_VOLUME", "DATA_DIR", "UPLOAD_DESTINATION",
+__all__ = ["Checksum", "CloneConfig", "ImportConfig", "RegistrySource", "UploadConfig",
+           "clone_config", "import_config", "upload_config", "BLOCK_VOLUME", "DATA_DIR", "UPLOAD_DESTINATION",
            "SCRATCH_DIR", "get_env"]
 
 BLOCK_VOLUME: Final = "/dev/cdi-block-volume"
@@ -56,6 +57,21 @@ class ImportConfig:
     image_size: int | None
     checksum: Checksum | None
     http: HttpSource | None = None      # IMPORTER_SOURCE=http: the remote image
+    registry: RegistrySource | None = None  # IMPORTER_SOURCE=registry: the containerDisk
+    scratch_dir: str | None = None      # SCRATCH_DIR (default /scratch) when it exists
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySource:
+    """IMPORTER_SOURCE=registry: the containerDisk image and how to reach its registry."""
+
+    image: str                          # docker://host/repo:tag or @sha256:...
+    auth: tuple[str, str] | None = field(default=None, repr=False)
+    ca: str | None = None               # IMPORTER_CERT_DIR
+    proxy_ca: str | None = None         # IMPORTER_PROXY_CERT_DIR or /proxycerts
+    insecure_tls: bool = False          # INSECURE_TLS
+    insecure_registries: tuple[str, ...] = ()   # CDIMOVER_INSECURE_REGISTRIES: plain HTTP
+    arch: str | None = None             # IMPORTER_REGISTRY_IMAGE_ARCHITECTURE
 
 
 def get_env(env: Mapping[str, str], name: str, *, required: bool = False,
@@ -238,10 +254,20 @@ def _extra_headers(env: Mapping[str, str], headers_dir: str) -> tuple[str, ...]:
     return tuple(headers)
 
 
-def _http_source(env: Mapping[str, str], url: str) -> HttpSource:
-    """IMPORTER_SOURCE=http: the URL with basic auth (IMPORTER_ACCESS_KEY_ID /
-    IMPORTER_SECRET_KEY), CA (IMPORTER_CERT_DIR), INSECURE_TLS, extra headers, proxy CA
-    (IMPORTER_PROXY_CERT_DIR or /proxycerts) and IMPORTER_IDLE_TIMEOUT (seconds, default 600)."""
+@dataclass(frozen=True, slots=True)
+class _Trust:
+    """What HTTP and registry sources share: credentials, CAs, INSECURE_TLS."""
+
+    auth: tuple[str, str] | None
+    cert_dir: str | None
+    proxy_dir: str | None
+    insecure: bool
+
+
+def _trust(env: Mapping[str, str]) -> _Trust:
+    """Basic credentials (IMPORTER_ACCESS_KEY_ID / IMPORTER_SECRET_KEY), the CA directory
+    (IMPORTER_CERT_DIR), the proxy's CA (IMPORTER_PROXY_CERT_DIR, or /proxycerts when it holds
+    certificates) and INSECURE_TLS."""
     user = get_env(env, "IMPORTER_ACCESS_KEY_ID")
     secret = env.get("IMPORTER_SECRET_KEY", "")
     cert_dir = get_env(env, "IMPORTER_CERT_DIR")
@@ -251,6 +277,31 @@ def _http_source(env: Mapping[str, str], url: str) -> HttpSource:
     if proxy_dir is None and os.path.isdir(PROXY_CERT_DIR) and any(
             f.endswith((".crt", ".pem")) for f in os.listdir(PROXY_CERT_DIR)):
         proxy_dir = PROXY_CERT_DIR
+    return _Trust(auth=(user, secret) if user else None, cert_dir=cert_dir,
+                  proxy_dir=proxy_dir, insecure=_bool(env, "INSECURE_TLS", required=False))
+
+
+def _registry_source(env: Mapping[str, str], image: str) -> RegistrySource:
+    """IMPORTER_SOURCE=registry: the image IMPORTER_ENDPOINT names, with the trust of
+    :func:`_trust`, IMPORTER_REGISTRY_IMAGE_ARCHITECTURE (default this machine's) and
+    CDIMOVER_INSECURE_REGISTRIES (host[:port] reached over plain HTTP, comma-separated)."""
+    try:
+        ref = parse_reference(image)
+    except ConfigurationError as e:
+        raise ConfigurationError(f"IMPORTER_ENDPOINT: {e}") from None
+    trust = _trust(env)
+    insecure = tuple(h.strip() for h in env.get("CDIMOVER_INSECURE_REGISTRIES", "").split(",")
+                     if h.strip())
+    return RegistrySource(image=str(ref), auth=trust.auth, ca=trust.cert_dir,
+                          proxy_ca=trust.proxy_dir, insecure_tls=trust.insecure,
+                          insecure_registries=insecure,
+                          arch=get_env(env, "IMPORTER_REGISTRY_IMAGE_ARCHITECTURE"))
+
+
+def _http_source(env: Mapping[str, str], url: str) -> HttpSource:
+    """IMPORTER_SOURCE=http: the URL with the trust of :func:`_trust`, extra headers and
+    IMPORTER_IDLE_TIMEOUT (seconds, default 600)."""
+    trust = _trust(env)
     idle = get_env(env, "IMPORTER_IDLE_TIMEOUT")
     try:
         idle_timeout = int(idle) if idle is not None else 600
@@ -261,12 +312,17 @@ def _http_source(env: Mapping[str, str], url: str) -> HttpSource:
                                  "from 1 to 604800") from None
     headers_dir = get_env(env, "IMPORTER_EXTRA_HEADERS_DIR") or EXTRA_HEADERS_DIR
     try:
-        return HttpSource(url, auth=(user, secret) if user else None, ca=cert_dir,
-                          insecure=_bool(env, "INSECURE_TLS", required=False),
-                          headers=_extra_headers(env, headers_dir), proxy_ca=proxy_dir,
+        return HttpSource(url, auth=trust.auth, ca=trust.cert_dir, insecure=trust.insecure,
+                          headers=_extra_headers(env, headers_dir), proxy_ca=trust.proxy_dir,
                           idle_timeout=idle_timeout)
     except ConfigurationError as e:
         raise ConfigurationError(f"IMPORTER_ENDPOINT: {e}") from None
+
+
+def _scratch_dir(env: Mapping[str, str]) -> str | None:
+    """The scratch volume, SCRATCH_DIR (default /scratch), when the pod has it."""
+    scratch = get_env(env, "SCRATCH_DIR") or SCRATCH_DIR
+    return scratch if os.path.isdir(scratch) else None
 
 
 def import_config(env: Mapping[str, str], *, endpoint: str | None = None,
@@ -274,19 +330,27 @@ def import_config(env: Mapping[str, str], *, endpoint: str | None = None,
     """Read an import pod's configuration from ENV; ENDPOINT and DESTINATION override the
     variables IMPORTER_ENDPOINT and DESTINATION.  ConfigurationError naming the variable."""
     value = endpoint or get_env(env, "IMPORTER_ENDPOINT", required=True,
-                             hint="a local path or a file:// URL")
+                             hint="a local path, a file:// URL, an http(s):// URL or a "
+                             "docker:// image")
     assert value is not None
     kind = (get_env(env, "IMPORTER_SOURCE") or "").lower()
     http = None
-    if kind == "http" or (kind in ("", "file") and is_url(value)):
+    registry = None
+    if kind == "registry" or (kind == "" and is_registry_url(value)):
+        if not is_registry_url(value):
+            raise ConfigurationError(f"IMPORTER_ENDPOINT: {value!r}: IMPORTER_SOURCE=registry "
+                                     "needs a docker://host/repository[:tag|@sha256:...] image")
+        registry = _registry_source(env, value)
+        path = registry.image
+    elif kind == "http" or (kind in ("", "file") and is_url(value)):
         if not is_url(value):
             raise ConfigurationError(f"IMPORTER_ENDPOINT: {value!r}: IMPORTER_SOURCE=http "
                                      "needs an http:// or https:// URL")
         http = _http_source(env, value)
         path = http.display_url
     elif kind not in ("", "file"):
-        raise ConfigurationError(f"IMPORTER_SOURCE: {kind!r} is not supported (http, or a "
-                                 "local file)")
+        raise ConfigurationError(f"IMPORTER_SOURCE: {kind!r} is not supported (http, "
+                                 "registry, or a local file)")
     else:
         path = _endpoint_path(value)
     content = get_env(env, "IMPORTER_CONTENTTYPE") or "kubevirt"
@@ -302,16 +366,19 @@ def import_config(env: Mapping[str, str], *, endpoint: str | None = None,
     owner = get_env(env, "OWNER_UID") or ""
     dest = _volume_path(destination or get_env(env, "DESTINATION") or _default_destination(),
                         "DESTINATION")
-    if content_type == "archive" and http is not None:
+    if content_type == "archive" and (http is not None or registry is not None):
         raise ConfigurationError("IMPORTER_CONTENTTYPE: archive imports come from a local file "
-                                 "for now, not from IMPORTER_SOURCE=http")
+                                 f"for now, not from IMPORTER_SOURCE={kind or 'http'}")
+    if checksum is not None and registry is not None:
+        raise ConfigurationError("IMPORTER_CHECKSUM: a registry image is verified by its "
+                                 "digests; pin it as docker://host/repository@sha256:<hex>")
     if content_type == "archive" and not os.path.isdir(dest):
         raise ConfigurationError(f"IMPORTER_CONTENTTYPE: archive is extracted into a "
                                  f"directory, but DESTINATION {dest} is a block device")
     return ImportConfig(endpoint=path, content_type=content_type, destination=dest,
                         preallocation=preallocation, owner_uid=owner,
                         filesystem_overhead=overhead, image_size=size, checksum=checksum,
-                        http=http)
+                        http=http, registry=registry, scratch_dir=_scratch_dir(env))
 
 
 
@@ -410,11 +477,10 @@ def upload_config(env: Mapping[str, str], *, listen: str | None = None,
         ciphers = ":".join(c.strip() for c in ciphers.split(",") if c.strip()) or None
     dest = _volume_path(destination or get_env(env, "DESTINATION") or UPLOAD_DESTINATION,
                         "DESTINATION")
-    scratch = get_env(env, "SCRATCH_DIR") or SCRATCH_DIR
     return UploadConfig(
         host=host, port=port, tls_cert=cert, tls_key=key, client_ca=client_ca,
         client_name=client_name, tls_min_version=min_version, tls_ciphers=ciphers,
         destination=dest, preallocation=_bool(env, "PREALLOCATION", required=False),
         owner_uid=get_env(env, "OWNER_UID") or "", filesystem_overhead=_overhead(env),
         image_size=_quantity(env, "UPLOAD_IMAGE_SIZE"), deadline=_deadline(env),
-        scratch_dir=scratch if os.path.isdir(scratch) else None)
+        scratch_dir=_scratch_dir(env))

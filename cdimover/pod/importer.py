@@ -5,20 +5,20 @@ checksum verified before the disk is declared complete."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from ..errors import ChecksumMismatchError, TargetTooSmallError
+from ..errors import ChecksumMismatchError, ScratchSpaceRequired, TargetTooSmallError, \
+    UnsupportedImageError
 from .config import ImportConfig
 from .progress import Hasher, Progress
 
 if TYPE_CHECKING:
+    from ..io.endpoints import Place
     from .metrics import ProgressCounter
 
 __all__ = ["run_import"]
-
-SCRATCH_DIR = "/scratch"
-"""CDI's scratch volume: used only for a QCOW2 whose layout cannot be converted as it arrives
-within the memory bound, when the pod has one (cdimover never asks for it)."""
 
 
 def _wipe_device(path: str, length: int) -> None:
@@ -73,35 +73,73 @@ def _import_disk(cfg: ImportConfig, progress: Progress, *, threads: int,
     return result.preallocation_applied
 
 
-def _import_http(cfg: ImportConfig, progress: Progress, *, threads: int,
-                 request_size: int) -> bool:
-    """Import the image at CFG.http straight onto the volume (no scratch space): capacity
-    checked before a byte is written when the size is known, and a stream stopped there when
-    it is not; the checksum verified in the same pass (a mismatch removes a new disk.img and
-    zeroes a Block volume's image)."""
+@contextmanager
+def _remote_target(cfg: ImportConfig) -> Iterator[tuple[Place, int, int | None]]:
+    """The volume of an import from the network: (where the disk goes, the volume's capacity,
+    the size to grow disk.img to).  A checksum or digest mismatch zeroes a Block volume's
+    image (a new disk.img is removed by the import itself); a QCOW2 beyond the memory bound
+    without scratch space becomes ScratchSpaceRequired."""
     from ..cdi.volume import BLOCK, Volume, target_place
-    from ..ops.remote import import_url
 
-    assert cfg.http is not None
     vol = Volume.open(cfg.destination, cfg.filesystem_overhead)
     block = vol.mode == BLOCK
     grow_to = min(cfg.image_size, vol.capacity) if cfg.image_size and not block else None
     place, dir_fd = target_place(vol)
     try:
-        try:
-            result = import_url(cfg.http, place, checksum=str(cfg.checksum) if cfg.checksum
-                                else None, preallocation="falloc" if cfg.preallocation else "off",
-                                capacity=vol.capacity, target_size=grow_to,
-                                progress=progress.copied, threads=threads,
-                                request_size=request_size,
-                                scratch_dir=SCRATCH_DIR if os.path.isdir(SCRATCH_DIR) else None)
-        except ChecksumMismatchError:
-            if block:
-                _wipe_device(vol.disk_path, vol.capacity)
-            raise
+        yield place, vol.capacity, grow_to
+    except ChecksumMismatchError:
+        if block:
+            _wipe_device(vol.disk_path, vol.capacity)
+        raise
+    except UnsupportedImageError as e:
+        _need_scratch(cfg, e)
+        raise
     finally:
         os.close(dir_fd)
+
+
+def _import_http(cfg: ImportConfig, progress: Progress, *, threads: int,
+                 request_size: int, mem_limit: int) -> bool:
+    """Import the image at CFG.http straight onto the volume: capacity checked before a byte
+    is written when the size is known, and a stream stopped there when it is not; the checksum
+    verified in the same pass."""
+    from ..ops.remote import import_url
+
+    assert cfg.http is not None
+    with _remote_target(cfg) as (place, capacity, grow_to):
+        result = import_url(cfg.http, place, checksum=str(cfg.checksum) if cfg.checksum
+                            else None, preallocation="falloc" if cfg.preallocation else "off",
+                            capacity=capacity, target_size=grow_to, progress=progress.copied,
+                            threads=threads, request_size=request_size, mem_limit=mem_limit,
+                            scratch_dir=cfg.scratch_dir)
     return result.copy.preallocation_applied
+
+
+def _import_registry(cfg: ImportConfig, progress: Progress, *, mem_limit: int) -> bool:
+    """Import the containerDisk CFG.registry straight onto the volume: the layer holding the
+    disk streamed through the format probe, every digest checked."""
+    from ..ops.registry import import_registry
+
+    src = cfg.registry
+    assert src is not None
+    with _remote_target(cfg) as (place, capacity, grow_to):
+        result = import_registry(
+            src.image, place, auth=src.auth, ca=src.ca, proxy_ca=src.proxy_ca,
+            insecure_tls=src.insecure_tls, insecure_registries=src.insecure_registries,
+            arch=src.arch, preallocation="falloc" if cfg.preallocation else "off",
+            capacity=capacity, target_size=grow_to, progress=progress.copied,
+            mem_limit=mem_limit, scratch_dir=cfg.scratch_dir)
+    return result.copy.preallocation_applied
+
+
+def _need_scratch(cfg: ImportConfig, exc: UnsupportedImageError) -> None:
+    """A QCOW2 beyond the memory bound in a pod without scratch space (CFG.scratch_dir, used
+    only for such an image; cdimover never asks for it otherwise): ScratchSpaceRequired (CDI's
+    controller then recreates the pod with a scratch volume)."""
+    from ..ops.sink import is_memory_limit
+
+    if is_memory_limit(exc) and cfg.scratch_dir is None:
+        raise ScratchSpaceRequired(str(exc)) from None
 
 
 def _start_hasher(cfg: ImportConfig, progress: Progress,
@@ -146,15 +184,19 @@ def _import_archive(cfg: ImportConfig, progress: Progress) -> bool:
 
 
 def run_import(cfg: ImportConfig, counter: ProgressCounter, *, threads: int = 0,
-               request_size: int = 0) -> bool:
+               request_size: int = 0, mem_limit: int = 0) -> bool:
     """Import CFG.endpoint into CFG.destination, feeding COUNTER; return whether preallocation
-    was applied.  THREADS and REQUEST_SIZE tune the copy of RAW sources (0: the defaults)."""
+    was applied.  THREADS and REQUEST_SIZE tune the copy of RAW sources (0: the defaults);
+    MEM_LIMIT bounds a streamed QCOW2 (0: 64 MiB)."""
     progress = Progress(counter, hashing=cfg.checksum is not None)
     if cfg.content_type == "archive":
         return _import_archive(cfg, progress)
     if cfg.http is not None:
         progress = Progress(counter, hashing=False)     # hashed in the same pass
-        return _import_http(cfg, progress, threads=threads, request_size=request_size)
+        return _import_http(cfg, progress, threads=threads, request_size=request_size,
+                            mem_limit=mem_limit)
+    if cfg.registry is not None:
+        return _import_registry(cfg, Progress(counter, hashing=False), mem_limit=mem_limit)
     return _import_disk(cfg, progress, threads=threads, request_size=request_size)
 
 

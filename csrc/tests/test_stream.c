@@ -190,6 +190,61 @@ static void test_digests(void)
     cdm_hasher_fini(&h);
 }
 
+/* An expected digest: the right bytes pass; corrupted bytes that stop decoding are read to
+ * their end and reported as -CDM_EDIGEST naming the decoding failure; bytes that do not
+ * decode but have the right digest keep their -CDM_EFORMAT; more bytes than expected stop.
+ * (zstd frames made without a content checksum decode a flipped bit without noticing.) */
+static void test_expect(cdm_ctx *ctx, const uint8_t *packed, size_t n, int kind)
+{
+    int undetected = kind == CDM_COMPRESSION_ZSTD ? 0 : -CDM_EFORMAT;
+    int fd = open_tmp("t");
+    uint8_t *bad = malloc(n);
+    memcpy(bad, packed, n);
+    bad[n / 3] ^= 0x10;      /* inside compressed data (n / 2 may be a gzip header field) */
+    uint8_t good_digest[64], bad_digest[64];
+    uint32_t len;
+    struct cdm_error err = {0};
+    struct cdm_hasher h;
+    for (int i = 0; i < 2; i++) {
+        assert(cdm_hasher_init(&h, CDM_HASH_SHA256, &err) == 0);
+        assert(cdm_hasher_update(&h, i ? bad : packed, n, &err) == 0);
+        assert(cdm_hasher_final(&h, i ? bad_digest : good_digest, &len, &err) == 0);
+        cdm_hasher_fini(&h);
+    }
+    struct {
+        const uint8_t *bytes, *expect;
+        uint64_t size;
+        int rc;
+        const char *text;
+    } cases[] = {
+        {bad, NULL, n, undetected, NULL},
+        {packed, good_digest, n, 0, NULL},
+        {packed, good_digest, 0, 0, NULL},
+        {packed, bad_digest, n, -CDM_EDIGEST, "have digest"},
+        {bad, good_digest, n, -CDM_EDIGEST,
+         undetected ? "decoding stopped at a corrupted byte" : "have digest"},
+        {bad, bad_digest, n, undetected, NULL},
+        {packed, good_digest, n - 1, -CDM_EDIGEST, "more than the"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        cdm_writer *w = writer(ctx, fd, SIZE);
+        struct cdm_stream_opts o = {.hash = CDM_HASH_SHA256, .expect_digest = cases[i].expect,
+                                    .expect_size = cases[i].size};
+        struct cdm_stream_result res;
+        cdm_error_clear(&err);
+        int rc = run(w, &o, cases[i].bytes, n, &res, &err);
+        if (rc != cases[i].rc)
+            fprintf(stderr, "expect case %zu: %d %s\n", i, rc, err.msg);
+        assert(rc == cases[i].rc);
+        if (cases[i].text != NULL && strstr(err.msg, cases[i].text) == NULL)
+            fprintf(stderr, "expect case %zu: %s\n", i, err.msg);
+        assert(cases[i].text == NULL || strstr(err.msg, cases[i].text) != NULL);
+        cdm_writer_free(w);
+    }
+    free(bad);
+    close(fd);
+}
+
 int main(void)
 {
     assert(mkdtemp(dir) != NULL);
@@ -209,6 +264,7 @@ int main(void)
         size_t n = make(kinds[i], img, SIZE, packed, cap);
         test_roundtrip(ctx, img, packed, n, kinds[i]);
         test_bound(ctx, packed, n);
+        test_expect(ctx, packed, n, kinds[i]);
         size_t small = make(kinds[i], img, 20000, packed, cap);
         test_truncated(ctx, packed, small, kinds[i]);
     }
