@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-pytest_plugins = ["netfix", "regfix"]
+pytest_plugins = ["netfix", "regfix", "imagefix"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

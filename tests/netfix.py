@@ -237,6 +237,18 @@ def make_certs(d: Path) -> None:
             cwd=d)
 
 
+def make_client_cert(d: Path, name: str, cn: str, ca: str = "ca") -> None:
+    """name.key + name.pem: a client certificate for CN, signed by the CA ca.pem/ca.key."""
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
+    (d / f"{name}.ext").write_text("basicConstraints=critical,CA:FALSE\n"
+                                   "keyUsage=critical,digitalSignature\n"
+                                   "extendedKeyUsage=clientAuth\n")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
+            cwd=d)
+
+
 def start_nginx(exe: str, d: Path, ports: tuple[int, int, int]) -> subprocess.Popen[bytes]:
     """Start nginx on the given ports and wait until it answers. Raises OSError(EADDRINUSE) if
     a port was taken, RuntimeError on any other failure to start."""
