@@ -7,15 +7,16 @@
 - `podman` (session): runs podman as root with `runc` and ulimits this host allows (a
   containers.conf written by the fixture, see ENVIRONMENT.md); every container and pod it
   starts carries a fresh name and is removed by that name in teardown.
+  `CDIMOVER_TEST_IMAGE=REF` tests an image already in podman's storage instead.
 - `kube_overlay()`: a checked-in manifest made playable by `podman kube play` on this host,
   changing only what a cluster provides and podman does not: PVCs, Secrets and ConfigMaps
   become host paths (a Block PVC a loop device), the termination message a host file, the
   ports are dropped (podman 4.3 would publish each on every host address) and the names made
   unique.
 
-Pods run with `--network none` or in a network namespace the test made; a test reaches a
-pod's 127.0.0.1 by entering its network namespace (`nsenter -n`), never through the host's
-addresses.
+Pods run with `--network none`, or on an internal podman network the test made
+(`pod_network`, link-local addresses, no route out); a test reaches a pod by entering its
+network namespace (`nsenter -n`), never through the host's addresses.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ import pytest
 import yaml
 
 from conftest import TOOL_ENV, need, need_root, need_tool
+from netfix import make_certs, make_client_cert
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "deploy" / "build-image.sh"
@@ -52,6 +56,8 @@ runtime = "runc"
 RESTRICTED = ["--user", "107:107", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
               "--read-only"]
 QEMU_ID = 107
+MiB = 1 << 20
+CLIENT = "client.upload-server.cdi.kubevirt.io"    # CDI's upload proxy's client name
 
 
 def source_hash() -> str:
@@ -94,13 +100,13 @@ class Podman:
         return self("run", "--rm", "--name", name, *RESTRICTED, *options, image, *args,
                     check=False, timeout=timeout)
 
-    def play(self, manifest: Mapping[str, Any], d: Path, *network: str) -> None:
-        """`podman kube play` of MANIFEST (written into D); `kube down` in teardown."""
+    def play(self, manifest: Mapping[str, Any], d: Path, *options: str) -> None:
+        """`podman kube play OPTIONS` of MANIFEST (written into D); `kube down` in teardown."""
         need_kube_play()
         path = d / f"{manifest['metadata']['name']}.yaml"
         path.write_text(yaml.safe_dump(dict(manifest), sort_keys=False))
         self.kube_files.append(path)
-        self("kube", "play", *network, str(path))
+        self("kube", "play", *options, str(path))
 
     def cleanup(self) -> None:
         for path in reversed(self.kube_files):
@@ -157,6 +163,10 @@ class Image:
 def image(podman_session: Podman) -> Image:
     """deploy/build-image.sh's image of this tree (see the module docstring)."""
     p = podman_session
+    prebuilt = os.environ.get("CDIMOVER_TEST_IMAGE")
+    if prebuilt:                        # an image built elsewhere, already in podman's storage
+        size = int(p("image", "inspect", "--format", "{{.Size}}", prebuilt).stdout)
+        return Image(ref=prebuilt, build_seconds=None, size=size)
     ref = f"{TEST_REPO}:{source_hash()}"
     # One build at a time on this host: a second session waits for the first and reuses it.
     with open("/var/tmp/cdimover-test-image.lock", "w") as lock:
@@ -189,14 +199,16 @@ def load_manifest(name: str) -> dict[str, Any]:
 
 def kube_overlay(manifest: Mapping[str, Any], image: str, *, claims: Mapping[str, str],
                  files: Mapping[str, str], termination_log: Path,
-                 env: Mapping[str, str] | None = None) -> dict[str, Any]:
+                 env: Mapping[str, str] | None = None,
+                 secrets_: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, Any]:
     """MANIFEST (a Pod) adapted for `podman kube play` on this host, changing nothing else:
     the image becomes IMAGE; each PVC the host path CLAIMS gives for its claim name (a block
     device or a directory), a Block volume mounted where the pod expects the device (podman
     passes a BlockDevice host path as a device); each Secret or ConfigMap the directory FILES
-    gives for its name; /dev/termination-log the file TERMINATION_LOG; ENV values replace those
-    of the same name (addresses only a cluster resolves). Ports are dropped, and the pod gets
-    a unique name."""
+    gives for its name, and each env value taken from a Secret's key the text SECRETS_ gives
+    for it; /dev/termination-log the file TERMINATION_LOG; ENV values replace those of the same
+    name (addresses only a cluster resolves). Ports are dropped, and the pod gets a unique
+    name."""
     m = copy.deepcopy(dict(manifest))
     assert m["kind"] == "Pod"
     m["metadata"]["name"] = f"{m['metadata']['name']}-{secrets.token_hex(4)}"
@@ -219,6 +231,11 @@ def kube_overlay(manifest: Mapping[str, Any], image: str, *, claims: Mapping[str
                    for d in c.pop("volumeDevices", [])]
         mounts.append({"name": "termination-log", "mountPath": c["terminationMessagePath"]})
         for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref is not None:
+                assert secrets_ is not None, f"no secret for {e['name']}"
+                e.pop("valueFrom")
+                e["value"] = secrets_[ref["name"]][ref["key"]]
             if env and e["name"] in env:
                 e["value"] = env[e["name"]]
     return m
@@ -255,13 +272,115 @@ def pod_pid(podman: Podman, pod: str) -> int:
     return int(podman("inspect", "--format", "{{.State.Pid}}", infra).stdout)
 
 
+@contextmanager
+def pod_network(podman: Podman) -> Iterator[tuple[str, list[str]]]:
+    """A podman network of its own for the pods of one test: internal (no route out of it),
+    on a small link-local subnet, without DNS; (its name, the addresses pods may be given
+    with `--ip`). Removed on exit, after the pods that use it."""
+    third = secrets.randbelow(250) + 2
+    name = f"cdimover-test-{secrets.token_hex(4)}"
+    podman("network", "create", "--internal", "--disable-dns",
+           "--subnet", f"169.254.{third}.0/29", name)
+    try:
+        yield name, [f"169.254.{third}.{i}" for i in range(2, 7)]
+    finally:
+        podman.cleanup()
+        podman("network", "rm", "--force", name, check=False)
+
+
 def curl_in(pid: int, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
     """curl ARGS inside the network namespace of process PID (a pod's 127.0.0.1)."""
     return subprocess.run(["nsenter", "-t", str(pid), "-n", "curl", "-sS", *args],
                           env=TOOL_ENV, capture_output=True, timeout=timeout)
 
 
+def wait_healthy(pid: int, ca: Path, host: str = "127.0.0.1", port: int = 8443,
+                 timeout: float = 30) -> None:
+    """Wait until the upload server in the network namespace of PID answers /healthz."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = curl_in(pid, "--cacert", str(ca), f"https://{host}:{port}/healthz")
+        if r.returncode == 0:
+            return
+        assert time.monotonic() < deadline, f"no /healthz: {r.stderr.decode()}"
+        time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Volumes, disks and certificates for the pods
+
+
 def host_owned_by_qemu(path: Path) -> Path:
     """chown PATH to CDI's qemu user (107), as a PVC's fsGroup makes it writable in a pod."""
     os.chown(path, QEMU_ID, QEMU_ID)
     return path
+
+
+def owned_dir(path: Path) -> Path:
+    path.mkdir()
+    return host_owned_by_qemu(path)
+
+
+def termination_file(path: Path) -> Path:
+    path.write_bytes(b"")
+    return host_owned_by_qemu(path)
+
+
+def attach(loopdev: Callable[..., str], backing: Path) -> str:
+    """A loop device over BACKING (conftest's `loopdev`: detached in teardown), owned by 107."""
+    dev = loopdev(backing)
+    os.chown(dev, QEMU_ID, QEMU_ID)
+    return dev
+
+
+def sha256(path: Path, length: int | None = None) -> str:
+    """The sha256 of PATH, or of its first LENGTH bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = length
+        while left is None or left > 0:
+            chunk = f.read(MiB if left is None else min(MiB, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return h.hexdigest()
+
+
+def disk(path: Path, size: int = 48 * MiB, seed: int = 107) -> Path:
+    """A RAW disk: random data, text, zeros written as data, holes."""
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(MiB)
+        f.write(rnd.randbytes(3 * MiB))
+        f.seek(10 * MiB)
+        f.write(b"\0" * MiB + b"cdimover in a container " * 40000)
+        f.seek(size - 4096)
+        f.write(rnd.randbytes(4096))
+    return path
+
+
+def manifest_env(name: str) -> dict[str, str]:
+    """The literal env of deploy/NAME's container."""
+    c = load_manifest(name)["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in c["env"] if "value" in e}
+
+
+def upload_pki(d: Path, extra_ips: Sequence[str] = ()) -> dict[str, Path]:
+    """Under D: the Secret and ConfigMap of deploy/upload-server.yaml as directories readable
+    by 107 ("tls": tls.crt + tls.key for 127.0.0.1 and EXTRA_IPS; "client-ca": ca.crt), the CA
+    ("ca") and a client certificate with CDI's client name ("cert", "key")."""
+    need_tool("openssl")
+    pki = d / "pki"
+    pki.mkdir()
+    make_certs(pki, extra_ips)
+    make_client_cert(pki, "client", CLIENT)
+    tls, ca = owned_dir(d / "tls"), owned_dir(d / "client-ca")
+    for src, dst in ((pki / "server.pem", tls / "tls.crt"), (pki / "server.key", tls / "tls.key"),
+                     (pki / "ca.pem", ca / "ca.crt")):
+        shutil.copyfile(src, dst)
+        host_owned_by_qemu(dst)
+    return {"tls": tls, "client-ca": ca, "ca": pki / "ca.pem", "cert": pki / "client.pem",
+            "key": pki / "client.key"}

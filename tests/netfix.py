@@ -218,15 +218,16 @@ def make_ca(d: Path, name: str) -> None:
             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
 
 
-def make_certs(d: Path) -> None:
-    """ca.pem (+ key), server.pem/server.key signed by it for 127.0.0.1 and localhost, and an
-    unrelated wrong-ca.pem."""
+def make_certs(d: Path, extra_ips: Iterable[str] = ()) -> None:
+    """ca.pem (+ key), server.pem/server.key signed by it for 127.0.0.1, localhost and
+    EXTRA_IPS, and an unrelated wrong-ca.pem."""
     make_ca(d, "ca")
     make_ca(d, "wrong-ca")
     openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
             "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
     (d / "server.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        f"subjectAltName={','.join(f'IP:{ip}' for ip in ('127.0.0.1', *extra_ips))},"
+        "DNS:localhost\n"
         "basicConstraints=critical,CA:FALSE\n"
         "keyUsage=critical,digitalSignature\n"
         "extendedKeyUsage=serverAuth\n"

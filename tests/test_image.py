@@ -7,58 +7,26 @@ termination message read back through `podman inspect`.  Bytes are checked by sh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
-import shutil
 import subprocess
 import tarfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from conftest import TOOL_ENV, need_tool
-from imagefix import (Image, Podman, QEMU_ID, curl_in, host_owned_by_qemu, kube_overlay,
-                      load_manifest, pod_pid, termination_message, wait_exited)
-from netfix import NginxServer, make_certs, make_client_cert
+from imagefix import (MiB, QEMU_ID, Image, Podman, attach, curl_in, disk, kube_overlay,
+                      load_manifest, manifest_env, owned_dir, pod_pid, sha256,
+                      termination_file, termination_message, upload_pki, wait_exited,
+                      wait_healthy)
+from netfix import NginxServer
 
-MiB = 1 << 20
 DEVICE = "/dev/cdi-block-volume"
-CLIENT = "client.upload-server.cdi.kubevirt.io"
 # What the image holds beyond python3 and shared libraries, and may (see README).
 SHELLS = ("sh", "bash", "dash", "zsh", "ksh", "mksh", "busybox", "perl", "ash")
 COMPILERS = ("gcc", "cc", "c++", "g++", "clang", "ld", "as", "x86_64-linux-gnu-gcc", "tcc")
-
-
-def sha256(path: Path, length: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = length
-        while left is None or left > 0:
-            chunk = f.read(MiB if left is None else min(MiB, left))
-            if not chunk:
-                break
-            h.update(chunk)
-            if left is not None:
-                left -= len(chunk)
-    return h.hexdigest()
-
-
-def disk(path: Path, size: int = 48 * MiB, seed: int = 107) -> Path:
-    """A RAW disk: random data, text, zeros written as data, holes."""
-    rnd = random.Random(seed)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        f.seek(MiB)
-        f.write(rnd.randbytes(3 * MiB))
-        f.seek(10 * MiB)
-        f.write(b"\0" * MiB + b"cdimover in a container " * 40000)
-        f.seek(size - 4096)
-        f.write(rnd.randbytes(4096))
-    return path
 
 
 def same_disk(img: Path, src: Path) -> bool:
@@ -72,16 +40,6 @@ def same_disk(img: Path, src: Path) -> bool:
             data_after = None
     return img.stat().st_size >= size and data_after is None and \
         sha256(img, size) == sha256(src)
-
-
-def owned_dir(path: Path) -> Path:
-    path.mkdir()
-    return host_owned_by_qemu(path)
-
-
-def termination_file(path: Path) -> Path:
-    path.write_bytes(b"")
-    return host_owned_by_qemu(path)
 
 
 def volume_args(device: str | None = None, data: Path | None = None, *,
@@ -98,18 +56,6 @@ def volume_args(device: str | None = None, data: Path | None = None, *,
 
 def env_args(env: dict[str, str]) -> list[str]:
     return [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
-
-
-def manifest_env(name: str) -> dict[str, str]:
-    """The literal env of deploy/NAME's container."""
-    c = load_manifest(name)["spec"]["containers"][0]
-    return {e["name"]: e["value"] for e in c["env"] if "value" in e}
-
-
-def attach(loopdev: Callable[..., str], backing: Path) -> str:
-    dev = loopdev(backing)
-    os.chown(dev, QEMU_ID, QEMU_ID)
-    return dev
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,30 +192,7 @@ def test_http_import(image: Image, podman: Podman, tmp_path: Path,
 
 @pytest.fixture
 def upload_tls(tmp_path: Path) -> dict[str, Path]:
-    """The Secret and ConfigMap of deploy/upload-server.yaml as directories readable by 107,
-    and the client's certificate (CN client.upload-server.cdi.kubevirt.io)."""
-    need_tool("openssl")
-    d = tmp_path / "pki"
-    d.mkdir()
-    make_certs(d)
-    make_client_cert(d, "client", CLIENT)
-    tls, ca = owned_dir(tmp_path / "tls"), owned_dir(tmp_path / "client-ca")
-    for src, dst in ((d / "server.pem", tls / "tls.crt"), (d / "server.key", tls / "tls.key"),
-                     (d / "ca.pem", ca / "ca.crt")):
-        shutil.copyfile(src, dst)
-        host_owned_by_qemu(dst)
-    return {"tls": tls, "client-ca": ca, "ca": d / "ca.pem", "cert": d / "client.pem",
-            "key": d / "client.key"}
-
-
-def wait_healthy(pid: int, ca: Path, port: int = 8443, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        r = curl_in(pid, "--cacert", str(ca), f"https://127.0.0.1:{port}/healthz")
-        if r.returncode == 0:
-            return
-        assert time.monotonic() < deadline, f"no /healthz: {r.stderr.decode()}"
-        time.sleep(0.2)
+    return upload_pki(tmp_path)
 
 
 def test_kube_play_upload_server(image: Image, loopdev: Callable[..., str],
