@@ -826,11 +826,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_KLOG_VERBOSITY = re.compile(r"--?v=([0-9])")
+
+
+def _klog_verbosity(argv: Sequence[str]) -> list[str]:
+    """ARGV with klog's ``-v=N`` (how CDI's controllers start the images of their pods:
+    ``args: ["-v=1"]``) read as N times ``-v``."""
+    out: list[str] = []
+    for arg in argv:
+        m = _KLOG_VERBOSITY.fullmatch(arg)
+        out += ["-v"] * int(m[1]) if m else [arg]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ARGV (default sys.argv[1:]); return the exit status."""
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_klog_verbosity(sys.argv[1:] if argv is None else argv))
         _check_tuning(parser, args)
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE

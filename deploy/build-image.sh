@@ -10,7 +10,9 @@
 # 3. the wheel and its Python dependencies (wheels from PyPI, for the image's CPython 3.11)
 #    installed into it with the host's pip, the standard library byte-compiled by the image's
 #    own python, /etc/passwd with uid 107 (qemu), a CA bundle, docs and caches removed;
-# 4. `podman import` of the tree: one layer, entrypoint `cdimover`, user 107:107.
+# 4. `podman import` of the tree: one layer, entrypoint `cdimover`, user 107:107; and for
+#    CDI, REPO-importer, REPO-uploadserver and REPO-cloner (same tag): the same layer with
+#    `cdimover pod import|upload-server|clone-source` as the entrypoint.
 #
 # Needs root (mmdebstrap writes a tree owned by root), mmdebstrap, podman, python3 with pip,
 # and what building the wheel needs (README: "Set up"). DEBIAN_MIRROR overrides the mirror.
@@ -30,7 +32,7 @@ py=3.11                                  # bookworm's CPython: the PyPI wheels a
 # and auth libraries); ca-certificates for HTTPS sources.
 packages=python3,libcurl4,zlib1g,libzstd1,libdeflate0,libssl3,liblzma5,libffi8,ca-certificates
 
-say() { echo "build-image: $*" >&2; }
+say() { echo "build-image: [${SECONDS}s] $*" >&2; }
 [ "$(id -u)" = 0 ] || { say "needs root (mmdebstrap writes a root-owned tree)"; exit 1; }
 for tool in mmdebstrap podman; do
     command -v "$tool" >/dev/null || { say "needs $tool (apt-get install $tool)"; exit 1; }
@@ -99,6 +101,16 @@ podman import -q \
     --change "LABEL org.opencontainers.image.version=$version" \
     --change 'EXPOSE 8443' \
     "$work/rootfs.tar" "$tag" >/dev/null
+# CDI starts its pods' images with nothing but `-v=N` as arguments: one image per role, the
+# same layer, the role's pod command as the entrypoint (IMPORTER_IMAGE, UPLOADSERVER_IMAGE,
+# CLONER_IMAGE of CDI's operator; README: "Under CDI").
+case ${tag##*/} in *:*) repo=${tag%:*} version_tag=${tag##*:} ;; *) repo=$tag version_tag=latest ;; esac
+ctr=$(podman create -q "$tag")
+trap 'podman rm -f "$ctr" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+for role in importer:import uploadserver:upload-server cloner:clone-source; do
+    podman commit -q --change "ENTRYPOINT [\"/usr/local/bin/cdimover\", \"pod\", \"${role#*:}\"]" \
+        --change 'CMD []' "$ctr" "$repo-${role%%:*}:$version_tag" >/dev/null
+    say "role image $repo-${role%%:*}:$version_tag (cdimover pod ${role#*:})"
+done
 say "done in $((SECONDS - start)) s: $(podman image inspect --format '{{.Size}}' "$tag") bytes"
-podman image inspect --format '{{.Id}}' "$tag" >/dev/null
 echo "$tag"

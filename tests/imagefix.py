@@ -46,6 +46,7 @@ from netfix import make_certs, make_client_cert
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "deploy" / "build-image.sh"
 TEST_REPO = "localhost/cdimover-test"
+ROLES = {"importer": "import", "uploadserver": "upload-server", "cloner": "clone-source"}
 CONTAINERS_CONF = """\
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
@@ -158,6 +159,11 @@ class Image:
     build_seconds: float | None        # None: reused from podman's storage
     size: int
 
+    def role(self, role: str) -> str:
+        """The image CDI would start for ROLE (importer, uploadserver, cloner)."""
+        repo, _, tag = self.ref.rpartition(":")
+        return f"{repo}-{role}:{tag}"
+
 
 @pytest.fixture(scope="session")
 def image(podman_session: Podman) -> Image:
@@ -173,8 +179,9 @@ def image(podman_session: Podman) -> Image:
         fcntl.flock(lock, fcntl.LOCK_EX)
         seconds: float | None = None
         if p("image", "exists", ref, check=False).returncode != 0:
-            old = p("images", "--format", "{{.Repository}}:{{.Tag}}", TEST_REPO).stdout.split()
-            for stale in old:
+            old = p("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
+            repos = {TEST_REPO, *(f"{TEST_REPO}-{role}" for role in ROLES)}
+            for stale in (ref for ref in old if ref.rpartition(":")[0] in repos):
                 p("rmi", "--force", stale, check=False)
             start = time.monotonic()
             r = subprocess.run([str(BUILD_SCRIPT), ref], env=p.env, capture_output=True,
@@ -369,18 +376,21 @@ def manifest_env(name: str) -> dict[str, str]:
 
 
 def upload_pki(d: Path, extra_ips: Sequence[str] = ()) -> dict[str, Path]:
-    """Under D: the Secret and ConfigMap of deploy/upload-server.yaml as directories readable
-    by 107 ("tls": tls.crt + tls.key for 127.0.0.1 and EXTRA_IPS; "client-ca": ca.crt), the CA
+    """Under D: the TLS Secret of deploy/upload-server.yaml as a directory readable by 107
+    ("tls": tls.crt + tls.key for 127.0.0.1 and EXTRA_IPS, the client CA ca.crt), the CA
     ("ca") and a client certificate with CDI's client name ("cert", "key")."""
     need_tool("openssl")
     pki = d / "pki"
     pki.mkdir()
     make_certs(pki, extra_ips)
     make_client_cert(pki, "client", CLIENT)
-    tls, ca = owned_dir(d / "tls"), owned_dir(d / "client-ca")
-    for src, dst in ((pki / "server.pem", tls / "tls.crt"), (pki / "server.key", tls / "tls.key"),
-                     (pki / "ca.pem", ca / "ca.crt")):
-        shutil.copyfile(src, dst)
-        host_owned_by_qemu(dst)
-    return {"tls": tls, "client-ca": ca, "ca": pki / "ca.pem", "cert": pki / "client.pem",
+    tls = owned_dir(d / "tls")
+    for src, dst in (("server.pem", "tls.crt"), ("server.key", "tls.key"), ("ca.pem", "ca.crt")):
+        shutil.copyfile(pki / src, tls / dst)
+        host_owned_by_qemu(tls / dst)
+    return {"tls": tls, "ca": pki / "ca.pem", "cert": pki / "client.pem",
             "key": pki / "client.key"}
+
+
+if __name__ == "__main__":
+    print(f"{TEST_REPO}:{source_hash()}")      # the tag the `image` fixture builds or reuses

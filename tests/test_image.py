@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TOOL_ENV, need_tool
-from imagefix import (MiB, QEMU_ID, Image, Podman, attach, curl_in, disk, kube_overlay,
+from imagefix import (MiB, QEMU_ID, ROLES, Image, Podman, attach, curl_in, disk, kube_overlay,
                       load_manifest, manifest_env, owned_dir, pod_pid, sha256,
                       termination_file, termination_message, upload_pki, wait_exited,
                       wait_healthy)
@@ -70,6 +70,10 @@ def test_image_config_and_size(image: Image, podman: Podman) -> None:
     print(f"\nimage {image.ref}: {image.size / 1e6:.1f} MB, built in "
           f"{'(cached)' if image.build_seconds is None else f'{image.build_seconds:.0f} s'}")
     assert image.size < 160e6, "the image grew: see README, 'The container image'"
+    for role, command in ROLES.items():
+        cfg = json.loads(podman("image", "inspect", image.role(role)).stdout)[0]["Config"]
+        assert cfg["Entrypoint"] == ["/usr/local/bin/cdimover", "pod", command]
+        assert cfg["User"] == "107:107" and not cfg.get("Cmd")
 
 
 def test_image_contents(image: Image, podman: Podman, tmp_path: Path) -> None:
@@ -166,8 +170,9 @@ def test_job_clone_filesystem_to_block(image: Image, loopdev: Callable[..., str]
 
 def test_http_import(image: Image, podman: Podman, tmp_path: Path,
                      nginx: NginxServer) -> None:
-    """`pod import` with deploy/import-http.yaml's environment, from a QCOW2 on nginx at
-    127.0.0.1 (host network: the container reaches the host's loopback only)."""
+    """The importer image as CDI starts it (`-v=1`, the environment of
+    deploy/import-http.yaml), from a QCOW2 on nginx at 127.0.0.1 (host network: the container
+    reaches the host's loopback; no metrics endpoint, which would take the host's port 8443)."""
     qemu_img = need_tool("qemu-img")
     raw = disk(tmp_path / "src.raw", seed=5)
     qcow2 = tmp_path / "src.qcow2"
@@ -177,7 +182,7 @@ def test_http_import(image: Image, podman: Podman, tmp_path: Path,
     env["IMPORTER_ENDPOINT"] = nginx.url(nginx.put(qcow2.read_bytes()))
     env["IMPORTER_IMAGE_SIZE"] = str(raw.stat().st_size)
     data, term = owned_dir(tmp_path / "data"), termination_file(tmp_path / "term")
-    r = podman.run(image.ref, "pod", "import", "--metrics-address", "none",
+    r = podman.run(image.role("importer"), "-v=1", "--metrics-address", "none",
                    name=podman.name("import"),
                    options=["--network", "host", *env_args(env), *volume_args(data=data,
                                                                               term=term)])
@@ -214,8 +219,7 @@ def test_kube_play_upload_server(image: Image, loopdev: Callable[..., str],
     claim = manifest["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
     term = termination_file(tmp_path / "term")
     pod = kube_overlay(manifest, image.ref, claims={claim: dev}, termination_log=term,
-                       files={"cdi-upload-upload-target-tls": str(upload_tls["tls"]),
-                              "cdi-uploadserver-client-signer": str(upload_tls["client-ca"])})
+                       files={"cdi-upload-upload-target": str(upload_tls["tls"])})
     podman.play(pod, tmp_path, "--network", "none")
     name = f"{pod['metadata']['name']}-{pod['spec']['containers'][0]['name']}"
     pid = pod_pid(podman, pod["metadata"]["name"])

@@ -40,8 +40,7 @@ def test_clone_source_to_upload_server(image: Image, loopdev: Callable[..., str]
         server_term = termination_file(tmp_path / "server-term")
         server_pod = kube_overlay(
             server, image.ref, claims={claim: dst_dev}, termination_log=server_term,
-            files={"cdi-upload-upload-target-tls": str(pki["tls"]),
-                   "cdi-uploadserver-client-signer": str(pki["client-ca"])})
+            files={"cdi-upload-upload-target": str(pki["tls"])})
         podman.play(server_pod, tmp_path, "--network", network, "--ip", addr_target)
         server_name = f"{server_pod['metadata']['name']}-" \
                       f"{server_pod['spec']['containers'][0]['name']}"

@@ -126,27 +126,27 @@ def import_http_pod(image: str) -> Doc:
 
 
 def upload_server_pod(image: str) -> Doc:
-    """CDI's upload pod onto a Block PVC: TLS from a Secret, client CA from a ConfigMap."""
-    env = _env({"TLS_CERT_FILE": "/etc/cdimover/tls/tls.crt",
-                "TLS_KEY_FILE": "/etc/cdimover/tls/tls.key",
-                "CLIENT_CERT_FILE": "/etc/cdimover/client-ca/ca.crt",
-                "CLIENT_NAME": "client.upload-server.cdi.kubevirt.io",
-                "DESTINATION": BLOCK_DEVICE,
-                "UPLOAD_IMAGE_SIZE": "10Gi",
+    """CDI's upload pod onto a Block PVC: its TLS Secret (named after the pod: server
+    certificate, key and the client CA) at ``/etc/tls``, as CDI mounts it."""
+    env = _env({"TLS_KEY_FILE": "/etc/tls/tls.key",
+                "TLS_CERT_FILE": "/etc/tls/tls.crt",
+                "CLIENT_CERT_FILE": "/etc/tls/ca.crt",
                 "FILESYSTEM_OVERHEAD": "0.06",
+                "UPLOAD_IMAGE_SIZE": "10Gi",
+                "CLIENT_NAME": "client.upload-server.cdi.kubevirt.io",
                 "PREALLOCATION": "false",
+                "DESTINATION": BLOCK_DEVICE,
                 "OWNER_UID": OWNER_UID})
     c = _container("cdi-upload-server", image, ["pod", "upload-server"], env,
                    block=[("cdi-data-vol", BLOCK_DEVICE)],
-                   mounts=[("tls", "/etc/cdimover/tls", True),
-                           ("client-ca", "/etc/cdimover/client-ca", True)])
+                   mounts=[("tls-config", "/etc/tls", True)])
     c["readinessProbe"] = {"httpGet": {"path": "/healthz", "port": METRICS_PORT,
                                        "scheme": "HTTPS"},
                            "initialDelaySeconds": 2, "periodSeconds": 5}
+    name = "cdi-upload-upload-target"
     volumes = [_pvc("cdi-data-vol", "upload-target"),
-               {"name": "tls", "secret": {"secretName": "cdi-upload-upload-target-tls"}},
-               {"name": "client-ca", "configMap": {"name": "cdi-uploadserver-client-signer"}}]
-    return _pod("cdi-upload-upload-target", "upload-server", c, volumes)
+               {"name": "tls-config", "secret": {"secretName": name}}]
+    return _pod(name, "upload-server", c, volumes)
 
 
 def clone_source_pod(image: str) -> Doc:
