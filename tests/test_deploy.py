@@ -92,9 +92,9 @@ def test_pods_follow_cdis_contract(name: str) -> None:
 def test_rbac_grants_the_cross_namespace_clone() -> None:
     docs = list(yaml.safe_load_all(FILES["clone-rbac.yaml"]))
     assert [d["kind"] for d in docs] == ["ClusterRole", "RoleBinding"]
-    sa = "system:serviceaccount:default:default"
+    sa = "system:serviceaccount:vms:default"
     assert allowed(sa, (), "create", "cdi.kubevirt.io", "datavolumes", "source",
                    "golden-images", objects=docs)
-    assert can_clone(sa, "golden-images", docs, target_namespace="default")
+    assert can_clone(sa, "golden-images", docs, target_namespace="vms")
     assert not can_clone("system:serviceaccount:other:default", "golden-images", docs,
                          target_namespace="other")
