@@ -22,7 +22,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 python=${PYTHON:-python3}
-version=$("$python" -c 'import re, sys; print(re.search(r"^version = \"(.+)\"", open(sys.argv[1]).read(), re.M)[1])' "$repo/pyproject.toml")
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$repo/pyproject.toml")
 tag=${1:-localhost/cdimover:$version}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 security=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
@@ -53,16 +53,26 @@ else
 fi
 
 say "root filesystem: $packages"
-mmdebstrap --quiet --variant=extract --include="$packages" bookworm "$root" \
-    "deb $mirror bookworm main" "deb $mirror bookworm-updates main" \
+mmdebstrap --quiet --variant=extract --include="$packages" --skip=cleanup/apt/cache \
+    bookworm "$root" "deb $mirror bookworm main" "deb $mirror bookworm-updates main" \
     "deb $security bookworm-security main" >&2
+
+# The dpkg database of what was extracted (no maintainer script ran, so dpkg wrote none), for
+# the scanners that list an image's packages by it.
+for deb in "$root"/var/cache/apt/archives/*.deb; do
+    dpkg-deb --field "$deb" | sed '/^Package:/a Status: install ok installed'
+    echo
+done > "$root/var/lib/dpkg/status"
 
 say "installing $(basename "$wheel") and its dependencies"
 # The host's pip picks wheels for its own interpreter and glibc: both must be the image's.
 host_py=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-[ "$host_py" = "$py" ] || { say "$python is $host_py; the image's python3 is $py (set PYTHON)"; exit 1; }
-"$python" -m pip install -qq --disable-pip-version-check --root-user-action=ignore --no-warn-script-location \
-    --target "$site" --only-binary=:all: "$wheel" >&2
+if [ "$host_py" != "$py" ]; then
+    say "$python is $host_py, the image's python3 $py: set PYTHON"
+    exit 1
+fi
+"$python" -m pip install -qq --disable-pip-version-check --root-user-action=ignore \
+    --no-warn-script-location --target "$site" --only-binary=:all: "$wheel" >&2
 rm -rf "$site/bin"                      # scripts with the host's interpreter in their #!
 mkdir -p "$root/usr/local/bin"
 cat > "$root/usr/local/bin/cdimover" <<'EOF'
@@ -74,8 +84,8 @@ EOF
 chmod 0755 "$root/usr/local/bin/cdimover"
 
 # Users: root and CDI's qemu (107:107); no login shell exists.
-printf 'root:x:0:0:root:/root:/usr/sbin/nologin\nqemu:x:107:107:qemu:/nonexistent:/usr/sbin/nologin\n' \
-    > "$root/etc/passwd"
+printf '%s\n' 'root:x:0:0:root:/root:/usr/sbin/nologin' \
+    'qemu:x:107:107:qemu:/nonexistent:/usr/sbin/nologin' > "$root/etc/passwd"
 printf 'root:x:0:\nqemu:x:107:\n' > "$root/etc/group"
 # The CA bundle that update-ca-certificates would write (no maintainer script runs here).
 mkdir -p "$root/etc/ssl/certs"
@@ -104,13 +114,16 @@ podman import -q \
 # CDI starts its pods' images with nothing but `-v=N` as arguments: one image per role, the
 # same layer, the role's pod command as the entrypoint (IMPORTER_IMAGE, UPLOADSERVER_IMAGE,
 # CLONER_IMAGE of CDI's operator; README: "Under CDI").
-case ${tag##*/} in *:*) repo=${tag%:*} version_tag=${tag##*:} ;; *) repo=$tag version_tag=latest ;; esac
+case ${tag##*/} in
+    *:*) name=${tag%:*} name_tag=${tag##*:} ;;
+    *) name=$tag name_tag=latest ;;
+esac
 ctr=$(podman create -q "$tag")
 trap 'podman rm -f "$ctr" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 for role in importer:import uploadserver:upload-server cloner:clone-source; do
     podman commit -q --change "ENTRYPOINT [\"/usr/local/bin/cdimover\", \"pod\", \"${role#*:}\"]" \
-        --change 'CMD []' "$ctr" "$repo-${role%%:*}:$version_tag" >/dev/null
-    say "role image $repo-${role%%:*}:$version_tag (cdimover pod ${role#*:})"
+        --change 'CMD []' "$ctr" "$name-${role%%:*}:$name_tag" >/dev/null
+    say "role image $name-${role%%:*}:$name_tag (cdimover pod ${role#*:})"
 done
 say "done in $((SECONDS - start)) s: $(podman image inspect --format '{{.Size}}' "$tag") bytes"
 echo "$tag"

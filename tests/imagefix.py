@@ -41,11 +41,11 @@ import pytest
 import yaml
 
 from conftest import TOOL_ENV, need, need_root, need_tool
+from imagetag import TEST_REPO, source_hash
 from netfix import make_certs, make_client_cert
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "deploy" / "build-image.sh"
-TEST_REPO = "localhost/cdimover-test"
 ROLES = {"importer": "import", "uploadserver": "upload-server", "cloner": "clone-source"}
 CONTAINERS_CONF = """\
 [containers]
@@ -59,19 +59,6 @@ RESTRICTED = ["--user", "107:107", "--cap-drop", "ALL", "--security-opt", "no-ne
 QEMU_ID = 107
 MiB = 1 << 20
 CLIENT = "client.upload-server.cdi.kubevirt.io"    # CDI's upload proxy's client name
-
-
-def source_hash() -> str:
-    """A hash of every input of the image: the package, the C core, the build files, the
-    build script."""
-    h = hashlib.sha256()
-    paths = [REPO / "pyproject.toml", REPO / "setup.py", REPO / "MANIFEST.in", BUILD_SCRIPT]
-    paths += sorted(p for p in (REPO / "cdimover").rglob("*.py"))
-    paths += sorted(p for p in (REPO / "csrc").rglob("*")
-                    if p.is_file() and p.suffix in (".c", ".h", ".py") and "tests" not in p.parts)
-    for p in paths:
-        h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -390,7 +377,3 @@ def upload_pki(d: Path, extra_ips: Sequence[str] = ()) -> dict[str, Path]:
         host_owned_by_qemu(tls / dst)
     return {"tls": tls, "ca": pki / "ca.pem", "cert": pki / "client.pem",
             "key": pki / "client.key"}
-
-
-if __name__ == "__main__":
-    print(f"{TEST_REPO}:{source_hash()}")      # the tag the `image` fixture builds or reuses
