@@ -1,18 +1,18 @@
 """The container image in a real runtime, as pytest fixtures (registered by conftest.py).
 
 - `image` (session): the image of `deploy/build-image.sh`, built once per source tree. Its
-  tag is a hash of everything that goes into it (the package, the C core, the build files,
-  the script), so the two suite runs of one CI job, and re-runs on an unchanged tree, reuse
-  it from podman's storage; images of other trees made by these tests are removed first.
-- `podman` (session): runs podman as root with `runc` and ulimits this host allows (a
-  containers.conf written by the fixture, see ENVIRONMENT.md); every container and pod it
-  starts carries a fresh name and is removed by that name in teardown.
-  `CDIMOVER_TEST_IMAGE=REF` tests an image already in podman's storage instead.
+  tag is a hash of everything that goes into it (tests/imagetag.py), so the two suite runs of
+  one CI job, and re-runs on an unchanged tree, reuse it from podman's storage; images of
+  other trees made by these tests are removed first. `CDIMOVER_TEST_IMAGE=REF` tests an
+  image already in podman's storage instead.
+- `podman`: runs podman as root with `runc` and ulimits this host allows (a containers.conf
+  written once per session, see ENVIRONMENT.md); every container and pod a test starts
+  carries a fresh name and is removed by that name when the test ends, even on failure.
 - `kube_overlay()`: a checked-in manifest made playable by `podman kube play` on this host,
   changing only what a cluster provides and podman does not: PVCs, Secrets and ConfigMaps
   become host paths (a Block PVC a loop device), the termination message a host file, the
-  ports are dropped (podman 4.3 would publish each on every host address) and the names made
-  unique.
+  ports are dropped (podman 4.3 would publish each on every host address), the names made
+  unique, and a pod runs once.
 
 Pods run with `--network none`, or on an internal podman network the test made
 (`pod_network`, link-local addresses, no route out); a test reaches a pod by entering its
@@ -68,10 +68,10 @@ class Podman:
     containers: list[str] = field(default_factory=list)
     kube_files: list[Path] = field(default_factory=list)
 
-    def __call__(self, *args: str, check: bool = True, timeout: float = 300,
-                 input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    def __call__(self, *args: str, check: bool = True,
+                 timeout: float = 300) -> subprocess.CompletedProcess[str]:
         r = subprocess.run(["podman", *args], env=self.env, capture_output=True, text=True,
-                           timeout=timeout, input=input.decode() if input else None)
+                           timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(f"podman {' '.join(args)} -> {r.returncode}\n{r.stderr}")
         return r
@@ -97,6 +97,7 @@ class Podman:
         self("kube", "play", *options, str(path))
 
     def cleanup(self) -> None:
+        """Remove the pods played and the containers named so far."""
         for path in reversed(self.kube_files):
             self("kube", "down", str(path), check=False, timeout=60)
         for n in reversed(self.containers):
@@ -168,7 +169,7 @@ def image(podman_session: Podman) -> Image:
         if p("image", "exists", ref, check=False).returncode != 0:
             old = p("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
             repos = {TEST_REPO, *(f"{TEST_REPO}-{role}" for role in ROLES)}
-            for stale in (ref for ref in old if ref.rpartition(":")[0] in repos):
+            for stale in (o for o in old if o.rpartition(":")[0] in repos):
                 p("rmi", "--force", stale, check=False)
             start = time.monotonic()
             r = subprocess.run([str(BUILD_SCRIPT), ref], env=p.env, capture_output=True,
@@ -201,12 +202,13 @@ def kube_overlay(manifest: Mapping[str, Any], image: str, *, claims: Mapping[str
     passes a BlockDevice host path as a device); each Secret or ConfigMap the directory FILES
     gives for its name, and each env value taken from a Secret's key the text SECRETS_ gives
     for it; /dev/termination-log the file TERMINATION_LOG; ENV values replace those of the same
-    name (addresses only a cluster resolves). Ports are dropped, and the pod gets a unique
-    name."""
+    name (addresses only a cluster resolves). Ports are dropped, the pod gets a unique name
+    and runs once (`restartPolicy: Never`: a failure is seen at once, not restarted)."""
     m = copy.deepcopy(dict(manifest))
     assert m["kind"] == "Pod"
     m["metadata"]["name"] = f"{m['metadata']['name']}-{secrets.token_hex(4)}"
     spec = m["spec"]
+    spec["restartPolicy"] = "Never"
     for v in spec["volumes"]:
         if "persistentVolumeClaim" in v:
             path = claims[v.pop("persistentVolumeClaim")["claimName"]]
