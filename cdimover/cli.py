@@ -411,6 +411,38 @@ def _cmd_loop_delete(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_manifests(args: argparse.Namespace) -> int:
+    """Write deploy/'s manifests into --output-dir, compare them with --check, or print them."""
+    from . import __version__
+    from .cdi.deploy import IMAGE_NAME, deploy_manifests
+
+    files = deploy_manifests(args.image or f"{IMAGE_NAME}:{__version__}")
+    if args.check:
+        def current(name: str) -> str | None:
+            try:
+                with open(os.path.join(args.check, name), encoding="utf-8") as f:
+                    return f.read()
+            except FileNotFoundError:
+                return None
+
+        stale = [name for name, text in files.items() if current(name) != text]
+        for name in stale:
+            print(f"cdimover: {os.path.join(args.check, name)}: not what "
+                  f"'cdimover manifests -o {args.check}' writes", file=sys.stderr)
+        return EXIT_ERROR if stale else EXIT_OK
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        for name, text in files.items():
+            with open(os.path.join(args.output_dir, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        if not args.quiet:
+            print("\n".join(os.path.join(args.output_dir, name) for name in files))
+        return EXIT_OK
+    sys.stdout.write("---\n".join(text for name, text in files.items()
+                                   if name != "kustomization.yaml"))
+    return EXIT_OK
+
+
 def _cmd_serve_upload(args: argparse.Namespace) -> int:
     """The upload server of ``pod upload-server`` on a local file or device, for a test."""
     from .errors import ConfigurationError
@@ -776,16 +808,42 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--progress", action="store_true", help="show a progress bar")
     up.set_defaults(func=_cmd_upload)
 
+    ma = sub.add_parser(
+        "manifests", parents=[common], help="write the Kubernetes manifests of deploy/",
+        description="Generate the pods a CDI controller would create with cdimover's image "
+        "(HTTP import, upload server, clone source, a local Block to Filesystem clone), a "
+        "Job for a standalone clone, the RBAC of a cross-namespace clone and a "
+        "kustomization.yaml over them.  Without -o or --check, print them on stdout.")
+    ma.add_argument("--image", metavar="REF",
+                    help="the image every pod runs (default localhost/cdimover:VERSION)")
+    ma.add_argument("-o", "--output-dir", metavar="DIR", help="write one file each into DIR")
+    ma.add_argument("--check", metavar="DIR",
+                    help="exit 1 unless DIR holds exactly what -o DIR would write")
+    ma.set_defaults(func=_cmd_manifests)
+
     from .pod import command as pod_command
     pod_command.register(sub, common)
     return p
+
+
+_KLOG_VERBOSITY = re.compile(r"--?v=([0-9])")
+
+
+def _klog_verbosity(argv: Sequence[str]) -> list[str]:
+    """ARGV with klog's ``-v=N`` (how CDI's controllers start the images of their pods:
+    ``args: ["-v=1"]``) read as N times ``-v``."""
+    out: list[str] = []
+    for arg in argv:
+        m = _KLOG_VERBOSITY.fullmatch(arg)
+        out += ["-v"] * int(m[1]) if m else [arg]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ARGV (default sys.argv[1:]); return the exit status."""
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_klog_verbosity(sys.argv[1:] if argv is None else argv))
         _check_tuning(parser, args)
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE

@@ -218,15 +218,16 @@ def make_ca(d: Path, name: str) -> None:
             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
 
 
-def make_certs(d: Path) -> None:
-    """ca.pem (+ key), server.pem/server.key signed by it for 127.0.0.1 and localhost, and an
-    unrelated wrong-ca.pem."""
+def make_certs(d: Path, extra_ips: Iterable[str] = ()) -> None:
+    """ca.pem (+ key), server.pem/server.key signed by it for 127.0.0.1, localhost and
+    EXTRA_IPS, and an unrelated wrong-ca.pem."""
     make_ca(d, "ca")
     make_ca(d, "wrong-ca")
     openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
             "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
     (d / "server.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        f"subjectAltName={','.join(f'IP:{ip}' for ip in ('127.0.0.1', *extra_ips))},"
+        "DNS:localhost\n"
         "basicConstraints=critical,CA:FALSE\n"
         "keyUsage=critical,digitalSignature\n"
         "extendedKeyUsage=serverAuth\n"
@@ -234,6 +235,18 @@ def make_certs(d: Path) -> None:
         "authorityKeyIdentifier=keyid,issuer\n")
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
             "-CAcreateserial", "-days", "2", "-extfile", "server.ext", "-out", "server.pem",
+            cwd=d)
+
+
+def make_client_cert(d: Path, name: str, cn: str, ca: str = "ca") -> None:
+    """name.key + name.pem: a client certificate for CN, signed by the CA ca.pem/ca.key."""
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
+    (d / f"{name}.ext").write_text("basicConstraints=critical,CA:FALSE\n"
+                                   "keyUsage=critical,digitalSignature\n"
+                                   "extendedKeyUsage=clientAuth\n")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
             cwd=d)
 
 

@@ -496,3 +496,14 @@ def test_clone_follows_a_device_link_typed_by_the_user(tmp_path: Path) -> None:
         os.symlink(dev, link)
         assert main(["clone", "-q", "--content-type", "kubevirt", str(src), str(link)]) == 0
     assert backing.read_bytes()[:1 << 20] == data
+
+
+def test_klog_verbosity_as_cdi_passes_it(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """CDI starts its pod images with `args: ["-v=1"]` (klog): read as -v, -v=0 as nothing."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"x" * 4096)
+    assert main(["scan", "--json", "-v=2", str(disk)]) == 0
+    assert main(["scan", "--json", "--v=0", str(disk)]) == 0
+    capsys.readouterr()
+    assert main(["scan", "-v=x", str(disk)]) == 2

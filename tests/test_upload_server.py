@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TOOL_ENV, need_tool
-from netfix import free_port, make_certs, openssl
+from netfix import free_port, make_certs, make_client_cert
 
 MiB = 1 << 20
 CLIENT = "client.upload-server.cdi.kubevirt.io"
@@ -39,25 +39,14 @@ ENV_VARS = ("TLS_KEY_FILE", "TLS_CERT_FILE", "CLIENT_CERT_FILE", "CLIENT_NAME", 
 # Fixtures: certificates, images, the server
 
 
-def _client_cert(d: Path, name: str, cn: str, ca: str = "ca") -> None:
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
-    (d / f"{name}.ext").write_text("basicConstraints=critical,CA:FALSE\n"
-                                   "keyUsage=critical,digitalSignature\n"
-                                   "extendedKeyUsage=clientAuth\n")
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
-            cwd=d)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     need_tool("openssl")
     d = tmp_path_factory.mktemp("certs")
     make_certs(d)
-    _client_cert(d, "client", CLIENT)
-    _client_cert(d, "wrong-cn", "somebody.else")
-    _client_cert(d, "wrong-ca-client", CLIENT, ca="wrong-ca")
+    make_client_cert(d, "client", CLIENT)
+    make_client_cert(d, "wrong-cn", "somebody.else")
+    make_client_cert(d, "wrong-ca-client", CLIENT, ca="wrong-ca")
     return d
 
 
