@@ -622,7 +622,9 @@ class UploadServer:
             status, text = _answer(e)
             if isinstance(e, CloneStreamError):
                 status = 422
-            if status == 400 and self._clone is not None:
+            no_room = isinstance(e, TargetTooSmallError) or (
+                isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+            if no_room and self._clone is not None:
                 await loop.run_in_executor(self._pool, self._drop_clone)
             resume = self._clone.durable if self._clone is not None else 0
             log.error("clone stream failed (%d): %s; it can resume at %d", status, text, resume)
