@@ -8,7 +8,9 @@ upload URL, ``https://host:8443/v1beta1/upload``), ``CLIENT_CERT``, ``CLIENT_KEY
 file), ``OWNER_UID``, ``PREALLOCATION``.  cdimover's own: ``CLONE_WIRE`` (``auto``, the
 default; ``cdi``; ``cdimover``), ``CLONE_COMPRESSION`` (``none``, the default; ``zstd``),
 ``CLONE_RETRY_TIMEOUT`` (seconds to keep trying while the target is not reachable, 600),
-``CLONE_CHECKPOINT_BYTES`` (data between the target's durable checkpoints, 64Mi).
+``CLONE_CHECKPOINT_BYTES`` (data between the target's durable checkpoints, 64Mi),
+``CLONE_IO_TIMEOUT`` (seconds a send or an answer may stall before the connection is given
+up and made again, 60).
 
 **Wire.**  The source first asks the target for cdimover's clone stream (``GET
 /v1beta1/clone-stream``).  A cdimover upload server answers with its resume point and gets
@@ -55,14 +57,14 @@ from .upload import BLOCKDEVICE_CLONE, CLONE_STREAM_PATH, CONTENT_TYPE_HEADER, \
     FILESYSTEM_CLONE, OFFSET_HEADER, SESSION_HEADER, SIZE_HEADER
 
 __all__ = ["CloneSourceConfig", "clone_source_config", "run_clone_source", "CloneOutcome",
-           "RETRY_TIMEOUT"]
+           "RETRY_TIMEOUT", "IO_TIMEOUT"]
 
 log = logging.getLogger("cdimover")
 
 RETRY_TIMEOUT: Final = 600.0
 _PAUSE_FIRST: Final = 0.5
 _PAUSE_MAX: Final = 10.0
-_IO_TIMEOUT: Final = 120.0
+IO_TIMEOUT: Final = 60.0
 _SEND_BATCH: Final = 256 << 10
 _LOST_FOUND: Final = "lost+found"
 Wire = Literal["auto", "cdi", "cdimover"]
@@ -83,6 +85,7 @@ class CloneSourceConfig:
     wire: Wire = "auto"
     compression: Literal["none", "zstd"] = "none"
     retry_timeout: float = RETRY_TIMEOUT
+    io_timeout: float = IO_TIMEOUT
     checkpoint_bytes: int = CHECKPOINT_BYTES
 
 
@@ -118,10 +121,8 @@ def clone_source_config(env: Mapping[str, str], *, mount_point: str | None = Non
     comp = (get_env(env, "CLONE_COMPRESSION") or "none").lower()
     if comp not in ("none", "zstd"):
         raise ConfigurationError(f"CLONE_COMPRESSION: {comp!r} is not none or zstd")
-    try:
-        retry = float(get_env(env, "CLONE_RETRY_TIMEOUT") or RETRY_TIMEOUT)
-    except ValueError:
-        raise ConfigurationError("CLONE_RETRY_TIMEOUT: not a number of seconds") from None
+    retry = _seconds(env, "CLONE_RETRY_TIMEOUT", RETRY_TIMEOUT)
+    io_timeout = _seconds(env, "CLONE_IO_TIMEOUT", IO_TIMEOUT)
     owner = get_env(env, "OWNER_UID", required=True, hint="the owner's UID, the metric's label")
     assert owner is not None
     checkpoint = _quantity(env, "CLONE_CHECKPOINT_BYTES") or CHECKPOINT_BYTES
@@ -136,7 +137,17 @@ def clone_source_config(env: Mapping[str, str], *, mount_point: str | None = Non
         owner_uid=owner, preallocation=_bool(env, "PREALLOCATION", required=True),
         wire=w,  # type: ignore[arg-type]
         compression=comp,  # type: ignore[arg-type]
-        retry_timeout=max(retry, 0.0), checkpoint_bytes=checkpoint)
+        retry_timeout=retry, io_timeout=io_timeout, checkpoint_bytes=checkpoint)
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    try:
+        value = float(get_env(env, name) or default)
+    except ValueError:
+        raise ConfigurationError(f"{name}: not a number of seconds") from None
+    if not 0 < value < 1e9:
+        raise ConfigurationError(f"{name}: out of range")
+    return value
 
 
 def client_tls_context(cfg: CloneSourceConfig) -> ssl.SSLContext:
@@ -195,8 +206,9 @@ class _Answer(Exception):
 class _Target:
     """Requests to the upload server at URL."""
 
-    def __init__(self, url: str, tls: ssl.SSLContext | None) -> None:
+    def __init__(self, url: str, tls: ssl.SSLContext | None, timeout: float) -> None:
         parts = urllib.parse.urlsplit(url)
+        self.timeout = timeout
         self.url = url
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
@@ -207,13 +219,13 @@ class _Target:
     def _connect(self) -> http.client.HTTPConnection:
         if self.https:
             return http.client.HTTPSConnection(self.host, self.port, context=self.tls,
-                                               timeout=_IO_TIMEOUT)
-        return http.client.HTTPConnection(self.host, self.port, timeout=_IO_TIMEOUT)
+                                               timeout=self.timeout)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
-    def get(self, path: str) -> tuple[int, bytes]:
+    def get(self, path: str, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
         conn = self._connect()
         try:
-            conn.request("GET", path)
+            conn.request("GET", path, headers=dict(headers or {}))
             resp = conn.getresponse()
             return resp.status, resp.read(1 << 20)
         finally:
@@ -352,7 +364,7 @@ def run_clone_source(cfg: CloneSourceConfig, progress: Callable[[float], object]
     """Send the source volume to the target; PROGRESS(percent) as it goes."""
     vol = Volume.open(cfg.mount_point)
     target = _Target(cfg.upload_url, client_tls_context(cfg)
-                     if cfg.upload_url.startswith("https:") else None)
+                     if cfg.upload_url.startswith("https:") else None, cfg.io_timeout)
     wire = cfg.wire
     if wire != "cdi" and vol.mode != BLOCK:
         extra = _extra_entries(vol)
@@ -413,7 +425,7 @@ def _send_stream(cfg: CloneSourceConfig, target: _Target, ctx: Context, src: Sou
     wire_bytes = resumes = 0
     while True:
         try:
-            status, body = target.get(CLONE_STREAM_PATH)
+            status, body = target.get(CLONE_STREAM_PATH, {SESSION_HEADER: session})
             if status != 200:
                 raise _Answer(status, body)
             point = json.loads(body)

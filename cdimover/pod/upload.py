@@ -259,6 +259,7 @@ class UploadServer:
         self.disk_digest: str | None = None
         self._clone: CloneReceiver | None = None
         self._clone_prepared: Prepared | None = None
+        self._clone_task: asyncio.Task[Any] | None = None
         self.outcome: Outcome = "stopped"
         self.failure: BaseException | None = None
         self.scratch_reason = ""
@@ -539,8 +540,21 @@ class UploadServer:
             return {"protocol": 1, "offset": 0}
         return dict(self._clone.resume_point(), protocol=1)
 
+    async def _take_over(self, request: web.Request) -> None:
+        """A source of the running clone stream that connects again gave up on the request
+        in progress (a link cut without a reset leaves it waiting for the idle timeout):
+        that request is cancelled, so the source resumes at once."""
+        task = self._clone_task
+        if (task is None or task.done() or self._clone is None or not self._authorized(request)
+                or request.headers.get(SESSION_HEADER) != self._clone.session):
+            return
+        log.info("the clone source connected again: dropping its previous request")
+        task.cancel()
+        await asyncio.wait([task])
+
     async def _clone_state(self, request: web.Request) -> web.Response:
         """GET: the protocol and the point a source resumes at."""
+        await self._take_over(request)
         refused = self._refusal(request)
         return refused or web.json_response(self._resume_point())
 
@@ -580,10 +594,12 @@ class UploadServer:
 
     async def _clone_stream(self, request: web.Request) -> web.Response:
         """POST: the stream from the offset the source names (0, or the resume point)."""
+        await self._take_over(request)
         refused = self._refusal(request)
         if refused is not None:
             return refused
         self._busy = True
+        self._clone_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         try:
             try:
@@ -634,6 +650,7 @@ class UploadServer:
                                           error=f"Saving stream failed: {text}"), status=status)
         finally:
             self._busy = False
+            self._clone_task = None
 
     def _succeeded(self, preallocation_applied: bool, size: int) -> None:
         self._done = True
