@@ -8,6 +8,8 @@ import hashlib
 import os
 import random
 import struct
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -306,3 +308,64 @@ def test_resume_after_a_cut_sends_at_most_one_checkpoint_again(tmp_path: Path) -
     assert res.digest == oracle_file_digest(src)
     data = sum(n for _, n in extents)
     assert p.counters.data + p2.counters.data <= data + cp + 4 * MiB   # + one window in flight
+
+
+def test_digest_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cdimover.cli import main
+
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    make_disk(vol / "disk.img", 5 * MiB + 3, [(MiB - 10, 20), (4 * MiB, MiB + 3)])
+    assert main(["digest", str(vol)]) == 0
+    out = capsys.readouterr().out
+    assert out == f"{oracle_file_digest(vol / 'disk.img')}  {vol / 'disk.img'}\n"
+    assert main(["digest", str(tmp_path / "missing.img")]) != 0
+    assert "missing.img" in capsys.readouterr().err
+
+
+def test_chunked_sender_keeps_the_bytes_of_reused_buffers(tmp_path: Path) -> None:
+    """The sender gathers small records before it sends them while the producer refills its
+    windows: what goes out must still be what was read (a regression: small records were
+    sent from a buffer already holding the next window)."""
+    from cdimover.pod.clonesource import _send_chunked
+
+    size = 96 * MiB
+    rnd = random.Random(9)
+    extents = [(i * 512 * 1024 + rnd.randrange(0, 4) * 65536, rnd.choice((65536, 131072)))
+               for i in range(190)]
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    make_disk(src, size, extents)
+
+    class Wire:
+        def __init__(self) -> None:
+            self.out = bytearray()
+
+        def send(self, data: bytes | memoryview) -> None:
+            self.out += data
+
+    def slowly(pieces: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+        for piece in pieces:          # a slow link: the producer refills while we wait
+            time.sleep(0.001)
+            yield piece
+
+    wire = Wire()
+    with Context() as ctx, open_source(src, ctx=ctx) as s:
+        p = StreamProducer(ctx, s, checkpoint_bytes=2 * MiB)
+        try:
+            _send_chunked(wire, slowly(p.pieces()))  # type: ignore[arg-type]
+        finally:
+            p.close()
+    body, pos = bytearray(), 0
+    while True:                                   # undo the chunked encoding
+        eol = wire.out.index(b"\r\n", pos)
+        n = int(wire.out[pos:eol], 16)
+        if n == 0:
+            break
+        body += wire.out[eol + 2:eol + 2 + n]
+        pos = eol + 2 + n + 2
+    rc = CloneReceiver(str(dst), size, session="t", capacity=1 << 40)
+    rc.begin(0)
+    rc.push(bytes(body))
+    rc.finish_body()
+    assert rc.complete().digest == oracle_file_digest(src)
+    assert dst.read_bytes() == src.read_bytes()

@@ -66,6 +66,7 @@ _PAUSE_FIRST: Final = 0.5
 _PAUSE_MAX: Final = 10.0
 IO_TIMEOUT: Final = 60.0
 _SEND_BATCH: Final = 256 << 10
+_MAX_REFUSED: Final = 3
 _LOST_FOUND: Final = "lost+found"
 Wire = Literal["auto", "cdi", "cdimover"]
 
@@ -271,7 +272,7 @@ def _send_chunked(conn: http.client.HTTPConnection, pieces: Iterable[bytes | mem
         if n == 0:
             continue
         if n < _SEND_BATCH:
-            small.append(p)
+            small.append(bytes(p))    # copied: the producer reuses its buffers
             held += n
             if held >= _SEND_BATCH:
                 flush()
@@ -423,6 +424,8 @@ def _send_stream(cfg: CloneSourceConfig, target: _Target, ctx: Context, src: Sou
     size = src.size
     session = _session(cfg, size)
     wire_bytes = resumes = 0
+    durable = -1            # the target's resume point at the last attempt
+    refused = 0             # attempts in a row that the target refused as corrupt
     while True:
         try:
             status, body = target.get(CLONE_STREAM_PATH, {SESSION_HEADER: session})
@@ -439,6 +442,10 @@ def _send_stream(cfg: CloneSourceConfig, target: _Target, ctx: Context, src: Sou
             start, state = int(point["offset"]), bytes.fromhex(str(point["state"]))
             resumes += 1
             log.info("resuming the clone stream at %d of %d bytes", start, size)
+        if start > durable:
+            retry.progressed()      # only what the target made durable counts as progress
+            refused = 0
+        durable = start
         producer = StreamProducer(ctx, src, start=start, state=state,
                                   compress=cfg.compression == "zstd",
                                   checkpoint_bytes=cfg.checkpoint_bytes,
@@ -452,8 +459,13 @@ def _send_stream(cfg: CloneSourceConfig, target: _Target, ctx: Context, src: Sou
             if isinstance(e, _Answer) and (e.status in (400, 401) or (
                     e.status == 409 and not e.json())):
                 raise _fatal(e) from None
-            if producer.counters.covered:
-                retry.progressed()
+            if isinstance(e, _Answer) and e.status == 422:
+                refused += 1        # the target found the stream corrupt or wrong
+                if refused >= _MAX_REFUSED:
+                    raise ProtocolError(f"the target refused the stream {refused} times from "
+                                        f"offset {start}: {e}") from None
+            else:
+                refused = 0
             retry.wait(e)
             continue
         finally:
