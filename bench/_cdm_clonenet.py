@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ns-src", required=True)
     p.add_argument("--ns-dst", required=True)
     p.add_argument("--dev-src", required=True)
-    p.add_argument("--ip", required=True)
+    p.add_argument("--ip", required=True, help="the target namespace's address")
+    p.add_argument("--ip-src", default="169.254.213.2", help="the source namespace's address")
     p.add_argument("--certs", required=True)
     p.add_argument("--spawn")
     p.add_argument("--cut", type=float, default=0.0)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     if a.route == "nbdcopy":
         port = "10809"
-        nbd = subprocess.Popen([*in_src, "qemu-nbd", "-r", "-f", "raw", "-e", "8", "-b", a.ip,
+        nbd = subprocess.Popen([*in_src, "qemu-nbd", "-r", "-f", "raw", "-e", "8", "-b", a.ip_src,
                                 "-p", port, "-x", "src", "--cache=none", "--aio=native",
                                 a.source], stderr=subprocess.PIPE, text=True)
         try:
@@ -104,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                                           capture_output=True, text=True).stdout)
                 with open(dst, "wb") as f:
                     f.truncate(size)
-            for _ in range(200):
+            deadline = time.monotonic() + 30      # until qemu-nbd listens
+            while True:
                 r = subprocess.run([*in_dst, "nbdcopy", "--destination-is-zero",
-                                    f"nbd://{a.ip}:{port}/src", dst],
+                                    f"nbd://{a.ip_src}:{port}/src", dst],
                                    capture_output=True, text=True)
-                if r.returncode == 0 or "Connection refused" not in r.stderr:
+                if r.returncode == 0 or "Connection refused" not in r.stderr \
+                        or time.monotonic() > deadline:
                     break
                 time.sleep(0.02)
             if r.returncode != 0:

@@ -38,7 +38,7 @@ import hashlib
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import cramjam
 
@@ -64,7 +64,8 @@ MAX_RECORD: Final = 16 << 20
 """The most bytes one DATA record carries (decoded)."""
 DIGEST_BLOCK: Final = 1 << 20
 _SEED: Final = b"cdimover-disk-digest-v1"
-ZERO_BLOCK_DIGEST: Final = hashlib.sha256(bytes(DIGEST_BLOCK)).digest()
+_ZERO_BLOCK: Final = memoryview(bytes(DIGEST_BLOCK))
+ZERO_BLOCK_DIGEST: Final = hashlib.sha256(_ZERO_BLOCK).digest()
 
 
 class CloneStreamError(ImageFormatError):
@@ -102,13 +103,16 @@ def encode_mark(kind: int, offset: int, digest: bytes) -> bytes:
 class DigestChain:
     """The disk digest (see the module docstring) fed the disk's bytes in order:
     :meth:`data` and :meth:`zeros`; :attr:`state` is the chain at :attr:`offset` when that is
-    a block boundary (or the end), and a chain can start from one (:meth:`resume`)."""
+    a block boundary (or the end), and a chain can start from one (:meth:`resume`).  A block
+    is hashed as its bytes arrive (nothing is copied); a block of zeros only is not hashed."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.offset = 0
         self._state = hashlib.sha256(_SEED + struct.pack("<Q", size)).digest()
-        self._block = bytearray()
+        self._fill = 0                  # bytes of the current block seen
+        self._zeros = 0                 # of which the leading zeros not yet hashed
+        self._hash: Any = None          # the current block's hasher, once it has data
 
     @classmethod
     def resume(cls, size: int, offset: int, state: bytes) -> DigestChain:
@@ -122,15 +126,25 @@ class DigestChain:
 
     @property
     def state(self) -> bytes:
-        if self._block:
+        if self._fill:
             raise CloneStreamError(f"the digest chain is inside a block at {self.offset}")
         return self._state
 
-    def _link(self, block_digest: bytes) -> None:
-        self._state = hashlib.sha256(self._state + block_digest).digest()
+    def _want(self) -> int:
+        """Bytes the current block still needs."""
+        start = self.offset - self._fill
+        return min(DIGEST_BLOCK, self.size - start) - self._fill
 
-    def _block_len(self, offset: int) -> int:
-        return min(DIGEST_BLOCK, self.size - (offset - offset % DIGEST_BLOCK))
+    def _close_block(self) -> None:
+        if self._hash is not None:
+            block = self._hash.digest()
+        elif self._fill == DIGEST_BLOCK:
+            block = ZERO_BLOCK_DIGEST
+        else:
+            block = hashlib.sha256(_ZERO_BLOCK[:self._fill]).digest()
+        self._state = hashlib.sha256(self._state + block).digest()
+        self._fill = self._zeros = 0
+        self._hash = None
 
     def data(self, data: bytes | bytearray | memoryview) -> None:
         """The next bytes of the disk."""
@@ -138,38 +152,38 @@ class DigestChain:
         if self.offset + len(mv) > self.size:
             raise CloneStreamError("more bytes than the disk holds")
         while len(mv):
-            start = self.offset - len(self._block)
-            want = self._block_len(start)
-            if not self._block and len(mv) >= want:
-                block = mv[:want]
-                self._link(ZERO_BLOCK_DIGEST if want == DIGEST_BLOCK and _native.is_zero(block)
-                           else hashlib.sha256(block).digest())
-                mv = mv[want:]
-                self.offset += want
-                continue
-            take = min(len(mv), want - len(self._block))
-            self._block += mv[:take]
+            take = min(len(mv), self._want())
+            piece = mv[:take]
+            if self._hash is None:
+                if take == DIGEST_BLOCK and _native.is_zero(piece):
+                    self._zeros += take
+                else:
+                    self._hash = hashlib.sha256(_ZERO_BLOCK[:self._zeros])
+                    self._hash.update(piece)
+            else:
+                self._hash.update(piece)
             mv = mv[take:]
             self.offset += take
-            if len(self._block) == want:
-                self._link(hashlib.sha256(self._block).digest())
-                self._block = bytearray()
+            self._fill += take
+            if self._want() == 0:
+                self._close_block()
 
     def zeros(self, length: int) -> None:
         """The next LENGTH bytes of the disk are zeros."""
         if self.offset + length > self.size:
             raise CloneStreamError("more bytes than the disk holds")
-        if self._block:
-            start = self.offset - len(self._block)
-            take = min(length, self._block_len(start) - len(self._block))
-            self.data(bytes(take))
+        while length:
+            take = min(length, self._want())
+            if self._hash is None:
+                self._zeros += take
+            else:
+                for i in range(0, take, DIGEST_BLOCK):
+                    self._hash.update(_ZERO_BLOCK[:min(DIGEST_BLOCK, take - i)])
+            self.offset += take
+            self._fill += take
             length -= take
-        while length >= DIGEST_BLOCK:
-            self._link(ZERO_BLOCK_DIGEST)
-            self.offset += DIGEST_BLOCK
-            length -= DIGEST_BLOCK
-        if length:
-            self.data(bytes(length))
+            if self._want() == 0:
+                self._close_block()
 
     def digest(self) -> bytes:
         """The disk digest; every byte must have been fed."""
@@ -192,42 +206,77 @@ class Record:
 class RecordParser:
     """Push parser of a stream that starts at START of a disk of SIZE bytes: :meth:`feed`
     bytes in any pieces and iterate the records each completes; every record is checked
-    (order, bounds, CRC) before it is handed out."""
+    (order, bounds, CRC) before it is handed out.  A payload inside one piece is handed out
+    as a view of it (no copy); one across pieces is gathered once.  A record is valid until
+    the iteration goes on."""
 
     def __init__(self, size: int, start: int = 0) -> None:
         self.size = size
         self.position = start
         self.ended = False
-        self._buf = bytearray()
-        self._head_seen = False
         self.flags = 0
+        self._head_seen = False
+        self._hdr = bytearray()                 # a header (or the stream head) in pieces
+        self._pending: tuple[int, int, int, int, int, int, int] | None = None
+        self._body = bytearray()                # a payload in pieces
+        self._body_fill = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Record]:
-        self._buf += data
-        pos = 0
-        buf = self._buf
-        try:
+        mv = memoryview(data).cast("B")
+        while len(mv):
             if not self._head_seen:
-                if len(buf) < HEAD.size:
-                    return
-                magic, version, self.flags = HEAD.unpack_from(buf, 0)
-                if magic != MAGIC:
-                    raise CloneStreamError("not a cdimover clone stream (bad magic)")
-                if version != VERSION:
-                    raise CloneStreamError(f"clone stream version {version} is not supported "
-                                           f"(this server speaks {VERSION})")
-                self._head_seen = True
-                pos = HEAD.size
-            while len(buf) - pos >= RECORD.size:
-                kind, flags, _, crc, off, length, wire = RECORD.unpack_from(buf, pos)
+                take = min(len(mv), HEAD.size - len(self._hdr))
+                self._hdr += mv[:take]
+                mv = mv[take:]
+                if len(self._hdr) == HEAD.size:
+                    self._stream_head(bytes(self._hdr))
+                    self._hdr.clear()
+                continue
+            if self._pending is None:
+                if not self._hdr and len(mv) >= RECORD.size:
+                    fields = RECORD.unpack_from(mv, 0)
+                    mv = mv[RECORD.size:]
+                else:
+                    take = min(len(mv), RECORD.size - len(self._hdr))
+                    self._hdr += mv[:take]
+                    mv = mv[take:]
+                    if len(self._hdr) < RECORD.size:
+                        continue
+                    fields = RECORD.unpack_from(self._hdr, 0)
+                    self._hdr.clear()
+                kind, flags, _, crc, off, length, wire = fields
                 self._check(kind, flags, off, length, wire)
-                if len(buf) - pos - RECORD.size < wire:
-                    break
-                body = bytes(buf[pos + RECORD.size:pos + RECORD.size + wire])
-                pos += RECORD.size + wire
-                yield self._record(kind, flags, crc, off, length, body)
-        finally:
-            del buf[:pos]
+                self._pending = fields
+                self._body_fill = 0
+                if wire == 0:
+                    self._pending = None
+                    yield self._record(kind, flags, crc, off, length, b"")
+                    continue
+            kind, flags, _, crc, off, length, wire = self._pending
+            if self._body_fill == 0 and len(mv) >= wire:
+                body: bytes | memoryview = mv[:wire]       # all of it here: no copy
+                mv = mv[wire:]
+            else:
+                if self._body_fill == 0:
+                    self._body = bytearray(wire)
+                take = min(len(mv), wire - self._body_fill)
+                self._body[self._body_fill:self._body_fill + take] = mv[:take]
+                self._body_fill += take
+                mv = mv[take:]
+                if self._body_fill < wire:
+                    continue
+                body = memoryview(self._body)
+            self._pending = None
+            yield self._record(kind, flags, crc, off, length, body)
+
+    def _stream_head(self, head: bytes) -> None:
+        magic, version, self.flags = HEAD.unpack(head)
+        if magic != MAGIC:
+            raise CloneStreamError("not a cdimover clone stream (bad magic)")
+        if version != VERSION:
+            raise CloneStreamError(f"clone stream version {version} is not supported "
+                                   f"(this server speaks {VERSION})")
+        self._head_seen = True
 
     def _check(self, kind: int, flags: int, off: int, length: int, wire: int) -> None:
         if self.ended:
@@ -255,7 +304,7 @@ class RecordParser:
                                    f"disk ({self.size} bytes)")
 
     def _record(self, kind: int, flags: int, crc: int, off: int, length: int,
-                body: bytes) -> Record:
+                body: bytes | memoryview) -> Record:
         if kind == DATA:
             if flags & ZSTD:
                 try:
@@ -280,5 +329,5 @@ class RecordParser:
         if not self.ended:
             raise CloneStreamError(f"the stream stopped at offset {self.position} of "
                                    f"{self.size} before its end record")
-        if self._buf:
+        if self._hdr:
             raise CloneStreamError("bytes after the end record")

@@ -50,8 +50,10 @@ BUFFERS: Final = 3
 """Windows held at once (being read, queued, being sent)."""
 PIECE: Final = 64 << 10
 """Zero-detection granularity on the wire (the target detects zeros at 4 KiB again)."""
-CHECKPOINT_BYTES: Final = 64 << 20
+CHECKPOINT_BYTES: Final = 32 << 20
 """Data bytes between checkpoints: the most a resumed stream sends twice."""
+RECORD_BYTES: Final = 1 << 20
+"""The most data one DATA record carries (what the receiver holds of a record at once)."""
 _SCAN_STEP: Final = 1 << 30
 Piece = bytes | memoryview
 
@@ -283,11 +285,14 @@ class StreamProducer:
             j = min(j, n)
             if zero:
                 parts.append(encode_zero(offset + i, j - i))
+                c.records += 1
             else:
-                head, payload = encode_data(offset + i, view[i:j], compress=self._compress)
-                parts += (head, payload)
+                for k in range(i, j, RECORD_BYTES):      # records of at most RECORD_BYTES
+                    m = min(j, k + RECORD_BYTES)
+                    head, payload = encode_data(offset + k, view[k:m], compress=self._compress)
+                    parts += (head, payload)
+                    c.records += 1
                 data += j - i
-            c.records += 1
             i = j
         c.data += data
         return parts, data

@@ -8,7 +8,7 @@ upload URL, ``https://host:8443/v1beta1/upload``), ``CLIENT_CERT``, ``CLIENT_KEY
 file), ``OWNER_UID``, ``PREALLOCATION``.  cdimover's own: ``CLONE_WIRE`` (``auto``, the
 default; ``cdi``; ``cdimover``), ``CLONE_COMPRESSION`` (``none``, the default; ``zstd``),
 ``CLONE_RETRY_TIMEOUT`` (seconds to keep trying while the target is not reachable, 600),
-``CLONE_CHECKPOINT_BYTES`` (data between the target's durable checkpoints, 64Mi),
+``CLONE_CHECKPOINT_BYTES`` (data between the target's durable checkpoints, 32Mi),
 ``CLONE_IO_TIMEOUT`` (seconds a send or an answer may stall before the connection is given
 up and made again, 60).
 
