@@ -157,6 +157,7 @@ CDM_CONVERT = HERE / "_cdm_convert.py"
 CDM_PREALLOC = HERE / "_cdm_prealloc.py"
 CDM_IMPORT = HERE / "_cdm_import.py"
 CDM_UPLOAD = HERE / "_cdm_upload.py"
+CDM_CLONENET = HERE / "_cdm_clonenet.py"
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 ALIGN = 4096
@@ -169,7 +170,7 @@ DEFAULT_SCENARIOS = ["blk2file", "blkfull2file", "file2blk", "blk2blk", "ext4", 
                      "scaling", "memcg"]
 ALL_SCENARIOS = DEFAULT_SCENARIOS + ["file2blk-dirty", "qcow2", "qcow2-compressed", "prealloc",
                                      "http-qcow2", "http-xz", "upload-qcow2", "upload-raw",
-                                     "registry-qcow2"]
+                                     "registry-qcow2", "clone-net", "clone-net-1g"]
 
 # Targets from the issue: scenario -> max ratio of cdimover's median wall time to the best peer's.
 RATIO_TARGETS = {"blk2file": 0.5, "blkfull2file": 0.9, "file2blk": 0.8, "blk2blk": 0.5,
@@ -1182,6 +1183,11 @@ def describe(scenario: str) -> str:
         "registry-qcow2-blk": "containerDisk (QCOW2, 64 KiB clusters, gzip layer) from a local "
                               "registry -> fresh loop device",
         "upload-qcow2": "QCOW2 (64 KiB clusters) uploaded over HTTPS (curl -T) -> file",
+        "clone-net-blk2fs": "block -> Filesystem volume (disk.img) across two network "
+                            "namespaces",
+        "clone-net-blk2blk": "block -> fresh block across two network namespaces",
+        "clone-net-1g-blk2fs": "block -> Filesystem volume across two namespaces, link "
+                               "limited to 1 Gbit/s",
         "upload-qcow2-blk": "QCOW2 (64 KiB clusters) uploaded over HTTPS (curl -T) -> fresh "
                             "loop device",
         "upload-raw": "RAW uploaded over HTTPS (curl -T) -> file",
@@ -2161,6 +2167,125 @@ def registry_scenario(b: Bench) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Clones between two network namespaces
+
+CLONE_CDI_TARGET = 0.3           # x CDI's wire path (whole device, snappy, HTTPS)
+CLONE_NBD_TARGET = 0.8           # x nbdcopy from qemu-nbd over TCP
+CLONE_WIRE_LIMIT = 1.02          # x the data, bytes on the link
+CLONE_CUT_LIMIT = 1.1            # x an uncut run, a run whose source is killed at 90 %
+CLONE_RSS_LIMIT = 64 * MiB       # per side
+NS_SERVER_IP = "169.254.213.1"
+
+
+def netns_pair(res: Resources, rate: str | None = None) -> tuple[str, str, str]:
+    """Two namespaces joined by a veth pair, removed with RES: (source ns, target ns, the
+    source's veth).  RATE: a tbf limit on the source's end (e.g. 1gbit)."""
+    tag = f"{os.getpid() % 100000}"
+    ns_src, ns_dst, dev_src, dev_dst = f"cdmb-s{tag}", f"cdmb-d{tag}", f"cdmbs{tag}", f"cdmbd{tag}"
+    for ns in (ns_src, ns_dst):
+        run(["ip", "netns", "add", ns])
+        res.callback(lambda ns=ns: subprocess.run(["ip", "netns", "del", ns],
+                                                  capture_output=True))
+    run(["ip", "link", "add", dev_src, "netns", ns_src, "type", "veth", "peer", "name",
+         dev_dst, "netns", ns_dst])
+    for ns, dev, ip in ((ns_src, dev_src, "169.254.213.2"), (ns_dst, dev_dst, NS_SERVER_IP)):
+        run(["ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev])
+        run(["ip", "-n", ns, "link", "set", dev, "up"])
+        run(["ip", "-n", ns, "link", "set", "lo", "up"])
+    if rate:
+        run(["ip", "netns", "exec", ns_src, "tc", "qdisc", "add", "dev", dev_src, "root", "tbf",
+             "rate", rate, "burst", "256kb", "latency", "100ms"])
+    return ns_src, ns_dst, dev_src
+
+
+def clone_certs(d: Path) -> None:
+    """ca, server (for NS_SERVER_IP) and client (CN client) certificates in D."""
+    def ossl(*args: str) -> None:
+        run(["openssl", *args], cwd=d)
+    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "2", "-subj", "/CN=bench ca", "-keyout", "ca.key", "-out", "ca.pem",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign")
+    for name, ext in (("server", f"subjectAltName=IP:{NS_SERVER_IP}\nextendedKeyUsage=serverAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):
+        ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        (d / f"{name}.ext").write_text(ext + "\n")
+        ossl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+
+
+def clonenet_scenario(b: Bench, scenario: str) -> None:
+    size = b.layout.size
+    image, h = b.ensure_image()
+    data = b.layout.data_bytes
+    with Resources().scoped() as res:
+        d = scenario_dir(b, res, "clonenet")
+        clone_certs(d)
+        rate = "1gbit" if scenario == "clone-net-1g" else None
+        ns_src, ns_dst, dev_src = netns_pair(res, rate)
+        src = res.loop(image, read_only=True)
+
+        def tool(name: str, route: str, *extra: str) -> Tool:
+            argv = [sys.executable, str(CDM_CLONENET), route, src, "{DST}", "--ns-src", ns_src,
+                    "--ns-dst", ns_dst, "--dev-src", dev_src, "--ip", NS_SERVER_IP,
+                    "--certs", str(d), "--data", str(data), *extra]
+            if SPAWN:
+                argv += ["--spawn", SPAWN]
+            return Tool(name, argv, is_cdm=True)
+
+        def fs_target(r: Resources) -> tuple[str, str]:
+            vol = b.workdir / "clone-target"
+            shutil.rmtree(vol, ignore_errors=True)
+            vol.mkdir()
+            r.callback(lambda: shutil.rmtree(vol, ignore_errors=True))
+            return str(vol), str(vol / "disk.img")
+
+        cases = [("clone-net-blk2fs", fs_target)]
+        if rate is None:
+            cases.append(("clone-net-blk2blk", loop_target(b, size)))
+        for sc, prep in cases:
+            if rate is None:
+                sc_name = sc
+                tools = [tool("cdimover", "cdimover"), tool("cdi-wire", "cdi"),
+                         tool("nbdcopy", "nbdcopy"), tool("cdimover-cut90", "cdimover",
+                                                          "--cut", "0.9")]
+            else:
+                sc_name = "clone-net-1g-blk2fs"
+                tools = [tool("cdimover", "cdimover"), tool("cdimover-zstd", "cdimover-zstd"),
+                         tool("cdi-wire", "cdi"), tool("nbdcopy", "nbdcopy")]
+            samples = run_rounds(b, sc_name, tools, size, h, prep)
+            rows = summarize(samples)
+            by = {r.case: r for r in rows}
+            c = by["cdimover"]
+            b.emit("\n" + table(b, f"== {sc_name}: {describe(sc_name)}", rows,
+                                c.wall if c.n_ok else None))
+            wire = {r.case: med([s.cdm["wire_bytes"] for s in samples
+                                 if s.case == r.case and s.ok and s.cdm]) for r in rows}
+            b.emit("bytes on the link (median): " + ", ".join(
+                f"{k} {v / MiB:.1f} MiB" for k, v in wire.items()) + f"; data {data / MiB:.1f} MiB")
+            for peer, lim in (("cdi-wire", CLONE_CDI_TARGET), ("nbdcopy", CLONE_NBD_TARGET)):
+                p = by[peer]
+                if rate is None and c.n_ok and p.n_ok:
+                    b.check(sc_name, f"time <= {lim} x {peer}", c.wall / p.wall <= lim,
+                            f"{c.wall / p.wall:.3f}")
+                elif c.n_ok and p.n_ok:
+                    b.emit(f"cdimover/{peer} = {c.wall / p.wall:.3f} (1 Gbit/s)")
+            b.check(sc_name, f"bytes on the link <= {CLONE_WIRE_LIMIT} x data",
+                    wire["cdimover"] <= CLONE_WIRE_LIMIT * data,
+                    f"{wire['cdimover'] / data:.4f}")
+            if "cdimover-cut90" in by and by["cdimover-cut90"].n_ok and c.n_ok:
+                ratio = by["cdimover-cut90"].wall / c.wall
+                b.check(sc_name, f"killed at 90 % <= {CLONE_CUT_LIMIT} x uncut",
+                        ratio <= CLONE_CUT_LIMIT, f"{ratio:.3f}")
+            for side in ("server_maxrss", "source_maxrss"):
+                worst = max([s.cdm[side] for s in samples
+                             if s.case == "cdimover" and s.ok and s.cdm], default=0)
+                b.check(sc_name, f"{side.split('_')[0]} peak RSS <= 64 MiB",
+                        0 < worst <= CLONE_RSS_LIMIT, f"{worst / MiB:.1f} MiB")
+
+
+# ---------------------------------------------------------------------------------------------
 
 def snapshot_package(workdir: Path, wait: float) -> dict[str, str]:
     """Copy the installed cdimover package (Python files and the built extension) into
@@ -2293,6 +2418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     upload_scenario(b, sc)
                 elif sc == "registry-qcow2":
                     registry_scenario(b)
+                elif sc in ("clone-net", "clone-net-1g"):
+                    clonenet_scenario(b, sc)
                 else:
                     direction(b, sc)
             except (subprocess.CalledProcessError, OSError, RuntimeError) as e:

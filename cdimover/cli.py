@@ -525,6 +525,20 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_digest(args: argparse.Namespace) -> int:
+    from .ops.clonestream import disk_digest
+
+    path = args.path
+    if os.path.isdir(path):
+        path = os.path.join(path, "disk.img")
+    digest = disk_digest(path)
+    if args.json:
+        print(json.dumps({"path": path, "diskDigest": digest}, indent=2))
+    elif not args.quiet:
+        print(f"{digest}  {path}")
+    return EXIT_OK
+
+
 def _sha256(path: str, size: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -715,6 +729,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--scan", choices=("auto", "seek", "loop", "full"), default="auto")
     s.set_defaults(func=_cmd_scan)
+
+    dg = sub.add_parser("digest", parents=[common], help="print a disk's clone digest",
+                        description="Print the disk digest a cdimover clone stream verifies "
+                        "(and the target's termination message reports as diskDigest), "
+                        "reading only the disk's data: a SHA-256 chain over its 1 MiB blocks. "
+                        "A directory means its disk.img.")
+    dg.add_argument("path", help="a disk image, a block device or a Filesystem volume")
+    dg.set_defaults(func=_cmd_digest)
 
     d = sub.add_parser("demo", parents=[common],
                        help="copy a small generated sparse disk and verify it",

@@ -22,6 +22,7 @@ import errno
 import itertools
 import json
 import os
+import random
 import secrets
 import selectors
 import shutil
@@ -219,14 +220,14 @@ def make_ca(d: Path, name: str) -> None:
 
 
 def make_certs(d: Path, extra_ips: Iterable[str] = ()) -> None:
-    """ca.pem (+ key), server.pem/server.key signed by it for 127.0.0.1, localhost and
-    EXTRA_IPS, and an unrelated wrong-ca.pem."""
+    """ca.pem (+ key), server.pem/server.key signed by it for 127.0.0.1, localhost, the
+    server address of :func:`netns_pair` and EXTRA_IPS, and an unrelated wrong-ca.pem."""
     make_ca(d, "ca")
     make_ca(d, "wrong-ca")
     openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
             "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
     (d / "server.ext").write_text(
-        f"subjectAltName={','.join(f'IP:{ip}' for ip in ('127.0.0.1', *extra_ips))},"
+        f"subjectAltName={','.join(f'IP:{ip}' for ip in ('127.0.0.1', NETNS_SERVER_IP, *extra_ips))},"
         "DNS:localhost\n"
         "basicConstraints=critical,CA:FALSE\n"
         "keyUsage=critical,digitalSignature\n"
@@ -765,3 +766,67 @@ class RawHttp(TcpServer):
 def rawhttp() -> Iterator[Callable[..., RawHttp]]:
     """Factory: rawhttp(Response(body=...)) or rawhttp(handler) -> RawHttp."""
     yield from server_factory(RawHttp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two "nodes": network namespaces joined by a veth pair
+
+NETNS_SERVER_IP = "169.254.213.1"
+NETNS_CLIENT_IP = "169.254.213.2"
+
+
+@dataclass
+class NetnsPair:
+    """Namespaces SERVER (address NETNS_SERVER_IP on SERVER_DEV) and CLIENT (NETNS_CLIENT_IP
+    on CLIENT_DEV), joined by a veth pair that exists only inside them."""
+
+    server: str
+    client: str
+    server_dev: str
+    client_dev: str
+
+    def exec(self, ns: str) -> list[str]:
+        """The command prefix that runs a program in namespace NS."""
+        return ["ip", "netns", "exec", ns]
+
+    def tx_bytes(self, ns: str, dev: str) -> int:
+        """Bytes sent by DEV in NS (its own /sys, as ip netns exec mounts it)."""
+        out = subprocess.run([*self.exec(ns), "cat", f"/sys/class/net/{dev}/statistics/tx_bytes"],
+                             check=True, capture_output=True, text=True).stdout
+        return int(out)
+
+    def link(self, up: bool) -> None:
+        """Take the client's end of the link down or up."""
+        subprocess.run([*self.exec(self.client), "ip", "link", "set", self.client_dev,
+                        "up" if up else "down"], check=True)
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[NetnsPair]:
+    """Two fresh network namespaces and a veth pair with link-local addresses (a /30) inside
+    them; removed at teardown (deleting a namespace removes its end of the pair)."""
+    from conftest import need_root, need_tool
+
+    need_root()
+    need_tool("ip")
+    tag = f"{os.getpid() % 100000}{random.randrange(1000):03d}"
+    pair = NetnsPair(f"cdm-s{tag}", f"cdm-c{tag}", f"cdms{tag}"[:15], f"cdmc{tag}"[:15])
+    made: list[str] = []
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+    try:
+        for ns in (pair.server, pair.client):
+            ip("netns", "add", ns)
+            made.append(ns)
+        ip("link", "add", pair.server_dev, "netns", pair.server, "type", "veth", "peer", "name",
+           pair.client_dev, "netns", pair.client)
+        for ns, dev, addr in ((pair.server, pair.server_dev, NETNS_SERVER_IP),
+                              (pair.client, pair.client_dev, NETNS_CLIENT_IP)):
+            ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        yield pair
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)

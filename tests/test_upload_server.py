@@ -144,7 +144,7 @@ def start(certs: Path, tmp_path: Path) -> Iterator[Callable[..., Server]]:
     stopped by its PID at teardown."""
     procs: list[subprocess.Popen[str]] = []
 
-    def run(volume: Path | str | None = None, *extra: str, **env: str) -> Server:
+    def run(volume: Path | str | None = None, *extra: str, port: int = 0, **env: str) -> Server:
         vol = Path(volume) if volume is not None else tmp_path / "data"
         if volume is None:
             vol.mkdir(exist_ok=True)
@@ -154,8 +154,9 @@ def start(certs: Path, tmp_path: Path) -> Iterator[Callable[..., Server]]:
                  CLIENT_CERT_FILE=str(certs / "ca.pem"), CLIENT_NAME=CLIENT, OWNER_UID=UID,
                  DESTINATION=str(vol), SCRATCH_DIR=str(tmp_path / "no-scratch"))
         e.update(env)
+        chosen = port
         for _ in range(5):
-            port = free_port()
+            port = chosen or free_port()
             p = subprocess.Popen(
                 [sys.executable, "-m", "cdimover", "pod", "upload-server", "--listen",
                  f"127.0.0.1:{port}", "--termination-log", str(log), *extra],

@@ -24,7 +24,7 @@ from types import TracebackType
 from .. import _native
 from .._native import Context, NativeWriter, const
 from ..errors import TargetTooSmallError
-from ..io.endpoints import Target, open_target
+from ..io.endpoints import Place, Target, open_target
 from ..io.fs import open_direct
 from ..types import PREALLOCATION_MODES, CopyResult, ScanMethod
 from .copy import make_result, room_needed
@@ -62,7 +62,7 @@ class Writer:
     (which returns the result) or abort().
     """
 
-    def __init__(self, target: str | os.PathLike[str] | int, size: int, *,
+    def __init__(self, target: str | os.PathLike[str] | Place | int, size: int, *,
                  preallocation: str | bool = "off", target_is_zero: bool = False,
                  sparse_size: int = 0, detect_zeros: bool = True,
                  context: Context | None = None) -> None:
@@ -117,6 +117,11 @@ class Writer:
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def fd(self) -> int:
+        """The target's descriptor (``os.fdatasync`` of it makes what was written durable)."""
+        return self._dst.fd
 
     def _writer(self) -> NativeWriter:
         if self._closed or self._native is None:

@@ -9,7 +9,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from .. import argtypes
 from ..errors import ScratchSpaceRequired, Terminated
@@ -17,8 +17,11 @@ from .clone import run_clone
 from .config import CloneConfig, ImportConfig, clone_config, get_env, import_config, \
     upload_config
 from .importer import run_import
-from .messages import TERMINATION_LOG, deadline_message, failure_message, \
+from .messages import CLONE_COMPLETE, TERMINATION_LOG, deadline_message, failure_message, \
     scratch_required_message, success_message, write_termination_log
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer, ProgressCounter
 
 __all__ = ["register", "DEFAULT_ADDRESS"]
 
@@ -41,6 +44,72 @@ def _report(args: argparse.Namespace, message: str, source: str, target: str,
               f"{' (preallocated)' if done['preallocationApplied'] else ''}")
 
 
+def _start_metrics(args: argparse.Namespace, counter: ProgressCounter) -> MetricsServer | None:
+    """Serve COUNTER as ARGS say (None: --metrics-address none)."""
+    from .metrics import MetricsServer, new_registry
+
+    env = os.environ
+    certfile = args.tls_cert or get_env(env, "METRICS_TLS_CERT_FILE")
+    keyfile = args.tls_key or get_env(env, "METRICS_TLS_KEY_FILE")
+    if args.metrics_address.lower() == "none":
+        return None
+    if certfile or keyfile or args.metrics_http:
+        server = MetricsServer(new_registry(counter), args.metrics_address,
+                               certfile=certfile, keyfile=keyfile)
+    else:
+        # HTTPS with a certificate of our own, as CDI's pods serve it; the files are
+        # loaded into the TLS context and removed at once.
+        from .metrics import self_signed_certificate
+
+        with tempfile.TemporaryDirectory(prefix="cdimover-metrics-") as tls_dir:
+            certfile, keyfile = self_signed_certificate(tls_dir)
+            server = MetricsServer(new_registry(counter), args.metrics_address,
+                                   certfile=certfile, keyfile=keyfile)
+    server.start()
+    return server
+
+
+def _cmd_clone_source(args: argparse.Namespace) -> int:
+    """Run ``pod clone-source``: send the source volume to the target's upload server;
+    the termination message is CDI's plain "Clone Complete" (", Preallocation applied")."""
+    from .clonesource import clone_source_config, run_clone_source
+    from .metrics import ProgressCounter
+
+    server: MetricsServer | None = None
+    try:
+        cfg = clone_source_config(os.environ, mount_point=args.mount_point,
+                                  upload_url=args.upload_url, wire=args.wire)
+        counter = ProgressCounter("clone", cfg.owner_uid)
+        server = _start_metrics(args, counter)
+        start = time.monotonic()
+        outcome = run_clone_source(cfg, counter.set)
+        counter.set(100.0)
+        message = CLONE_COMPLETE + (", Preallocation applied" if cfg.preallocation else "")
+        write_termination_log(args.termination_log, message)
+    except BaseException as e:
+        write_termination_log(args.termination_log, failure_message("clone", e))
+        if server is not None:
+            server.stop()
+        raise
+    try:
+        if args.json:
+            print(json.dumps({"message": message, "wire": outcome.wire, "size": outcome.size,
+                              "wireBytes": outcome.wire_bytes, "attempts": outcome.attempts,
+                              "resumes": outcome.resumes, "diskDigest": outcome.digest,
+                              "elapsed": round(time.monotonic() - start, 3)}, indent=2))
+        elif not args.quiet:
+            print(f"{message}: {cfg.mount_point} -> {cfg.upload_url} ({outcome.wire}"
+                  f"{', digest ' + outcome.digest if outcome.digest else ''})")
+        if server is not None and args.metrics_linger > 0:
+            time.sleep(args.metrics_linger)
+    except (KeyboardInterrupt, Terminated):
+        pass
+    finally:
+        if server is not None:
+            server.stop()
+    return 0
+
+
 def _cmd_pod(args: argparse.Namespace) -> int:
     """Run ``pod clone`` or ``pod import`` (ARGS.pod_command): read the configuration, serve
     the metrics, do the work, write the termination message.  Errors propagate to cli.main
@@ -54,25 +123,10 @@ def _cmd_pod(args: argparse.Namespace) -> int:
             cfg = clone_config(env, mount_point=args.mount_point, destination=args.destination)
         else:
             cfg = import_config(env, endpoint=args.endpoint, destination=args.destination)
-        from .metrics import MetricsServer, ProgressCounter, new_registry
+        from .metrics import ProgressCounter
 
         counter = ProgressCounter(kind, cfg.owner_uid)
-        certfile = args.tls_cert or get_env(env, "METRICS_TLS_CERT_FILE")
-        keyfile = args.tls_key or get_env(env, "METRICS_TLS_KEY_FILE")
-        if args.metrics_address.lower() != "none":
-            if certfile or keyfile or args.metrics_http:
-                server = MetricsServer(new_registry(counter), args.metrics_address,
-                                       certfile=certfile, keyfile=keyfile)
-            else:
-                # HTTPS with a certificate of our own, as CDI's pods serve it; the files are
-                # loaded into the TLS context and removed at once.
-                from .metrics import self_signed_certificate
-
-                with tempfile.TemporaryDirectory(prefix="cdimover-metrics-") as tls_dir:
-                    certfile, keyfile = self_signed_certificate(tls_dir)
-                    server = MetricsServer(new_registry(counter), args.metrics_address,
-                                           certfile=certfile, keyfile=keyfile)
-            server.start()
+        server = _start_metrics(args, counter)
         start = time.monotonic()
         if isinstance(cfg, CloneConfig):
             applied = run_clone(cfg, counter, threads=args.threads,
@@ -139,7 +193,8 @@ def _cmd_upload_server(args: argparse.Namespace) -> int:
     if outcome == "complete":
         write_termination_log(args.termination_log,
                               success_message("clone" if server.clone_target else "upload",
-                                              server.preallocation_applied))
+                                              server.preallocation_applied,
+                                              server.disk_digest))
         return 0
     if outcome == "deadline":
         write_termination_log(args.termination_log, deadline_message())
@@ -224,6 +279,22 @@ def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
                    "that place them (default 64Mi); past it the image is converted from "
                    "SCRATCH_DIR, or the pod asks for scratch space")
     i.set_defaults(func=_cmd_pod, mount_point=None)
+
+    cs = pods.add_parser(
+        "clone-source", parents=[common, shared], help="send a volume to a clone target "
+        "(VOLUME_MODE, MOUNT_POINT, UPLOAD_URL, CLIENT_CERT, CLIENT_KEY, SERVER_CA_CERT, ...)",
+        description="Send the source volume MOUNT_POINT (VOLUME_MODE block or filesystem) to "
+        "the upload server at UPLOAD_URL over mutual TLS: cdimover's resumable, checked, "
+        "data-only clone stream when the target speaks it, CDI's snappy-framed wire format "
+        "otherwise.  Required: VOLUME_MODE, MOUNT_POINT, UPLOAD_URL, OWNER_UID, PREALLOCATION."
+        "  Optional: CLIENT_CERT, CLIENT_KEY, SERVER_CA_CERT (PEM text), CLONE_WIRE "
+        "(auto|cdi|cdimover), CLONE_COMPRESSION (none|zstd), CLONE_RETRY_TIMEOUT (600).")
+    cs.add_argument("--mount-point", metavar="PATH",
+                    help="the source volume (overrides MOUNT_POINT)")
+    cs.add_argument("--upload-url", metavar="URL", help="the target (overrides UPLOAD_URL)")
+    cs.add_argument("--wire", choices=("auto", "cdi", "cdimover"),
+                    help="the wire format (overrides CLONE_WIRE; default auto)")
+    cs.set_defaults(func=_cmd_clone_source)
 
     u = pods.add_parser(
         "upload-server", parents=[common], help="receive an upload as CDI's upload pod "

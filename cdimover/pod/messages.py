@@ -48,11 +48,14 @@ def _clip(text: str) -> str:
     return data[:MAX_MESSAGE].decode("utf-8", errors="ignore")
 
 
-def success_message(kind: Kind, preallocation_applied: bool) -> str:
-    """The termination message of a successful clone, import or upload (KIND)."""
-    return json.dumps({"message": _COMPLETE[kind],
-                       "preallocationApplied": bool(preallocation_applied)},
-                      separators=(",", ":"))
+def success_message(kind: Kind, preallocation_applied: bool, digest: str | None = None) -> str:
+    """The termination message of a successful clone, import or upload (KIND); DIGEST: the
+    disk digest a cdimover clone stream verified (hex), as ``diskDigest``."""
+    out: dict[str, object] = {"message": _COMPLETE[kind],
+                              "preallocationApplied": bool(preallocation_applied)}
+    if digest:
+        out["diskDigest"] = digest
+    return json.dumps(out, separators=(",", ":"))
 
 
 def deadline_message() -> str:

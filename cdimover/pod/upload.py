@@ -61,7 +61,7 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from aiohttp import web
 from aiohttp.multipart import BodyPartReader
@@ -71,7 +71,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from ..errors import ConfigurationError, TargetTooSmallError
 from ..io.detect import HEAD_SIZE
 from ..io.endpoints import Place
+from ..formats.clonestream import CloneStreamError
 from ..ops.clonesink import BodySink
+from ..ops.clonestream import CloneReceiver
 from ..ops.sink import StreamSink, is_memory_limit
 from .messages import SCRATCH_SPACE_REQUIRED, describe
 from .metrics import UploadProgress
@@ -79,7 +81,8 @@ from .metrics import UploadProgress
 __all__ = ["UploadServer", "Destination", "Prepared", "Outcome", "server_tls_context",
            "HEADER_TIMEOUT", "IDLE_TIMEOUT", "SYNC_PATHS", "ASYNC_PATHS", "FORM_PATHS",
            "FORM_ASYNC_PATHS", "ARCHIVE_PATHS", "CONTENT_TYPE_HEADER", "BLOCKDEVICE_CLONE",
-           "FILESYSTEM_CLONE"]
+           "FILESYSTEM_CLONE", "CLONE_STREAM_PATH", "SESSION_HEADER", "SIZE_HEADER",
+           "OFFSET_HEADER"]
 
 log = logging.getLogger("cdimover")
 
@@ -99,6 +102,12 @@ ARCHIVE_PATHS: Final = ("/v1beta1/upload-archive", "/v1alpha1/upload-archive")
 CONTENT_TYPE_HEADER: Final = "x-cdi-content-type"
 BLOCKDEVICE_CLONE: Final = "blockdevice-clone"
 FILESYSTEM_CLONE: Final = "filesystem-clone"
+CLONE_STREAM_PATH: Final = "/v1beta1/clone-stream"
+"""cdimover's clone stream (GET: the resume point; POST: the stream).  CDI's server answers
+404 here, which is how a cdimover source knows to fall back to CDI's wire format."""
+SESSION_HEADER: Final = "x-cdimover-session"
+SIZE_HEADER: Final = "x-cdimover-size"
+OFFSET_HEADER: Final = "x-cdimover-offset"
 _NO_ROOM: Final = "effective image size is larger than the reported available storage"
 
 Outcome = Literal["complete", "deadline", "scratch", "failed", "stopped"]
@@ -119,6 +128,10 @@ class Prepared:
 
 Destination = Callable[[], Prepared]
 """Called at the start of each upload (the volume's free space is measured then)."""
+
+
+class _Pushable(Protocol):
+    def push(self, data: bytes | bytearray | memoryview) -> None: ...
 
 
 class UploadError(Exception):
@@ -243,6 +256,10 @@ class UploadServer:
         self._done = False
         self.preallocation_applied = False
         self.clone_target = False
+        self.disk_digest: str | None = None
+        self._clone: CloneReceiver | None = None
+        self._clone_prepared: Prepared | None = None
+        self._clone_task: asyncio.Task[Any] | None = None
         self.outcome: Outcome = "stopped"
         self.failure: BaseException | None = None
         self.scratch_reason = ""
@@ -275,6 +292,8 @@ class UploadServer:
             app.router.add_route("POST", path, self._handler(path))
         for path in ASYNC_PATHS + FORM_ASYNC_PATHS:
             app.router.add_route("HEAD", path, self._head)
+        app.router.add_post(CLONE_STREAM_PATH, self._clone_stream)
+        app.router.add_get(CLONE_STREAM_PATH, self._clone_state)
         app.router.add_get("/healthz", self._healthz, allow_head=True)
         app.router.add_get("/metrics", self._metrics, allow_head=True)
         # lingering_time: after an answer sent before the body's end (a refusal), what is left
@@ -310,6 +329,8 @@ class UploadServer:
             deadline_task.cancel()
             server.close()
             await runner.cleanup()
+            if self._clone is not None:
+                await loop.run_in_executor(self._pool, self._drop_clone)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         return self.outcome
@@ -467,7 +488,7 @@ class UploadServer:
         file_part = part
         return _Body(lambda: file_part.read_chunk(PIECE), self._idle, None)
 
-    async def _pump(self, sink: BodySink, body: _Body, head: bytes) -> None:
+    async def _pump(self, sink: _Pushable, body: _Body, head: bytes) -> None:
         """Push the body into SINK: one piece decoded in the worker while the next is read."""
         loop = asyncio.get_running_loop()
         pending: asyncio.Future[None] | None = loop.run_in_executor(self._pool, sink.push, head)
@@ -501,6 +522,135 @@ class UploadServer:
             if prepared.close_fd >= 0:
                 os.close(prepared.close_fd)
             self._busy = False
+
+    # -- cdimover's clone stream --------------------------------------------------------------
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        if not self._authorized(request):
+            log.warning("refused a clone stream without the expected client certificate")
+            return web.Response(status=401)
+        if self._busy:
+            return web.Response(status=503)
+        if self._done:
+            return web.Response(status=409)
+        return None
+
+    def _resume_point(self) -> dict[str, object]:
+        if self._clone is None:
+            return {"protocol": 1, "offset": 0}
+        return dict(self._clone.resume_point(), protocol=1)
+
+    async def _take_over(self, request: web.Request) -> None:
+        """A source of the running clone stream that connects again gave up on the request
+        in progress (a link cut without a reset leaves it waiting for the idle timeout):
+        that request is cancelled, so the source resumes at once."""
+        task = self._clone_task
+        if (task is None or task.done() or self._clone is None or not self._authorized(request)
+                or request.headers.get(SESSION_HEADER) != self._clone.session):
+            return
+        log.info("the clone source connected again: dropping its previous request")
+        task.cancel()
+        await asyncio.wait([task])
+
+    async def _clone_state(self, request: web.Request) -> web.Response:
+        """GET: the protocol and the point a source resumes at."""
+        await self._take_over(request)
+        refused = self._refusal(request)
+        return refused or web.json_response(self._resume_point())
+
+    def _drop_clone(self) -> None:
+        """Give up the clone in progress (the target keeps what was written)."""
+        rc, pr = self._clone, self._clone_prepared
+        self._clone = self._clone_prepared = None
+        try:
+            if rc is not None:
+                rc.abort()
+        finally:
+            if pr is not None and pr.close_fd >= 0:
+                os.close(pr.close_fd)
+
+    def _open_clone(self, session: str, size: int) -> CloneReceiver:
+        if self._clone is not None:
+            log.info("a new clone stream replaces the one at %d", self._clone.durable)
+            self._drop_clone()
+        pr = self._destination()
+        try:
+            self._clone = CloneReceiver(pr.target, size, session=session, capacity=pr.capacity,
+                                        preallocation=self._prealloc, name=self._name)
+        except BaseException:
+            if pr.close_fd >= 0:
+                os.close(pr.close_fd)
+            raise
+        self._clone_prepared = pr
+        return self._clone
+
+    def _finish_clone(self, rc: CloneReceiver) -> Any:
+        rc.finish_body()
+        result = rc.complete()
+        pr, self._clone, self._clone_prepared = self._clone_prepared, None, None
+        if pr is not None and pr.close_fd >= 0:
+            os.close(pr.close_fd)
+        return result
+
+    async def _clone_stream(self, request: web.Request) -> web.Response:
+        """POST: the stream from the offset the source names (0, or the resume point)."""
+        await self._take_over(request)
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        self._busy = True
+        self._clone_task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                session = request.headers[SESSION_HEADER]
+                size = int(request.headers[SIZE_HEADER])
+                offset = int(request.headers.get(OFFSET_HEADER, "0"))
+                if size < 0 or offset < 0 or not session or len(session) > 128:
+                    raise ValueError("out of range")
+            except (KeyError, ValueError) as e:
+                raise UploadError(400, f"a clone stream needs the headers {SESSION_HEADER}, "
+                                  f"{SIZE_HEADER} and {OFFSET_HEADER} ({e})") from None
+            rc = self._clone
+            if rc is None or rc.session != session or rc.size != size:
+                if offset:
+                    return web.json_response(self._resume_point(), status=409)
+                rc = await loop.run_in_executor(self._pool, self._open_clone, session, size)
+            elif offset != rc.durable:
+                return web.json_response(self._resume_point(), status=409)
+            rc.begin(offset)
+            self._progress.start()
+            body = _Body(request.content.readany, self._idle, request.content_length)
+            await self._pump(rc, body, b"")
+            result = await loop.run_in_executor(self._pool, self._finish_clone, rc)
+            self.clone_target = True
+            self.disk_digest = result.digest
+            log.info("clone stream complete: %d bytes of data in %d bytes received, %d "
+                     "checkpoints, %d resumes, digest %s", result.bytes_written,
+                     result.bytes_received, result.checkpoints, result.resumes, result.digest)
+            self._succeeded(result.preallocation_applied, result.virtual_size)
+            return web.json_response({"digest": result.digest,
+                                      "bytesWritten": result.bytes_written,
+                                      "preallocationApplied": result.preallocation_applied})
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            status, text = _answer(e)
+            if isinstance(e, CloneStreamError):
+                status = 422
+            no_room = isinstance(e, TargetTooSmallError) or (
+                isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+            if no_room and self._clone is not None:
+                await loop.run_in_executor(self._pool, self._drop_clone)
+            resume = self._clone.durable if self._clone is not None else 0
+            log.error("clone stream failed (%d): %s; it can resume at %d", status, text, resume)
+            if not isinstance(e, Exception):
+                raise
+            return web.json_response(dict(self._resume_point(),
+                                          error=f"Saving stream failed: {text}"), status=status)
+        finally:
+            self._busy = False
+            self._clone_task = None
 
     def _succeeded(self, preallocation_applied: bool, size: int) -> None:
         self._done = True
