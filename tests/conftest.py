@@ -18,10 +18,6 @@ from hypothesis import HealthCheck, settings
 
 pytest_plugins = ["netfix", "regfix", "imagefix"]
 
-# The image test of `cdimover pod clone-source` waits outside the suite until that command
-# lands (then delete this line); naming the file runs it: pytest tests/test_image_clone.py.
-collect_ignore = ["test_image_clone.py"]
-
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # The environment for outside tools (qemu-img, qemu-io, openssl, ...): without the sanitizer

@@ -227,7 +227,8 @@ def make_certs(d: Path, extra_ips: Iterable[str] = ()) -> None:
     openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
             "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
     (d / "server.ext").write_text(
-        f"subjectAltName={','.join(f'IP:{ip}' for ip in ('127.0.0.1', NETNS_SERVER_IP, *extra_ips))},"
+        "subjectAltName="
+        f"{','.join(f'IP:{ip}' for ip in ('127.0.0.1', NETNS_SERVER_IP, *extra_ips))},"
         "DNS:localhost\n"
         "basicConstraints=critical,CA:FALSE\n"
         "keyUsage=critical,digitalSignature\n"
