@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from .._native import Context
-from ..cdi.volume import BLOCK, Volume
+from ..cdi.volume import BLOCK, Volume, check_not_in_use
 from ..errors import CdimoverError, ConfigurationError, NetworkError, ProtocolError, \
     TargetTooSmallError, TlsError
 from ..io.endpoints import Source, open_source
@@ -364,6 +364,7 @@ def _extra_entries(vol: Volume) -> list[str]:
 def run_clone_source(cfg: CloneSourceConfig, progress: Callable[[float], object]) -> CloneOutcome:
     """Send the source volume to the target; PROGRESS(percent) as it goes."""
     vol = Volume.open(cfg.mount_point)
+    check_not_in_use(vol)       # a running VM's disk is not a consistent source
     target = _Target(cfg.upload_url, client_tls_context(cfg)
                      if cfg.upload_url.startswith("https:") else None, cfg.io_timeout)
     wire = cfg.wire
