@@ -39,7 +39,7 @@ import cramjam
 import pytest
 
 from conftest import need_root, need_tool
-from netfix import NETNS_SERVER_IP, NetnsPair, free_port, netns_pair  # noqa: F401
+from netfix import NETNS_SERVER_IP, NetnsPair, free_port, netns_pair, stop_popen  # noqa: F401
 from test_upload_server import CLIENT, ENV_VARS, UID, Server, certs, sha256, start  # noqa: F401
 
 MiB = 1 << 20
@@ -498,17 +498,7 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
     """Processes a test started, ended by PID at teardown."""
     started: list[subprocess.Popen[str]] = []
     yield started
-    for p in started:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for f in (p.stdout, p.stderr):
-            if f is not None:
-                f.close()
+    stop_popen(started)
 
 
 @pytest.mark.parametrize("dst_mode", ["filesystem", "block"])
