@@ -40,9 +40,10 @@
  * Memory.  The counted memory -- the phase-1 buffer, the clusters held, the compressed ranges
  * copied aside, the heap of references ahead and the index of held clusters -- stays within
  * MEM_LIMIT (64 MiB by default) or the conversion fails naming the offset and the limit; its
- * most is reported as peak_held.  Besides it: four cluster buffers (at most 8 MiB), the array
- * of L2 tables (16 bytes per used L1 entry) and of refcount blocks (8 bytes per refcount
- * table entry), both derived from tables that had to fit in the first MEM_LIMIT bytes.
+ * most is reported as peak_held.  Besides it: four cluster buffers (at most 8 MiB), the stage
+ * that gathers guest-contiguous data into large writes (4 MiB), the array of L2 tables (16
+ * bytes per used L1 entry) and of refcount blocks (8 bytes per refcount table entry), both
+ * derived from tables that had to fit in the first MEM_LIMIT bytes.
  * Nothing is allocated per guest cluster.  End: every L2 table and every referenced host byte
  * must have arrived ("the image ended at offset X, before ..."), else -EIO.
  */
@@ -54,6 +55,7 @@
 #include "stream.h"
 
 #define DEFAULT_MEM_LIMIT (64ull << 20)
+#define STAGE_BYTES (4u << 20)              /* guest-contiguous data written at once */
 #define FAKE_SIZE QCOW2_MAX_VIRTUAL_SIZE    /* file size bound while the length is unknown */
 #define REFTABLE_OFFSET_MASK 0xfffffffffffffe00ull
 #define ALL_SUBCLUSTERS 0xffffffffu
@@ -143,6 +145,9 @@ struct qstream {
     struct span *spans;
     size_t n_spans, cap_spans;
     uint64_t zero_off, zero_len;    /* guest zeros not yet issued */
+    uint8_t *stage;                 /* STAGE_BYTES, aligned: guest data not yet written */
+    uint64_t stage_off;             /* guest offset of stage[0] */
+    size_t stage_len;
     uint64_t used, peak;            /* counted memory */
 };
 
@@ -226,6 +231,44 @@ static int zero_guest(struct qstream *s, uint64_t off, uint64_t len)
     return rc;
 }
 
+/* Write the staged guest data. */
+static int flush_stage(struct qstream *s)
+{
+    if (s->stage_len == 0)
+        return 0;
+    int rc = cdm_writer_put(s->w, s->stage, s->stage_len, s->stage_off);
+    s->stage_len = 0;
+    return rc < 0 ? writer_failed(s, rc) : 0;
+}
+
+/* Write the guest range [OFF, OFF+LEN) from BUF: runs that continue one another are staged
+ * and go to the writer in pieces of up to STAGE_BYTES (a cluster at a time would be one small
+ * request each). */
+static int put_guest(struct qstream *s, const uint8_t *buf, uint64_t off, size_t len)
+{
+    if (s->stage_len > 0 && s->stage_off + s->stage_len != off) {
+        int rc = flush_stage(s);
+        if (rc < 0)
+            return rc;
+    }
+    while (len > 0) {
+        if (s->stage_len == 0)
+            s->stage_off = off;
+        size_t n = CDM_MIN(len, STAGE_BYTES - s->stage_len);
+        memcpy(s->stage + s->stage_len, buf, n);
+        s->stage_len += n;
+        buf += n;
+        off += n;
+        len -= n;
+        if (s->stage_len == STAGE_BYTES) {
+            int rc = flush_stage(s);
+            if (rc < 0)
+                return rc;
+        }
+    }
+    return 0;
+}
+
 /* Write the data cluster BUF (NULL: zeros) of guest cluster GUEST, the subclusters of ALLOC. */
 static int put_cluster(struct qstream *s, const uint8_t *buf, uint64_t guest, uint32_t alloc)
 {
@@ -248,9 +291,7 @@ static int put_cluster(struct qstream *s, const uint8_t *buf, uint64_t guest, ui
         if (buf == NULL) {
             rc = zero_guest(s, off, len);
         } else {
-            rc = cdm_writer_put(s->w, buf + (off - guest), (size_t)len, off);
-            if (rc < 0)
-                rc = writer_failed(s, rc);
+            rc = put_guest(s, buf + (off - guest), off, (size_t)len);
         }
         if (rc < 0)
             return rc;
@@ -821,8 +862,10 @@ static int begin_stream(struct qstream *s)
     s->cur = malloc(s->cs);
     s->out = malloc(s->cs);
     s->gather = malloc(2 * s->cs + 512);
+    s->stage = cdm_alloc_aligned(STAGE_BYTES);
     s->dec = qcow2_decoder_get(&s->decoders);
-    if (s->cur == NULL || s->out == NULL || s->gather == NULL || s->dec == NULL)
+    if (s->cur == NULL || s->out == NULL || s->gather == NULL || s->stage == NULL ||
+        s->dec == NULL)
         return fail(s, -ENOMEM, "out of memory");
     int rc = load_l1(s);
     if (rc == 0)
@@ -974,6 +1017,8 @@ static int finish(struct qstream *s, struct cdm_stream_result *res)
         rc = ended(s, end, "L2 table", s->l2[s->l2_next].l1_index << s->img.l1_shift,
                    s->l2[s->l2_next].host);
     if (rc == 0)
+        rc = flush_stage(s);
+    if (rc == 0)
         rc = flush_zero(s);
     if (rc == 0 && res != NULL) {
         res->image_size = s->img.virtual_size;
@@ -1015,6 +1060,7 @@ static void qs_destroy(struct cdm_sink *sink)
     free(s->cur);
     free(s->out);
     free(s->gather);
+    free(s->stage);
     free(s->p1);
     free(s);
 }
