@@ -262,7 +262,7 @@ class _Body:
         return b"".join(await self.pieces(least))
 
 
-def _push_all(sink: BodySink, parts: list[bytes]) -> None:
+def _push_all(sink: _Pushable, parts: list[bytes]) -> None:
     for data in parts:
         sink.push(data)
 
@@ -671,7 +671,8 @@ class UploadServer:
                 return web.json_response(self._resume_point(), status=409)
             rc.begin(offset)
             self._progress.start()
-            body = _Body(request.content.readany, self._idle, request.content_length)
+            content = request.content
+            body = _Body(lambda: _read_content(content), self._idle, request.content_length)
             await self._pump(rc, body, b"")
             result = await loop.run_in_executor(self._pool, self._finish_clone, rc)
             self.clone_target = True
