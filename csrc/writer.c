@@ -2,8 +2,9 @@
  * and preallocation.  Jobs embed one and let every worker write through its shared target;
  * the public cdm_writer_* functions expose the same writer to a caller that pushes bytes at
  * any offset and in any order (a stream decoder): each put is staged through an aligned
- * buffer so its aligned body goes out with O_DIRECT and only the unaligned edges through the
- * page cache, all-zero blocks become zeroed ranges, and finish makes it durable.
+ * buffer (unless the caller's own is aligned as its offset is) so its aligned body goes out
+ * with O_DIRECT and only the unaligned edges through the page cache, all-zero blocks become
+ * zeroed ranges, and finish makes it durable.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -166,12 +167,10 @@ int cdm_writer_open(cdm_ctx *ctx, int fd, int direct_fd, const struct cdm_writer
     return 0;
 }
 
-/* Put [OFF, OFF+LEN) (inside one bounce step) from SRC: the unaligned head and tail through
- * the page cache, the aligned body with O_DIRECT. */
-static int put_step(cdm_writer *w, const uint8_t *src, uint64_t off, size_t len)
+/* Put [OFF, OFF+LEN) from STAGE, where STAGE[i] is aligned when OFF+i is: the unaligned head
+ * and tail through the page cache, the aligned body with O_DIRECT. */
+static int put_aligned(cdm_writer *w, const uint8_t *stage, uint64_t off, size_t len)
 {
-    uint8_t *stage = w->bounce + (off % CDM_ALIGN);  /* stage[i] is aligned when off+i is */
-    memcpy(stage, src, len);
     uint64_t end = off + len;
     uint64_t a = CDM_MIN(CDM_ALIGN_UP(off, CDM_ALIGN), end);
     uint64_t b = CDM_MAX(a, CDM_ALIGN_DOWN(end, CDM_ALIGN));
@@ -185,14 +184,25 @@ static int put_step(cdm_writer *w, const uint8_t *src, uint64_t off, size_t len)
     return rc;
 }
 
-/* Write LEN bytes of BUF at OFFSET of W's target, staged in steps of BOUNCE_BYTES.  0,
- * -errno or -EINVAL (range past the size); W's first failure is returned from then on. */
+/* Put [OFF, OFF+LEN) (inside one bounce step) from SRC through the bounce buffer. */
+static int put_step(cdm_writer *w, const uint8_t *src, uint64_t off, size_t len)
+{
+    uint8_t *stage = w->bounce + (off % CDM_ALIGN);  /* stage[i] is aligned when off+i is */
+    memcpy(stage, src, len);
+    return put_aligned(w, stage, off, len);
+}
+
+/* Write LEN bytes of BUF at OFFSET of W's target: in one request when BUF is aligned as
+ * OFFSET is (a caller's aligned stage), else staged in steps of BOUNCE_BYTES.  0, -errno or
+ * -EINVAL (range past the size); W's first failure is returned from then on. */
 int cdm_writer_put(cdm_writer *w, const void *buf, size_t len, uint64_t offset)
 {
     int rc = enter(w);
     if (rc == 0)
         rc = check_range(w, "write", offset, len);
     const uint8_t *p = buf;
+    if (rc == 0 && (uintptr_t)p % CDM_ALIGN == offset % CDM_ALIGN)
+        return leave(w, put_aligned(w, p, offset, len));
     while (rc == 0 && len > 0) {
         uint64_t step_end = CDM_ALIGN_DOWN(offset, BOUNCE_BYTES) + BOUNCE_BYTES;
         size_t n = (size_t)CDM_MIN((uint64_t)len, step_end - offset);

@@ -271,6 +271,22 @@ def start_nginx(exe: str, d: Path, ports: tuple[int, int, int]) -> subprocess.Po
     raise RuntimeError(f"nginx did not start:\n{why}")
 
 
+def stop_popen(procs: Iterable[subprocess.Popen[str]]) -> None:
+    """End each of PROCS (started by a test) by its PID: SIGTERM, then SIGKILL after 10 s;
+    close their pipes."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in (p.stdout, p.stderr):
+            if f is not None:
+                f.close()
+
+
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()

@@ -39,7 +39,7 @@ import cramjam
 import pytest
 
 from conftest import need_root, need_tool
-from netfix import NETNS_SERVER_IP, NetnsPair, free_port, netns_pair  # noqa: F401
+from netfix import NETNS_SERVER_IP, NetnsPair, free_port, netns_pair, stop_popen  # noqa: F401
 from test_upload_server import CLIENT, ENV_VARS, UID, Server, certs, sha256, start  # noqa: F401
 
 MiB = 1 << 20
@@ -498,17 +498,7 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
     """Processes a test started, ended by PID at teardown."""
     started: list[subprocess.Popen[str]] = []
     yield started
-    for p in started:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for f in (p.stdout, p.stderr):
-            if f is not None:
-                f.close()
+    stop_popen(started)
 
 
 @pytest.mark.parametrize("dst_mode", ["filesystem", "block"])
@@ -559,3 +549,35 @@ def test_empty_100g_device_across_namespaces(netns_pair: NetnsPair, certs: Path,
     assert json.loads(log.read_text())["diskDigest"] == zeros.hex()
     assert sent < MiB, sent
     assert allocated(tmp_path / "empty-dst") == 0
+
+
+def test_source_in_use_and_a_target_past_its_deadline(start: Callable[..., Server],  # noqa: F811
+                                                      certs: Path, tmp_path: Path) -> None:
+    """A disk.img that QEMU holds locked (a running VM) is refused before anything is sent;
+    a target whose DEADLINE passed has exited, and the source says it cannot reach it."""
+    qemu_io = need_tool("qemu-io")
+    vol = tmp_path / "source"
+    vol.mkdir()
+    write_disk(vol / "disk.img")
+    srv = start()
+    holder = subprocess.Popen([qemu_io, "-f", "raw", str(vol / "disk.img")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        run = run_source(source_env(certs, vol, "filesystem", srv.url + "/v1beta1/upload"),
+                         tmp_path)
+        assert run.rc != 0
+        assert "locked by another process (a running QEMU?)" in run.message, run.message
+    finally:
+        holder.communicate("quit\n", timeout=10)
+    assert srv.running() and not (srv.volume / "disk.img").exists()
+    import datetime
+    soon = (datetime.datetime.now(datetime.timezone.utc)
+            + datetime.timedelta(seconds=12)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    late = start(DEADLINE=soon)
+    rc, msg = late.wait(30)
+    assert rc == 0 and json.loads(msg) == {"message": "Deadline Passed", "deadlinePassed": True}
+    run = run_source(source_env(certs, vol, "filesystem", late.url + "/v1beta1/upload",
+                                CLONE_RETRY_TIMEOUT="2"), tmp_path)
+    assert run.rc != 0
+    assert run.message.startswith("Unable to process data: cannot reach the target"), run.message

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TOOL_ENV, need_tool
-from netfix import free_port, make_certs, make_client_cert
+from netfix import free_port, make_certs, make_client_cert, stop_popen
 
 MiB = 1 << 20
 CLIENT = "client.upload-server.cdi.kubevirt.io"
@@ -181,17 +181,7 @@ def start(certs: Path, tmp_path: Path) -> Iterator[Callable[..., Server]]:
     try:
         yield run
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            for f in (p.stdout, p.stderr):
-                if f is not None:
-                    f.close()
+        stop_popen(procs)
 
 
 def curl(srv: Server, path: str, *args: str, cert: str | None = "client",

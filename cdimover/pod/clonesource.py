@@ -46,13 +46,13 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from .._native import Context
-from ..cdi.volume import BLOCK, Volume
+from ..cdi.volume import BLOCK, Volume, check_not_in_use
 from ..errors import CdimoverError, ConfigurationError, NetworkError, ProtocolError, \
     TargetTooSmallError, TlsError
 from ..io.endpoints import Source, open_source
 from ..formats.clonestream import DIGEST_BLOCK
 from ..ops.clonestream import CHECKPOINT_BYTES, WINDOW, StreamProducer, data_spans
-from .config import _bool, _quantity, get_env
+from .config import _bool, _quantity, get_env, source_volume
 from .upload import BLOCKDEVICE_CLONE, CLONE_STREAM_PATH, CONTENT_TYPE_HEADER, \
     FILESYSTEM_CLONE, OFFSET_HEADER, SESSION_HEADER, SIZE_HEADER
 
@@ -94,23 +94,7 @@ def clone_source_config(env: Mapping[str, str], *, mount_point: str | None = Non
                         upload_url: str | None = None, wire: str | None = None
                         ) -> CloneSourceConfig:
     """Read the clone source's configuration from ENV (the arguments override)."""
-    mode = (get_env(env, "VOLUME_MODE", required=True, hint="block or filesystem") or "").lower()
-    if mode not in ("block", "filesystem"):
-        raise ConfigurationError(f"VOLUME_MODE: {mode!r} is not 'block' or 'filesystem'")
-    mp = mount_point or get_env(env, "MOUNT_POINT", required=True, hint="the source volume")
-    assert mp is not None
-    try:
-        st = os.lstat(mp)
-    except FileNotFoundError:
-        raise ConfigurationError(f"MOUNT_POINT: {mp} does not exist") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise ConfigurationError(f"MOUNT_POINT: {mp} is a symbolic link, which is never "
-                                 f"followed")
-    if (mode == "block") != stat.S_ISBLK(st.st_mode) or (
-            mode == "filesystem" and not stat.S_ISDIR(st.st_mode)):
-        raise ConfigurationError(f"MOUNT_POINT: {mp} is not a "
-                                 f"{'block device' if mode == 'block' else 'directory'}, but "
-                                 f"VOLUME_MODE is {mode}")
+    mode, mp = source_volume(env, mount_point)
     url = upload_url or get_env(env, "UPLOAD_URL", required=True, hint="the target's URL")
     assert url is not None
     parts = urllib.parse.urlsplit(url)
@@ -133,7 +117,7 @@ def clone_source_config(env: Mapping[str, str], *, mount_point: str | None = Non
     if (cert is None) != (key is None):
         raise ConfigurationError("CLIENT_CERT and CLIENT_KEY: set both or neither")
     return CloneSourceConfig(
-        volume_mode="block" if mode == "block" else "filesystem", mount_point=mp,
+        volume_mode=mode, mount_point=mp,
         upload_url=url, client_cert=cert, client_key=key, server_ca=get_env(env, "SERVER_CA_CERT"),
         owner_uid=owner, preallocation=_bool(env, "PREALLOCATION", required=True),
         wire=w,  # type: ignore[arg-type]
@@ -364,6 +348,7 @@ def _extra_entries(vol: Volume) -> list[str]:
 def run_clone_source(cfg: CloneSourceConfig, progress: Callable[[float], object]) -> CloneOutcome:
     """Send the source volume to the target; PROGRESS(percent) as it goes."""
     vol = Volume.open(cfg.mount_point)
+    check_not_in_use(vol)       # a running VM's disk is not a consistent source
     target = _Target(cfg.upload_url, client_tls_context(cfg)
                      if cfg.upload_url.startswith("https:") else None, cfg.io_timeout)
     wire = cfg.wire

@@ -9,6 +9,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Literal
 
 from .. import argtypes
@@ -91,7 +92,7 @@ def _cmd_clone_source(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
         raise
-    try:
+    def report() -> None:
         if args.json:
             print(json.dumps({"message": message, "wire": outcome.wire, "size": outcome.size,
                               "wireBytes": outcome.wire_bytes, "attempts": outcome.attempts,
@@ -100,6 +101,15 @@ def _cmd_clone_source(args: argparse.Namespace) -> int:
         elif not args.quiet:
             print(f"{message}: {cfg.mount_point} -> {cfg.upload_url} ({outcome.wire}"
                   f"{', digest ' + outcome.digest if outcome.digest else ''})")
+    return _report_and_linger(args, server, report)
+
+
+def _report_and_linger(args: argparse.Namespace, server: MetricsServer | None,
+                       report: Callable[[], None]) -> int:
+    """The work is done and its message written: REPORT it, keep serving the final metrics
+    for --metrics-linger (a signal from here on only ends the linger), stop the server."""
+    try:
+        report()
         if server is not None and args.metrics_linger > 0:
             time.sleep(args.metrics_linger)
     except (KeyboardInterrupt, Terminated):
@@ -151,17 +161,8 @@ def _cmd_pod(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
         raise
-    # The work is done and reported: a signal from here on only ends the linger.
-    try:
-        _report(args, message, source, target, time.monotonic() - start)
-        if server is not None and args.metrics_linger > 0:
-            time.sleep(args.metrics_linger)
-    except (KeyboardInterrupt, Terminated):
-        pass
-    finally:
-        if server is not None:
-            server.stop()
-    return 0
+    return _report_and_linger(
+        args, server, lambda: _report(args, message, source, target, time.monotonic() - start))
 
 
 def _cmd_upload_server(args: argparse.Namespace) -> int:

@@ -166,16 +166,14 @@ def _volume_path(path: str, name: str) -> str:
     raise ConfigurationError(f"{name}: {path} {what}")
 
 
-def clone_config(env: Mapping[str, str], *, mount_point: str | None = None,
-                 destination: str | None = None) -> CloneConfig:
-    """Read a clone pod's configuration from ENV; MOUNT_POINT and DESTINATION override the
-    variables of those names.  ConfigurationError naming the variable at fault."""
-    mode = get_env(env, "VOLUME_MODE", required=True, hint="block or filesystem")
-    assert mode is not None
-    if mode.lower() not in ("block", "filesystem"):
+def source_volume(env: Mapping[str, str], mount_point: str | None = None
+                  ) -> tuple[Literal["block", "filesystem"], str]:
+    """VOLUME_MODE and MOUNT_POINT (or the MOUNT_POINT given) of a clone's source, checked:
+    a block device or a directory as the mode says, never a symbolic link."""
+    mode = (get_env(env, "VOLUME_MODE", required=True, hint="block or filesystem") or "").lower()
+    if mode not in ("block", "filesystem"):
         raise ConfigurationError(f"VOLUME_MODE: {mode!r} is not 'block' or 'filesystem'")
-    volume_mode: Literal["block", "filesystem"] = \
-        "block" if mode.lower() == "block" else "filesystem"
+    volume_mode: Literal["block", "filesystem"] = "block" if mode == "block" else "filesystem"
     source = mount_point or get_env(env, "MOUNT_POINT", required=True,
                                  hint="the source volume's path")
     assert source is not None
@@ -192,6 +190,14 @@ def clone_config(env: Mapping[str, str], *, mount_point: str | None = None,
     if volume_mode == "filesystem" and not stat.S_ISDIR(st.st_mode):
         raise ConfigurationError(f"MOUNT_POINT: {source} is not a directory, but "
                                  f"VOLUME_MODE is filesystem")
+    return volume_mode, source
+
+
+def clone_config(env: Mapping[str, str], *, mount_point: str | None = None,
+                 destination: str | None = None) -> CloneConfig:
+    """Read a clone pod's configuration from ENV; MOUNT_POINT and DESTINATION override the
+    variables of those names.  ConfigurationError naming the variable at fault."""
+    volume_mode, source = source_volume(env, mount_point)
     preallocation = _bool(env, "PREALLOCATION", required=True)
     owner = get_env(env, "OWNER_UID", required=True, hint="the owner's UID, the metric's label")
     assert owner is not None

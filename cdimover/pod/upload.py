@@ -45,9 +45,10 @@ scratch volume.  RAW bodies are never copied to scratch.
 ``ReadHeaderTimeout``); between requests of a kept-alive connection: 10 s; between two pieces
 of a body: ``--idle-timeout``.  A stalled client never pins the server.
 
-**Memory.**  The body is read in pieces of up to 1 MiB; one piece is decoded (in a worker
-thread) while the next is read, and reading pauses while both are held, so the server holds
-a few MiB of body at most, whatever its size.
+**Memory.**  The body is read in pieces of about 1 MiB (the chunks aiohttp received, not
+joined); one piece is decoded (in a worker thread) while the next is read, and reading pauses
+while both are held and aiohttp's buffer holds 2 MiB more, so the server holds a few MiB of
+body at most, whatever its size.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.multipart import BodyPartReader
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -94,6 +95,8 @@ LINGER: Final = 2.0
 """Seconds the rest of a refused body is read and dropped before the connection closes."""
 PIECE: Final = 1 << 20
 """Body bytes decoded at a time."""
+READ_BUFFER: Final = 1 << 20
+"""aiohttp's read buffer of a body: reading from the connection pauses beyond twice this."""
 SYNC_PATHS: Final = ("/v1beta1/upload", "/v1alpha1/upload")
 ASYNC_PATHS: Final = ("/v1beta1/upload-async", "/v1alpha1/upload-async")
 FORM_PATHS: Final = ("/v1beta1/upload-form", "/v1alpha1/upload-form")
@@ -183,7 +186,9 @@ def _common_name(peercert: Any) -> str | None:
 
 
 class _Body:
-    """A request body read piece by piece, each read bounded by the idle timeout."""
+    """A request body read piece by piece.  A read that waits more than the idle timeout for
+    a byte is cancelled by a watchdog timer, armed once per idle period rather than once per
+    read (an ``asyncio.wait_for`` per read costs a task each)."""
 
     def __init__(self, read: Callable[[], Awaitable[bytes]], idle: float,
                  length: int | None) -> None:
@@ -191,13 +196,38 @@ class _Body:
         self._idle = idle
         self.length = length
         self.received = 0
-        self._held = b""
         self._eof = False
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[Any] | None = None
+        self._since = -1.0          # loop time the waiting read started; < 0: none waits
+        self._timer: asyncio.TimerHandle | None = None
+        self._stalled = False
+
+    def _watch(self) -> None:
+        """The watchdog: cancel the read that has waited the idle timeout, else re-arm."""
+        self._timer = None
+        if self._since < 0:
+            return
+        due = self._since + self._idle
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._watch)
+        elif self._task is not None:
+            self._stalled = True
+            self._task.cancel()
 
     async def _more(self) -> bytes:
+        self._task = asyncio.current_task()
+        self._since = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._since + self._idle, self._watch)
         try:
-            data = await asyncio.wait_for(self._read(), self._idle)
-        except asyncio.TimeoutError:
+            data = await self._read()
+        except asyncio.CancelledError:
+            if not self._stalled:
+                raise
+            uncancel = getattr(self._task, "uncancel", None)    # Python 3.11+
+            if uncancel is not None and uncancel() > 0:
+                raise       # cancelled from elsewhere as well
             raise UploadError(408, f"no body byte for {self._idle:g} s: the upload was "
                               f"dropped; send it again") from None
         except (ConnectionError, web.HTTPException) as e:
@@ -205,25 +235,44 @@ class _Body:
         except Exception as e:     # aiohttp's payload errors (truncated body, bad chunking)
             raise UploadError(400, f"the body could not be read ({type(e).__name__}: {e}); "
                               f"send it again") from None
+        finally:
+            self._since = -1.0
         self.received += len(data)
         if not data:
             self._eof = True
         return data
 
-    async def piece(self, least: int = PIECE) -> bytes:
-        """The next LEAST bytes (fewer at the end; b"" once the body is over)."""
-        parts = [self._held] if self._held else []
-        have = len(self._held)
-        self._held = b""
+    async def pieces(self, least: int = PIECE) -> list[bytes]:
+        """The next LEAST bytes or more, as received (fewer at the end; [] once the body is
+        over): not joined, which would copy them once more."""
+        parts: list[bytes] = []
+        have = 0
         while have < least and not self._eof:
             data = await self._more()
-            parts.append(data)
-            have += len(data)
-        out = b"".join(parts)
+            if data:
+                parts.append(data)
+                have += len(data)
         if self._eof and self.length is not None and self.received < self.length:
             raise UploadError(400, f"the body ended after {self.received} of {self.length} "
                               f"bytes; send it again")
-        return out
+        return parts
+
+    async def piece(self, least: int = PIECE) -> bytes:
+        """The next LEAST bytes or more, joined (fewer at the end; b"" once it is over)."""
+        return b"".join(await self.pieces(least))
+
+
+def _push_all(sink: _Pushable, parts: list[bytes]) -> None:
+    for data in parts:
+        sink.push(data)
+
+
+async def _read_content(content: StreamReader) -> bytes:
+    """The next bytes of the request body CONTENT, as aiohttp received them (b"": its end)."""
+    while True:
+        data, end_of_http_chunk = await content.readchunk()
+        if data or not end_of_http_chunk:
+            return data
 
 
 class UploadServer:
@@ -300,7 +349,8 @@ class UploadServer:
         # of the body is read and dropped this long, so the client sees the answer rather
         # than a reset; then the connection is closed.
         runner = web.AppRunner(app, access_log=None, keepalive_timeout=self._header_timeout,
-                               handler_cancellation=False, lingering_time=LINGER)
+                               handler_cancellation=False, lingering_time=LINGER,
+                               read_bufsize=READ_BUFFER)
         await runner.setup()
         handlers = runner.server
         assert handlers is not None
@@ -470,7 +520,8 @@ class UploadServer:
 
     async def _open_body(self, request: web.Request, form: bool) -> _Body:
         if not form:
-            return _Body(request.content.readany, self._idle, request.content_length)
+            content = request.content
+            return _Body(lambda: _read_content(content), self._idle, request.content_length)
         try:
             reader = await asyncio.wait_for(request.multipart(), self._idle)
             while True:
@@ -494,14 +545,14 @@ class UploadServer:
         pending: asyncio.Future[None] | None = loop.run_in_executor(self._pool, sink.push, head)
         try:
             while True:
-                data = await body.piece()
+                parts = await body.pieces()
                 if pending is not None:
                     done, pending = pending, None
                     await done
                 self._progress.received(body.received, body.length)
-                if not data:
+                if not parts:
                     return
-                pending = loop.run_in_executor(self._pool, sink.push, data)
+                pending = loop.run_in_executor(self._pool, _push_all, sink, parts)
         finally:
             if pending is not None:
                 await asyncio.wait([pending])
@@ -620,7 +671,8 @@ class UploadServer:
                 return web.json_response(self._resume_point(), status=409)
             rc.begin(offset)
             self._progress.start()
-            body = _Body(request.content.readany, self._idle, request.content_length)
+            content = request.content
+            body = _Body(lambda: _read_content(content), self._idle, request.content_length)
             await self._pump(rc, body, b"")
             result = await loop.run_in_executor(self._pool, self._finish_clone, rc)
             self.clone_target = True
