@@ -50,7 +50,7 @@ BUFFERS: Final = 3
 """Windows held at once (being read, queued, being sent)."""
 PIECE: Final = 64 << 10
 """Zero-detection granularity on the wire (the target detects zeros at 4 KiB again)."""
-CHECKPOINT_BYTES: Final = 32 << 20
+CHECKPOINT_BYTES: Final = 16 << 20
 """Data bytes between checkpoints: the most a resumed stream sends twice."""
 RECORD_BYTES: Final = 1 << 20
 """The most data one DATA record carries (what the receiver holds of a record at once)."""

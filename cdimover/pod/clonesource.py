@@ -8,7 +8,7 @@ upload URL, ``https://host:8443/v1beta1/upload``), ``CLIENT_CERT``, ``CLIENT_KEY
 file), ``OWNER_UID``, ``PREALLOCATION``.  cdimover's own: ``CLONE_WIRE`` (``auto``, the
 default; ``cdi``; ``cdimover``), ``CLONE_COMPRESSION`` (``none``, the default; ``zstd``),
 ``CLONE_RETRY_TIMEOUT`` (seconds to keep trying while the target is not reachable, 600),
-``CLONE_CHECKPOINT_BYTES`` (data between the target's durable checkpoints, 32Mi),
+``CLONE_CHECKPOINT_BYTES`` (data between the target's durable checkpoints, 16Mi),
 ``CLONE_IO_TIMEOUT`` (seconds a send or an answer may stall before the connection is given
 up and made again, 60).
 
@@ -53,7 +53,7 @@ from ..io.endpoints import Source, open_source
 from ..formats.clonestream import DIGEST_BLOCK
 from ..ops.clonestream import CHECKPOINT_BYTES, WINDOW, StreamProducer, data_spans
 from .config import _bool, _quantity, get_env, source_volume
-from .upload import BLOCKDEVICE_CLONE, CLONE_STREAM_PATH, CONTENT_TYPE_HEADER, \
+from .wire import BLOCKDEVICE_CLONE, CLONE_STREAM_PATH, CONTENT_TYPE_HEADER, \
     FILESYSTEM_CLONE, OFFSET_HEADER, SESSION_HEADER, SIZE_HEADER
 
 __all__ = ["CloneSourceConfig", "clone_source_config", "run_clone_source", "CloneOutcome",

@@ -78,6 +78,8 @@ from ..ops.clonestream import CloneReceiver
 from ..ops.sink import StreamSink, is_memory_limit
 from .messages import SCRATCH_SPACE_REQUIRED, describe
 from .metrics import UploadProgress
+from .wire import BLOCKDEVICE_CLONE, CLONE_STREAM_PATH, CONTENT_TYPE_HEADER, FILESYSTEM_CLONE, \
+    OFFSET_HEADER, SESSION_HEADER, SIZE_HEADER
 
 __all__ = ["UploadServer", "Destination", "Prepared", "Outcome", "server_tls_context",
            "HEADER_TIMEOUT", "IDLE_TIMEOUT", "SYNC_PATHS", "ASYNC_PATHS", "FORM_PATHS",
@@ -102,15 +104,6 @@ ASYNC_PATHS: Final = ("/v1beta1/upload-async", "/v1alpha1/upload-async")
 FORM_PATHS: Final = ("/v1beta1/upload-form", "/v1alpha1/upload-form")
 FORM_ASYNC_PATHS: Final = ("/v1beta1/upload-form-async", "/v1alpha1/upload-form-async")
 ARCHIVE_PATHS: Final = ("/v1beta1/upload-archive", "/v1alpha1/upload-archive")
-CONTENT_TYPE_HEADER: Final = "x-cdi-content-type"
-BLOCKDEVICE_CLONE: Final = "blockdevice-clone"
-FILESYSTEM_CLONE: Final = "filesystem-clone"
-CLONE_STREAM_PATH: Final = "/v1beta1/clone-stream"
-"""cdimover's clone stream (GET: the resume point; POST: the stream).  CDI's server answers
-404 here, which is how a cdimover source knows to fall back to CDI's wire format."""
-SESSION_HEADER: Final = "x-cdimover-session"
-SIZE_HEADER: Final = "x-cdimover-size"
-OFFSET_HEADER: Final = "x-cdimover-offset"
 _NO_ROOM: Final = "effective image size is larger than the reported available storage"
 
 Outcome = Literal["complete", "deadline", "scratch", "failed", "stopped"]
