@@ -45,6 +45,13 @@ Scenarios (default: all but file2blk-dirty):
                     fresh loop device: cdimover.import_registry vs CDI's scratch route with the
                     same tools (`skopeo copy` to a local directory, `tar -xzf` of the layer,
                     `qemu-img convert -O raw`, timed together)  (optional)
+    clone-net       the source's loop device cloned between two network namespaces (a veth
+                    pair) -> Filesystem volume and -> fresh loop device: pod clone-source ->
+                    pod upload-server (the clone stream; with zstd; killed at 90 % and
+                    restarted) vs CDI's wire path (`dd` | snappy framing | `curl -T` into the
+                    server's CDI mode) and `nbdcopy` from `qemu-nbd -r` over TCP  (optional)
+    clone-net-1g    the same -> Filesystem volume, the link limited to 1 Gbit/s (tc tbf)
+                    (optional)
 
 The source is a virtual disk of SIZE bytes: 25 % data in scattered 1-8 MiB extents (random,
 log-like text and repeated blocks mixed, about 2:1 for zlib), 10 % zeros written as data, the
@@ -122,6 +129,13 @@ layer there, qemu-img converts as in qcow2, and `sync -d` makes the output durab
 scratch files are removed after each run, outside the timing.  Targets: registry-qcow2 (file
 and device) <= 0.5 x the peer's time, cdimover's peak RSS <= 96 MiB, bytes pulled by
 cdimover = the layer's size, output verified every run, allocated <= data + 1 %.
+
+clone-net runs each route through bench/_cdm_clonenet.py, which starts the receiving side in
+one namespace and the sending side in the other (both under the _spawn launcher for their own
+peak RSS) and counts the source veth's tx_bytes; the upload server's start-up is inside the
+time of every route that uses it.  Targets: clone-net (both targets) <= 0.3 x CDI's wire
+path, <= 0.8 x nbdcopy, bytes on the link <= 1.02 x the data, a run whose source is killed at
+90 % <= 1.1 x an uncut one, each side's peak RSS <= 64 MiB.
 """
 
 from __future__ import annotations
@@ -2247,9 +2261,9 @@ def clonenet_scenario(b: Bench, scenario: str) -> None:
         for sc, prep in cases:
             if rate is None:
                 sc_name = sc
-                tools = [tool("cdimover", "cdimover"), tool("cdi-wire", "cdi"),
-                         tool("nbdcopy", "nbdcopy"), tool("cdimover-cut90", "cdimover",
-                                                          "--cut", "0.9")]
+                tools = [tool("cdimover", "cdimover"), tool("cdimover-zstd", "cdimover-zstd"),
+                         tool("cdi-wire", "cdi"), tool("nbdcopy", "nbdcopy"),
+                         tool("cdimover-cut90", "cdimover", "--cut", "0.9")]
             else:
                 sc_name = "clone-net-1g-blk2fs"
                 tools = [tool("cdimover", "cdimover"), tool("cdimover-zstd", "cdimover-zstd"),
