@@ -169,6 +169,15 @@ LAYOUTS = {
 }
 
 
+def feed_all(rc: CloneReceiver, p: StreamProducer) -> None:
+    """Every piece of P's stream into RC, as one request would carry them."""
+    try:
+        for piece in p.pieces():
+            rc.push(piece)
+    finally:
+        p.close()
+
+
 def _clone(src: Path, dst: Path, *, compress: bool = False, checkpoint: int = 4 * MiB,
            hook: object = None) -> tuple[CloneReceiver, StreamProducer]:
     size = os.path.getsize(src)
@@ -260,11 +269,7 @@ def test_corruption_between_the_ends_is_never_complete(tmp_path: Path) -> None:
         p = StreamProducer(ctx, s, start=good, state=bytes.fromhex(
             str(rc.resume_point()["state"])), checkpoint_bytes=2 * MiB)
         rc.begin(good)
-        try:
-            for piece in p.pieces():
-                rc.push(piece)
-        finally:
-            p.close()
+        feed_all(rc, p)
     rc.finish_body()
     res = rc.complete()
     assert (tmp_path / "b.img").read_bytes() == src.read_bytes()
@@ -297,11 +302,7 @@ def test_resume_after_a_cut_sends_at_most_one_checkpoint_again(tmp_path: Path) -
         p2 = StreamProducer(ctx, s, start=int(point["offset"]),  # type: ignore[call-overload]
                             state=bytes.fromhex(str(point["state"])), checkpoint_bytes=cp)
         rc.begin(int(point["offset"]))                  # type: ignore[call-overload]
-        try:
-            for piece in p2.pieces():
-                rc.push(piece)
-        finally:
-            p2.close()
+        feed_all(rc, p2)
     rc.finish_body()
     res = rc.complete()
     assert dst.read_bytes() == src.read_bytes()
