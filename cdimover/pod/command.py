@@ -14,14 +14,11 @@ from typing import TYPE_CHECKING, Final, Literal
 
 from .. import argtypes
 from ..errors import ScratchSpaceRequired, Terminated
-from .clone import run_clone
-from .config import CloneConfig, ImportConfig, clone_config, get_env, import_config, \
-    upload_config
-from .importer import run_import
 from .messages import CLONE_COMPLETE, TERMINATION_LOG, deadline_message, failure_message, \
     scratch_required_message, success_message, write_termination_log
 
 if TYPE_CHECKING:
+    from .config import ImportConfig
     from .metrics import MetricsServer, ProgressCounter
 
 __all__ = ["register", "DEFAULT_ADDRESS"]
@@ -29,7 +26,9 @@ __all__ = ["register", "DEFAULT_ADDRESS"]
 log = logging.getLogger("cdimover")
 
 # Where CDI's controllers scrape a pod: port 8443 on every address of the pod.  (The metrics
-# module, and with it prometheus_client and http.server, loads only when a pod command runs.)
+# module, and with it prometheus_client and http.server, loads only when a pod command runs;
+# so do the configuration readers and the clone and import drivers, which pull in TLS, the
+# HTTP and registry sources: `cdimover copy` registers these subcommands but never runs them.)
 DEFAULT_ADDRESS: Final = ":8443"
 
 
@@ -47,6 +46,7 @@ def _report(args: argparse.Namespace, message: str, source: str, target: str,
 
 def _start_metrics(args: argparse.Namespace, counter: ProgressCounter) -> MetricsServer | None:
     """Serve COUNTER as ARGS say (None: --metrics-address none)."""
+    from .config import get_env
     from .metrics import MetricsServer, new_registry
 
     env = os.environ
@@ -124,6 +124,10 @@ def _cmd_pod(args: argparse.Namespace) -> int:
     """Run ``pod clone`` or ``pod import`` (ARGS.pod_command): read the configuration, serve
     the metrics, do the work, write the termination message.  Errors propagate to cli.main
     (which prints them and picks the exit status) after the failure message is written."""
+    from .clone import run_clone
+    from .config import CloneConfig, clone_config, import_config
+    from .importer import run_import
+
     kind: Literal["clone", "import"] = args.pod_command
     env = os.environ
     server: MetricsServer | None = None
@@ -169,6 +173,8 @@ def _cmd_upload_server(args: argparse.Namespace) -> int:
     """Run ``pod upload-server``: serve until an upload succeeded (exit 0, "Upload Complete"),
     the DEADLINE passed (exit 0, "Deadline Passed"), the image needs scratch space the pod
     lacks (exit 0, scratchSpaceRequired) or an async upload failed after its answer (exit 1)."""
+    from .config import upload_config
+
     try:
         cfg = upload_config(os.environ, listen=args.listen, destination=args.destination)
         from .metrics import UploadProgress, new_registry
