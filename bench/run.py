@@ -73,7 +73,8 @@ log-like text and repeated blocks mixed, about 2:1 for zlib), 10 % zeros written
 rest holes; the layout and the bytes follow from --seed.  It is written once per invocation.
 
 cdimover is run from a snapshot of the installed package copied into the scratch directory at
-start (PYTHONPATH), so rebuilds of the working tree during a long run do not mix builds.
+start (PYTHONPATH), so rebuilds of the working tree during a long run do not mix builds; the
+snapshot is byte-compiled (compileall), as an install is, so no run pays for compiling it.
 
 Method: every round runs each tool once, in an order shuffled per round (seeded by --seed,
 the scenario and the round), so that no tool always follows the same neighbour -- a rotation
@@ -2603,6 +2604,9 @@ def snapshot_package(workdir: Path, wait: float) -> dict[str, str]:
     while True:
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        # Compiled as an install compiles it: without this, an environment with
+        # PYTHONDONTWRITEBYTECODE would compile every module in every measured run.
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(dst)], check=True)
         r = subprocess.run([sys.executable, "-c", "import cdimover; print(cdimover.__file__)"],
                            env=env, capture_output=True, text=True, cwd="/")
         if r.returncode == 0 and r.stdout.strip().startswith(str(dst)):
