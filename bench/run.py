@@ -64,6 +64,10 @@ Scenarios (default: all but file2blk-dirty):
                     fresh loop device: cdimover.import_registry vs CDI's scratch route with the
                     same tools (`skopeo copy` to a local directory, `tar -xzf` of the layer,
                     `qemu-img convert -O raw`, timed together)  (optional)
+    tune-blk2file, tune-file2blk, tune-blk2blk
+                    the job of blk2file / file2blk / blk2blk with cdimover at several worker
+                    counts (requests in flight) and request sizes (--tune), beside qemu-img
+                    and nbdcopy  (optional)
     qdepth          no copy: fio's sequential O_DIRECT read and write rate by request size
                     (256 KiB - 4 MiB) and queue depth (1 - 64) on a file on the disk and on a
                     loop device over it, as tables  (optional)
@@ -197,10 +201,12 @@ DEFAULT_SCENARIOS = ["blk2file", "blkfull2file", "file2blk", "blk2blk", "ext4", 
                      "scaling", "memcg"]
 ALL_SCENARIOS = DEFAULT_SCENARIOS + ["file2blk-dirty", "qcow2", "qcow2-compressed", "prealloc",
                                      "http-qcow2", "http-xz", "upload-qcow2", "upload-raw",
-                                     "registry-qcow2", "clone-net", "clone-net-1g", "qdepth"]
+                                     "registry-qcow2", "clone-net", "clone-net-1g", "qdepth",
+                                     "tune-blk2file", "tune-file2blk", "tune-blk2blk"]
 # Scenarios whose jobs get a disk-limit line (fio measures the disk once, before them).
 DISK_LIMIT_SCENARIOS = {"blk2file", "blkfull2file", "file2blk", "blk2blk", "ext4",
-                        "file2blk-dirty", "qcow2"}
+                        "file2blk-dirty", "qcow2", "tune-blk2file", "tune-file2blk",
+                        "tune-blk2blk"}
 
 # Targets from the issue: scenario -> max ratio of cdimover's median wall time to the best peer's.
 RATIO_TARGETS = {"blk2file": 0.5, "blkfull2file": 0.9, "file2blk": 0.8, "blk2blk": 0.5,
@@ -1181,11 +1187,41 @@ def timed(tool: Tool, memcg: MemCgroup | None = None) -> tuple[Proc, dict[str, A
 
 
 def cdm_tool(src: str, dst: str, *, scan: str = "auto", reflink: str = "auto",
-             target_is_zero: bool = False) -> Tool:
+             target_is_zero: bool = False, threads: int = 0, request_size: int = 0,
+             name: str = "cdimover") -> Tool:
     argv = [sys.executable, str(CDM_RUNNER), src, dst, "--scan", scan, "--reflink", reflink]
     if target_is_zero:
         argv.append("--target-is-zero")
-    return Tool("cdimover", argv, is_cdm=True)
+    if threads:
+        argv += ["--threads", str(threads)]
+    if request_size:
+        argv += ["--request-size", str(request_size)]
+    return Tool(name, argv, is_cdm=True)
+
+
+# The tune-* scenarios: cdimover's copy with other numbers of workers (requests in flight)
+# and request sizes, (threads, request bytes); 0 = the core's default.  --tune replaces it.
+TUNE_CONFIGS = [(0, 0), (8, 4 * MiB), (8, 2 * MiB), (16, 2 * MiB), (16, 1 * MiB),
+                (4, 8 * MiB)]
+
+
+def parse_tune(text: str) -> list[tuple[int, int]]:
+    """--tune "T:SIZE,...", e.g. "4:4M,8:2M" (SIZE as --size takes it, K/M suffixes)."""
+    out = []
+    for item in text.split(","):
+        t, _, r = item.partition(":")
+        m = re.fullmatch(r"\s*(\d+)\s*([KM]?)\s*", r)
+        if not t.strip().isdigit() or m is None:
+            raise argparse.ArgumentTypeError(f"bad --tune item {item!r} (THREADS:SIZE)")
+        out.append((int(t), int(m[1]) * {"": 1, "K": KiB, "M": MiB}[m[2]]))
+    return out
+
+
+def tune_name(threads: int, request: int) -> str:
+    if not threads and not request:
+        return "cdimover"
+    return (f"cdm t{threads or 'def'} r" + (f"{request // MiB}M" if request % MiB == 0 else
+                                             f"{request // KiB}K" if request else "def"))
 
 
 def peer_tools(src: str, dst: str, *, dst_is_dev: bool, fresh: bool) -> list[Tool]:
@@ -1418,13 +1454,17 @@ def common_checks(b: Bench, scenario: str, rows: list[Row], data_bytes: int,
 
 
 def direction(b: Bench, scenario: str) -> None:
+    """One copy job between a file and loop devices; a tune-* SCENARIO runs the job of the
+    scenario it names with cdimover's TUNE_CONFIGS (and the two best peers for reference)."""
+    tune = scenario.startswith("tune-")
+    job = scenario.removeprefix("tune-")
     size = b.layout.size
     image, h = b.ensure_image()
     with Resources().scoped() as res:
         src: str
         fresh = True
-        dst_is_dev = scenario in ("file2blk", "blk2blk", "file2blk-dirty")
-        if scenario in ("blk2file", "blkfull2file", "blk2blk"):
+        dst_is_dev = job in ("file2blk", "blk2blk", "file2blk-dirty")
+        if job in ("blk2file", "blkfull2file", "blk2blk"):
             src = res.loop(image, read_only=True)
         else:
             src = str(image)
@@ -1452,10 +1492,25 @@ def direction(b: Bench, scenario: str) -> None:
                 os.close(fd)
             return r.loop(back), str(back)
 
-        scan = "full" if scenario == "blkfull2file" else "auto"
-        tools = [cdm_tool(src, "{DST}", scan=scan, target_is_zero=dst_is_dev and fresh)]
-        tools += peer_tools(src, "{DST}", dst_is_dev=dst_is_dev, fresh=fresh)
+        scan = "full" if job == "blkfull2file" else "auto"
+        tools = [cdm_tool(src, "{DST}", scan=scan, target_is_zero=dst_is_dev and fresh,
+                          threads=t, request_size=rq, name=tune_name(t, rq))
+                 for t, rq in (b.args.tune if tune else [(0, 0)])]
+        tools += [tl for tl in peer_tools(src, "{DST}", dst_is_dev=dst_is_dev, fresh=fresh)
+                  if not tune or tl.name in ("qemu-img", "nbdcopy")]
         samples = run_rounds(b, scenario, tools, size, h, prepare)
+        if tune:
+            rows = summarize(samples)
+            peers = [r for r in rows if not r.case.startswith("cd") and r.n_ok]
+            best = min(peers, key=lambda r: r.wall) if peers else None
+            b.emit("\n" + table(b, f"== {scenario}: {describe(job)}; cdimover with "
+                                  "--threads T --request-size R", rows,
+                                 best.wall if best else None))
+            if best:
+                b.emit(f"ratio: against the best peer ({best.case} {best.wall:.3f}s)")
+            disk_limit_line(b, scenario, b.info["source_allocated"], b.layout.data_bytes,
+                            samples)
+            return
         report_direction(b, scenario, samples, src_desc=describe(scenario))
         disk_limit_line(b, scenario, b.info["source_allocated"], b.layout.data_bytes, samples)
         if scenario in ("file2blk", "file2blk-dirty"):
@@ -2671,6 +2726,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"(memory {POD_MEMORY // 1000**2}M, cpu {POD_CPU_MILLIS}m)")
     ap.add_argument("--no-disk-limit", action="store_true",
                     help="skip fio's measure of the disk (the disk-limit lines)")
+    ap.add_argument("--tune", type=parse_tune, default=TUNE_CONFIGS, metavar="T:SIZE,...",
+                    help="the tune-* scenarios' cdimover settings, threads:request size "
+                         "(0:0 = the defaults); default " + ",".join(
+                             f"{t}:{r // MiB}M" for t, r in TUNE_CONFIGS))
     ap.add_argument("--fio-runtime", type=float, default=FIO_RUNTIME_DEFAULT,
                     help=f"seconds per fio point ({FIO_RUNTIME_DEFAULT:g})")
     args = ap.parse_args(argv)

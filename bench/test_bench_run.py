@@ -50,3 +50,15 @@ def test_best_points_and_table() -> None:
     assert lines[1].split() == ["1", "MiB", "100", "900"]
     assert lines[2].split() == ["4", "MiB", "-", "800"]
     assert best["read"].label() == "1 MiB x qd 16"
+
+
+def test_parse_tune() -> None:
+    assert run.parse_tune("4:4M,16:512K,0:0") == [(4, 4 * MiB), (16, 512 << 10), (0, 0)]
+    assert run.tune_name(0, 0) == "cdimover"
+    assert run.tune_name(16, MiB) == "cdm t16 r1M"
+    for bad in ("4", "x:4M", "4:4G"):
+        try:
+            run.parse_tune(bad)
+        except Exception:
+            continue
+        raise AssertionError(bad)
