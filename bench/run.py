@@ -1201,8 +1201,8 @@ def cdm_tool(src: str, dst: str, *, scan: str = "auto", reflink: str = "auto",
 
 # The tune-* scenarios: cdimover's copy with other numbers of workers (requests in flight)
 # and request sizes, (threads, request bytes); 0 = the core's default.  --tune replaces it.
-TUNE_CONFIGS = [(0, 0), (8, 4 * MiB), (8, 2 * MiB), (16, 2 * MiB), (16, 1 * MiB),
-                (4, 8 * MiB)]
+TUNE_CONFIGS = [(0, 0), (8, 2 * MiB), (16, 1 * MiB), (12, 2 * MiB), (8, 4 * MiB),
+                (16, 2 * MiB)]
 
 
 def parse_tune(text: str) -> list[tuple[int, int]]:
