@@ -62,3 +62,28 @@ def test_parse_tune() -> None:
         except Exception:
             continue
         raise AssertionError(bad)
+
+
+def _sample(case: str, wall: float, peak: int | None = None,
+            throttled: float | None = None) -> run.Sample:
+    return run.Sample(scenario="x", case=case, round=0, position=0, wall=wall, cpu=1.0,
+                      utime=0.5, stime=0.5, maxrss=40 * MiB, rc=0, allocated=MiB,
+                      verified=True, memcg_peak=peak, cpu_throttled=throttled)
+
+
+def test_disk_limit_line_and_memcg_columns(tmp_path: Path) -> None:
+    import argparse
+    b = run.Bench(args=argparse.Namespace(), workdir=tmp_path, content=None,  # type: ignore
+                  layout=None)  # type: ignore[arg-type]
+    b.info["disk_limit"] = {"read": {"rate": 1000.0 * MiB}, "write": {"rate": 500.0 * MiB}}
+    samples = [_sample("cdimover", 3.0, 50 * MiB, 0.25), _sample("qemu-img", 2.0, 900 * MiB)]
+    run.disk_limit_line(b, "blk2file", 1000 * MiB, 500 * MiB, samples)
+    line = b.reports[-1]
+    assert "= 1.000 + 1.000 = 2.000s" in line and "cdimover = 1.50 x limit" in line
+    assert "best peer (qemu-img) = 1.00 x limit" in line
+    assert b.checks[-1][2] is False          # 1.5 > 1.2
+    text = run.table(b, "t", run.summarize(samples), 2.0)
+    head, rows = text.splitlines()[1], text.splitlines()[3:]
+    assert "memcg peak MiB" in head and "throttled s" in head
+    assert rows[0].split()[-2:] == ["50.0", "0.25"]
+    assert rows[1].split()[-2:] == ["900.0", "-"]
