@@ -776,7 +776,8 @@ def disk_limit_line(b: Bench, scenario: str, read_bytes: int, write_bytes: int,
     t_w = write_bytes / lim["write"]["rate"]
     t = t_r + t_w
     rows = summarize(samples)
-    peers = [r for r in rows if r.case != "cdimover" and r.n_ok > 0]
+    peers = [r for r in rows if r.case != "cdimover" and not r.case.startswith("cdm ")
+             and r.n_ok > 0]
     best = min(peers, key=lambda r: r.wall) if peers else None
     cdm = next((r for r in rows if r.case == "cdimover"), None)
     line = (f"disk limit: {fmt_size(read_bytes)} read + {fmt_size(write_bytes)} written at "
