@@ -1,9 +1,28 @@
 """Benchmark cdimover's RAW copy beside qemu-img, nbdcopy, cp and dd on loop devices.
 
-Usage (root; loop devices, mkfs.ext4, mkfs.xfs, qemu-img, nbdcopy):
+Usage (root; loop devices, mkfs.ext4, mkfs.xfs, qemu-img, nbdcopy, fio):
 
     python3 bench/run.py [--size 4G] [--runs 5] [--scenarios NAME ...] [--json out.json]
                          [--workdir /var/tmp] [--seed 1] [--keep-going]
+                         [--pod-limits] [--buffered-loops] [--no-disk-limit] [--fio-runtime S]
+
+What users run: loop devices are attached with `losetup --direct-io=on` (a real PV -- Ceph RBD,
+iSCSI, LVM, a cloud disk -- has no second page cache under it; the bench checks
+/sys/block/loopN/loop/dio); --buffered-loops attaches them without, as before.  Every measured
+tool, cdimover and the peers alike, runs in a fresh cgroup of its own (v2 when its controllers
+are there, else v1 under this process's own cgroups) whose memory peak -- page cache charged
+to it included, not only RSS -- is the table's "memcg peak MiB" column; --pod-limits gives
+that cgroup CDI's default pod limits, memory 600M and cpu 750m (cpu.max, or the CFS quota
+under v1), and the table adds the median seconds the CPU quota throttled each tool.  The peers
+run with their best flags: qemu-img -W -m 16, plus -n --target-is-zero on a fresh device;
+nbdcopy --destination-is-zero on a fresh target.
+
+Disk limit: before the copy scenarios, fio (Debian package fio) measures the disk under the
+scratch directory: sequential O_DIRECT reads and writes (libaio) of 1 and 4 MiB at queue
+depths 4, 16 and 64 on a 2 GiB file, the best rate of each direction.  Each copy job then gets
+a line "disk limit": the bytes it must read (the source's allocated bytes) at the read rate
+plus the bytes it must write (the data) at the write rate, and cdimover's and the best peer's
+time as multiples of it (target: cdimover <= 1.2 x).  --no-disk-limit skips it.
 
 Scenarios (default: all but file2blk-dirty):
 
@@ -52,13 +71,21 @@ Scenarios (default: all but file2blk-dirty):
                     server's CDI mode) and `nbdcopy` from `qemu-nbd -r` over TCP  (optional)
     clone-net-1g    the same -> Filesystem volume, the link limited to 1 Gbit/s (tc tbf)
                     (optional)
+    tune-blk2file, tune-file2blk, tune-blk2blk
+                    the job of blk2file / file2blk / blk2blk with cdimover at several worker
+                    counts (requests in flight) and request sizes (--tune), beside qemu-img
+                    and nbdcopy  (optional)
+    qdepth          no copy: fio's sequential O_DIRECT read and write rate by request size
+                    (256 KiB - 4 MiB) and queue depth (1 - 64) on a file on the disk and on a
+                    loop device over it, as tables  (optional)
 
 The source is a virtual disk of SIZE bytes: 25 % data in scattered 1-8 MiB extents (random,
 log-like text and repeated blocks mixed, about 2:1 for zlib), 10 % zeros written as data, the
 rest holes; the layout and the bytes follow from --seed.  It is written once per invocation.
 
 cdimover is run from a snapshot of the installed package copied into the scratch directory at
-start (PYTHONPATH), so rebuilds of the working tree during a long run do not mix builds.
+start (PYTHONPATH), so rebuilds of the working tree during a long run do not mix builds; the
+snapshot is byte-compiled (compileall), as an install is, so no run pays for compiling it.
 
 Method: every round runs each tool once, in an order shuffled per round (seeded by --seed,
 the scenario and the round), so that no tool always follows the same neighbour -- a rotation
@@ -73,11 +100,13 @@ st_blocks of the target file (of the backing file for loop targets).  The table 
 medians; --json writes every sample.  --warmup N adds N discarded rounds per scenario (all
 but scaling): on a VM whose host caches the disk, the first runs after writing an image can
 be slower while the host flushes.  Loop devices are attached with `losetup --find --show`
-and detached by name, filesystems unmounted, files removed, even on failure or SIGTERM.
+and detached by name (only while their backing file is still the one attached), filesystems
+unmounted, cgroups and files removed, even on failure or SIGTERM.
 
 The issue's targets, checked per scenario: blk2file <= 0.5 x the best peer; blkfull2file
 <= 0.9 with CPU <= 0.7 x qemu-img's; file2blk <= 0.8; blk2blk <= 0.5; ext4 <= 0.8; xfs
-reflink << 0.1 s (the copy call inside cdimover <= 0.01 s); cdimover's peak RSS <= 64 MiB;
+reflink << 0.1 s (the copy call inside cdimover <= 0.01 s); cdimover's peak RSS <= 64 MiB,
+and its cgroup's peak (page cache included) <= 64 MiB; time <= 1.2 x the disk limit;
 allocated <= data bytes + 1 %; scaling: 16xSIZE within 20 % (or 0.1 s) of SIZE; memcg:
 cdimover succeeds.
 
@@ -177,6 +206,8 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 ALIGN = 4096
 CHUNK = 8 * MiB
 MEMCG_LIMIT = 256 * MiB
+POD_MEMORY = 600 * 1000**2     # --pod-limits: CDI's default limits.memory (600M) ...
+POD_CPU_MILLIS = 750           # ... and limits.cpu (750m)
 RSS_LIMIT = 64 * MiB
 HASH_LIMIT = 16 * GiB          # beyond this, verify by sparse-aware comparison, not sha256
 
@@ -184,11 +215,17 @@ DEFAULT_SCENARIOS = ["blk2file", "blkfull2file", "file2blk", "blk2blk", "ext4", 
                      "scaling", "memcg"]
 ALL_SCENARIOS = DEFAULT_SCENARIOS + ["file2blk-dirty", "qcow2", "qcow2-compressed", "prealloc",
                                      "http-qcow2", "http-xz", "upload-qcow2", "upload-raw",
-                                     "registry-qcow2", "clone-net", "clone-net-1g"]
+                                     "registry-qcow2", "clone-net", "clone-net-1g", "qdepth",
+                                     "tune-blk2file", "tune-file2blk", "tune-blk2blk"]
+# Scenarios whose jobs get a disk-limit line (fio measures the disk once, before them).
+DISK_LIMIT_SCENARIOS = {"blk2file", "blkfull2file", "file2blk", "blk2blk", "ext4",
+                        "file2blk-dirty", "qcow2", "tune-blk2file", "tune-file2blk",
+                        "tune-blk2blk"}
 
 # Targets from the issue: scenario -> max ratio of cdimover's median wall time to the best peer's.
 RATIO_TARGETS = {"blk2file": 0.5, "blkfull2file": 0.9, "file2blk": 0.8, "blk2blk": 0.5,
                  "ext4": 0.8, "qcow2": 0.7, "qcow2-blk": 0.7, "qcow2-compressed": 0.5}
+DISK_LIMIT_TARGET = 1.2       # x the disk-limit line (fio's best rates), from issue 17
 PREALLOC_FILE_FLOOR = 0.2      # s: prealloc-file passes when both tools take at most this
 PREALLOC_BLK_TARGET = 0.5      # x dd's time, falloc and full on a loop device
 PREALLOC_COPY_TARGET = 0.8     # x qemu-img -o preallocation=full
@@ -647,6 +684,165 @@ def floor_line(b: Bench, scenario: str, path: str | Path, size: int,
     b.emit(line)
 
 
+# ---------------------------------------------------------------------------------------------
+# The disk's own limit, by fio: sequential direct I/O at a range of request sizes and queue
+# depths (libaio), the best rate of each direction
+
+FIO_SIZE = 2 * GiB               # the data file fio reads and writes (sequential, wraps around)
+LIMIT_BS = [1 * MiB, 4 * MiB]    # the disk-limit line's request sizes ...
+LIMIT_QD = [4, 16, 64]           # ... and queue depths
+SWEEP_BS = [256 * KiB, 512 * KiB, 1 * MiB, 2 * MiB, 4 * MiB]     # the queue-depth scenario
+SWEEP_QD = [1, 2, 4, 8, 16, 32, 64]
+FIO_RUNTIME_DEFAULT = 1.5
+FIO_RUNTIME = FIO_RUNTIME_DEFAULT        # s per point (set from --fio-runtime)
+
+
+@dataclass(frozen=True)
+class FioPoint:
+    rw: str              # "read" | "write"
+    bs: int
+    qd: int
+    rate: float          # bytes/s
+    lat_ms: float        # mean completion latency
+
+    def label(self) -> str:
+        return f"{fmt_size(self.bs).replace('.00 ', ' ')} x qd {self.qd}"
+
+
+def fio_cmd(target: str, rw: str, bs: int, qd: int, runtime: float | None,
+            size: int) -> list[str]:
+    """fio's command line for one point: sequential RW ("read" | "write") of BS-byte requests,
+    QD in flight (libaio, O_DIRECT) on TARGET (a file or a device) over SIZE bytes, for RUNTIME
+    seconds (None: one pass of SIZE, to lay the file out)."""
+    argv = ["fio", "--name=seq", f"--filename={target}", f"--rw={rw}", f"--bs={bs}",
+            f"--iodepth={qd}", "--ioengine=libaio", "--direct=1", f"--size={size}",
+            "--output-format=json", "--invalidate=1"]
+    if runtime is not None:
+        argv += [f"--runtime={runtime:g}", "--time_based"]
+    if rw == "write" and not target.startswith("/dev/"):
+        argv.append("--end_fsync=1")
+    return argv
+
+
+def fio_parse(doc: str, rw: str) -> tuple[float, float]:
+    """(bytes/s, mean completion latency in ms) of direction RW from fio's JSON output."""
+    start = doc.find("{")           # fio may print notes before the JSON document
+    job = json.loads(doc[start:])["jobs"][0][rw]
+    lat = job.get("clat_ns", {}).get("mean", 0.0) / 1e6
+    return float(job["bw_bytes"]), float(lat)
+
+
+def fio_point(target: str, rw: str, bs: int, qd: int, size: int = FIO_SIZE) -> FioPoint:
+    rate, lat = fio_parse(run(fio_cmd(target, rw, bs, qd, FIO_RUNTIME, size)), rw)
+    return FioPoint(rw, bs, qd, rate, lat)
+
+
+def fio_layout(path: Path, size: int = FIO_SIZE) -> None:
+    """Write PATH's SIZE bytes once (reads of a sparse file would not reach the disk)."""
+    run(fio_cmd(str(path), "write", 4 * MiB, 16, None, size))
+
+
+def fio_sweep(target: str, sizes: Sequence[int], depths: Sequence[int],
+              size: int = FIO_SIZE) -> list[FioPoint]:
+    """Every (direction, request size, queue depth), writes first (TARGET's data is laid out)."""
+    return [fio_point(target, rw, bs, qd, size)
+            for rw in ("write", "read") for bs in sizes for qd in depths]
+
+
+def best_points(points: Sequence[FioPoint]) -> dict[str, FioPoint]:
+    """The fastest point of each direction."""
+    out: dict[str, FioPoint] = {}
+    for p in points:
+        if p.rw not in out or p.rate > out[p.rw].rate:
+            out[p.rw] = p
+    return out
+
+
+def measure_disk_limit(b: Bench) -> None:
+    """The disk under the scratch directory: sequential direct read and write rates at the
+    request size and queue depth that give the most (LIMIT_BS x LIMIT_QD), into b.info."""
+    path = b.workdir / "fio.dat"
+    try:
+        t = time.perf_counter()
+        fio_layout(path)
+        pts = fio_sweep(str(path), LIMIT_BS, LIMIT_QD)
+    finally:
+        path.unlink(missing_ok=True)
+    best = best_points(pts)
+    b.info["disk_limit"] = {rw: dataclasses.asdict(p) for rw, p in best.items()}
+    b.info["disk_limit_points"] = [dataclasses.asdict(p) for p in pts]
+    r, w = best["read"], best["write"]
+    b.emit(f"disk limit (fio, sequential, O_DIRECT, libaio, {fmt_size(FIO_SIZE)} file in the "
+           f"scratch directory, best of {len(pts)} points, {time.perf_counter() - t:.0f}s): "
+           f"read {r.rate / MiB:.0f} MiB/s ({r.label()}), "
+           f"write {w.rate / MiB:.0f} MiB/s ({w.label()})")
+
+
+def disk_limit_line(b: Bench, scenario: str, read_bytes: int, write_bytes: int,
+                    samples: list[Sample]) -> None:
+    """Emit the time this job needs at the disk's limit (READ_BYTES read at the best read rate
+    plus WRITE_BYTES written at the best write rate: one disk serves both) and how close
+    cdimover and the best peer came; check cdimover <= DISK_LIMIT_TARGET x that."""
+    lim = b.info.get("disk_limit")
+    if not lim:
+        return
+    t_r = read_bytes / lim["read"]["rate"]
+    t_w = write_bytes / lim["write"]["rate"]
+    t = t_r + t_w
+    rows = summarize(samples)
+    peers = [r for r in rows if r.case != "cdimover" and not r.case.startswith("cdm ")
+             and r.n_ok > 0]
+    best = min(peers, key=lambda r: r.wall) if peers else None
+    cdm = next((r for r in rows if r.case == "cdimover"), None)
+    line = (f"disk limit: {fmt_size(read_bytes)} read + {fmt_size(write_bytes)} written at "
+            f"the fio rates = {t_r:.3f} + {t_w:.3f} = {t:.3f}s (overlapped, at best "
+            f"{max(t_r, t_w):.3f}s)")
+    if cdm is not None:
+        line += f"; cdimover = {cdm.wall / t:.2f} x limit"
+    if best is not None:
+        line += f", best peer ({best.case}) = {best.wall / t:.2f} x limit"
+    b.emit(line)
+    b.info.setdefault("disk_limit_s", {})[scenario] = {"read_s": t_r, "write_s": t_w}
+    if cdm is not None:
+        b.check(scenario, f"time <= {DISK_LIMIT_TARGET} x disk limit", cdm.wall / t
+                <= DISK_LIMIT_TARGET, f"{cdm.wall:.3f}s vs {t:.3f}s = {cdm.wall / t:.2f}")
+
+
+def qdepth_scenario(b: Bench) -> None:
+    """fio's sequential direct rates over SWEEP_BS x SWEEP_QD on a file in the scratch
+    directory (the disk) and on a direct-I/O loop device over such a file, as tables."""
+    path = b.workdir / "fio-sweep.dat"
+    with Resources().scoped() as res:
+        res.callback(lambda: path.unlink(missing_ok=True))
+        fio_layout(path)
+        targets = [("file on the disk (O_DIRECT)", str(path))]
+        targets.append((f"loop device, {'direct' if LOOP_DIRECT else 'buffered'} I/O, over "
+                        "that file", res.loop(path)))
+        for what, target in targets:
+            t = time.perf_counter()
+            pts = fio_sweep(target, SWEEP_BS, SWEEP_QD)
+            b.info.setdefault("qdepth", {})[what] = [dataclasses.asdict(p) for p in pts]
+            b.emit(f"\n== qdepth: {what}; fio sequential, libaio, O_DIRECT, {FIO_RUNTIME:g}s "
+                   f"per point ({time.perf_counter() - t:.0f}s)")
+            b.emit(qdepth_table(pts))
+            best = best_points(pts)
+            b.emit("best: " + ", ".join(f"{rw} {p.rate / MiB:.0f} MiB/s at {p.label()}"
+                                        for rw, p in sorted(best.items())))
+
+
+def qdepth_table(pts: Sequence[FioPoint]) -> str:
+    """MiB/s by request size (rows) and queue depth (columns), for each direction."""
+    depths = sorted({p.qd for p in pts})
+    lines = []
+    for rw in ("read", "write"):
+        lines.append(f"{rw + ' MiB/s':<12}" + "".join(f"{'qd ' + str(q):>8}" for q in depths))
+        for bs in sorted({p.bs for p in pts}):
+            by = {p.qd: p for p in pts if p.rw == rw and p.bs == bs}
+            lines.append(f"{fmt_size(bs).replace('.00 ', ' '):<12}" + "".join(
+                f"{by[q].rate / MiB:8.0f}" if q in by else f"{'-':>8}" for q in depths))
+    return "\n".join(lines)
+
+
 class Resources:
     """Everything the benchmark attaches, mounts or creates, released in reverse order."""
 
@@ -660,11 +856,19 @@ class Resources:
         self.stack.callback(fn, *args)
 
     def loop(self, backing: str | Path, read_only: bool = False) -> str:
-        dev = run(["losetup", "--find", "--show"] + (["--read-only"] if read_only else [])
-                  + [str(backing)]).strip()
+        """A loop device over BACKING, with direct I/O on the backing file (as a real PV has
+        no second page cache under it) unless --buffered-loops; detached by RES."""
+        opts = ["--read-only"] if read_only else []
+        if LOOP_DIRECT:
+            opts.append("--direct-io=on")
+        dev = run(["losetup", "--find", "--show", *opts, str(backing)]).strip()
         if not dev.startswith("/dev/loop"):
             raise RuntimeError(f"losetup returned {dev!r}")
-        self.stack.callback(detach_loop, dev)
+        self.stack.callback(detach_loop, dev, Path(backing).resolve())
+        dio = loop_dio(dev)
+        if dio != LOOP_DIRECT:
+            raise RuntimeError(f"{dev}: direct I/O is {'on' if dio else 'off'}, wanted "
+                               f"{'on' if LOOP_DIRECT else 'off'} (backing file {backing})")
         return dev
 
     @contextlib.contextmanager
@@ -676,7 +880,27 @@ class Resources:
             inner.close()
 
 
-def detach_loop(dev: str) -> None:
+LOOP_DIRECT = True     # loop devices with --direct-io=on (cleared by --buffered-loops)
+
+
+def loop_dio(dev: str) -> bool:
+    """Whether the loop device DEV does direct I/O on its backing file."""
+    return Path("/sys/block", Path(dev).name, "loop", "dio").read_text().strip() == "1"
+
+
+def loop_backing(dev: str) -> str:
+    try:
+        return Path("/sys/block", Path(dev).name, "loop", "backing_file").read_text().strip()
+    except OSError:
+        return ""
+
+
+def detach_loop(dev: str, backing: Path) -> None:
+    """Detach DEV, but only while it is still the loop device over BACKING (ours)."""
+    now = loop_backing(dev)
+    if now != str(backing):
+        log(f"WARNING: not detaching {dev}: its backing file is {now!r}, not {str(backing)!r}")
+        return
     for i in range(20):
         r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
         if r.returncode == 0:
@@ -716,59 +940,111 @@ def make_fs(res: Resources, workdir: Path, fstype: str, size: int) -> Path:
     return mnt
 
 
-class MemCgroup:
-    """A child memory cgroup with a hard limit.  cgroup v2 when its memory controller is
-    available (child of the v2 root); otherwise cgroup v1, as a child of this process's own
-    memory cgroup so the benchmark never leaves the limits it was started under."""
+def _own_v1_path(controller: str) -> str:
+    """This process's cgroup v1 path for CONTROLLER (from /proc/self/cgroup)."""
+    for ln in Path("/proc/self/cgroup").read_text().splitlines():
+        _, ctrls, path = ln.split(":", 2)
+        if controller in ctrls.split(","):
+            return path
+    raise RuntimeError(f"this process is in no cgroup v1 {controller} hierarchy")
 
-    def __init__(self, limit: int, name: str) -> None:
+
+class MemCgroup:
+    """A child cgroup for one measured tool: memory (a hard LIMIT, or None to measure the peak
+    only) and, when CPU_MILLIS is given, a CPU quota (cpu.max under cgroup v2, CFS quota and
+    period under v1), as a pod's limits.memory and limits.cpu set them.  cgroup v2 when its
+    memory (and, for a quota, cpu) controllers are available (a child of the v2 root);
+    otherwise cgroup v1, as children of this process's own memory and cpu cgroups, so the
+    benchmark never leaves the limits it was started under.  The memory peak includes the
+    page cache the tool's I/O charged (v2 memory.peak, v1 memory.max_usage_in_bytes)."""
+
+    CFS_PERIOD_US = 100_000
+
+    def __init__(self, limit: int | None, name: str, cpu_millis: int | None = None) -> None:
         self.limit = limit
-        self.path: Path | None = None
+        self.cpu_millis = cpu_millis
+        self.path: Path | None = None           # the memory cgroup (v1) or the cgroup (v2)
+        self.cpu_path: Path | None = None       # v1 only: the cpu cgroup
         mounts = [ln.split() for ln in Path("/proc/self/mounts").read_text().splitlines()]
         v2 = next((m[1] for m in mounts if m[2] == "cgroup2"), None)
-        if v2 and "memory" in Path(v2, "cgroup.controllers").read_text().split():
+        need = {"memory"} | ({"cpu"} if cpu_millis is not None else set())
+        if v2 and need <= set(Path(v2, "cgroup.controllers").read_text().split()):
             self.version = 2
             parent = Path(v2)
-            if "memory" not in Path(parent, "cgroup.subtree_control").read_text().split():
-                Path(parent, "cgroup.subtree_control").write_text("+memory")
+            have = set(Path(parent, "cgroup.subtree_control").read_text().split())
+            for c in sorted(need - have):
+                Path(parent, "cgroup.subtree_control").write_text(f"+{c}")
+            self.cpu_parent: Path | None = None
         else:
-            v1 = next((m[1] for m in mounts if m[2] == "cgroup" and "memory" in
-                       m[3].split(",")), None)
-            if v1 is None:
-                raise RuntimeError("no memory cgroup controller (v2 or v1) available")
-            own = next(ln.split(":", 2)[2] for ln in
-                       Path("/proc/self/cgroup").read_text().splitlines()
-                       if "memory" in ln.split(":", 2)[1].split(","))
+            def v1_mount(controller: str) -> str:
+                m = next((m[1] for m in mounts if m[2] == "cgroup" and controller in
+                          m[3].split(",")), None)
+                if m is None:
+                    raise RuntimeError(f"no {controller} cgroup controller (v2 or v1) available")
+                return m
             self.version = 1
-            parent = Path(v1) / own.lstrip("/")
+            parent = Path(v1_mount("memory")) / _own_v1_path("memory").lstrip("/")
+            self.cpu_parent = (Path(v1_mount("cpu")) / _own_v1_path("cpu").lstrip("/")
+                               if cpu_millis is not None else None)
         self.parent = parent
         self.name = name
+
+    def describe(self) -> str:
+        mem = ("no memory limit" if self.limit is None else f"memory {self.limit // 1000**2}M"
+               if self.limit % 1000**2 == 0 else f"memory {fmt_size(self.limit)}")
+        cpu = f", cpu {self.cpu_millis}m" if self.cpu_millis is not None else ""
+        return f"cgroup v{self.version}: {mem}{cpu}"
 
     def create(self) -> None:
         p = self.parent / self.name
         p.mkdir()
         self.path = p
+        quota = (self.cpu_millis * self.CFS_PERIOD_US // 1000 if self.cpu_millis is not None
+                 else None)
         if self.version == 2:
-            (p / "memory.max").write_text(str(self.limit))
-            if (p / "memory.swap.max").exists():
-                (p / "memory.swap.max").write_text("0")
+            if self.limit is not None:
+                (p / "memory.max").write_text(str(self.limit))
+                if (p / "memory.swap.max").exists():
+                    (p / "memory.swap.max").write_text("0")
+            if quota is not None:
+                (p / "cpu.max").write_text(f"{quota} {self.CFS_PERIOD_US}")
         else:
-            (p / "memory.limit_in_bytes").write_text(str(self.limit))
-            if (p / "memory.memsw.limit_in_bytes").exists():
-                (p / "memory.memsw.limit_in_bytes").write_text(str(self.limit))
+            if self.limit is not None:
+                (p / "memory.limit_in_bytes").write_text(str(self.limit))
+                if (p / "memory.memsw.limit_in_bytes").exists():
+                    (p / "memory.memsw.limit_in_bytes").write_text(str(self.limit))
+            if quota is not None and self.cpu_parent is not None:
+                c = self.cpu_parent / self.name
+                c.mkdir()
+                self.cpu_path = c
+                (c / "cpu.cfs_period_us").write_text(str(self.CFS_PERIOD_US))
+                (c / "cpu.cfs_quota_us").write_text(str(quota))
 
     def preexec(self) -> Callable[[], None]:
-        procs = str(self.path / "cgroup.procs")  # type: ignore[operator]
+        assert self.path is not None
+        procs = [str(d / "cgroup.procs") for d in (self.path, self.cpu_path) if d is not None]
 
         def enter() -> None:
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
+            for f in procs:
+                with open(f, "w") as fh:
+                    fh.write(str(os.getpid()))
         return enter
 
     def peak(self) -> int:
         assert self.path is not None
         f = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
         return int((self.path / f).read_text())
+
+    def throttled(self) -> float | None:
+        """Seconds the CPU quota held the cgroup back (None without a quota)."""
+        d = self.path if self.version == 2 else self.cpu_path
+        if self.cpu_millis is None or d is None:
+            return None
+        stat = dict(ln.split() for ln in (d / "cpu.stat").read_text().splitlines()
+                    if len(ln.split()) == 2)
+        if self.version == 2:
+            return int(stat.get("throttled_usec", 0)) / 1e6
+        return int(stat.get("throttled_time", 0)) / 1e9
 
     def oom_kills(self) -> int:
         assert self.path is not None
@@ -780,19 +1056,23 @@ class MemCgroup:
         return 0
 
     def remove(self) -> None:
-        if self.path is None:
-            return
-        for i in range(50):
-            try:
-                self.path.rmdir()
-                break
-            except OSError as e:
-                if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
-                    raise
-                time.sleep(0.1)
-        else:
-            log(f"WARNING: could not remove cgroup {self.path}")
-        self.path = None
+        for attr in ("cpu_path", "path"):
+            d = getattr(self, attr)
+            if d is None:
+                continue
+            for i in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                        raise
+                    time.sleep(0.1)
+            else:
+                log(f"WARNING: could not remove cgroup {d}")
+            setattr(self, attr, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -861,7 +1141,6 @@ class Tool:
     argv: list[str]
     sync: str | None = None           # path to `sync -d` after the command (peers)
     is_cdm: bool = False
-    in_memcg: bool = False
 
 
 @dataclass
@@ -882,6 +1161,7 @@ class Sample:
     sync_wall: float = 0.0             # part of WALL spent in the peer's `sync -d TARGET`
     memcg_peak: int | None = None
     memcg_oom_kills: int | None = None
+    cpu_throttled: float | None = None  # s the cgroup's CPU quota held the tool back
     error: str = ""
     stats: dict[str, Any] = field(default_factory=dict)    # from run_rounds' PROBE
 
@@ -891,17 +1171,18 @@ class Sample:
 
 
 def timed(tool: Tool, memcg: MemCgroup | None = None) -> tuple[Proc, dict[str, Any]]:
-    """Run TOOL (and the sync of its target) as one timed unit."""
+    """Run TOOL (and the sync of its target) as one timed unit, inside a fresh cgroup made
+    from MEMCG when given (its memory peak, OOM kills and CPU throttling go into the extras)."""
     extra: dict[str, Any] = {}
-    if memcg is not None and tool.in_memcg:
+    if memcg is not None:
         memcg.create()
     try:
-        pre = memcg.preexec() if memcg is not None and tool.in_memcg else None
+        pre = memcg.preexec() if memcg is not None else None
         t0 = time.perf_counter()
         p = spawn_measured(tool.argv, pre)
         extra["sync_wall"] = 0.0
         if p.rc == 0 and tool.sync:
-            s = spawn_measured(["sync", "-d", tool.sync])
+            s = spawn_measured(["sync", "-d", tool.sync], pre)
             extra["sync_wall"] = s.wall
             p.utime += s.utime
             p.stime += s.stime
@@ -910,21 +1191,52 @@ def timed(tool: Tool, memcg: MemCgroup | None = None) -> tuple[Proc, dict[str, A
                 p.rc = s.rc
                 p.stderr += s.stderr
         p.wall = time.perf_counter() - t0
-        if memcg is not None and tool.in_memcg:
+        if memcg is not None:
             extra["memcg_peak"] = memcg.peak()
             extra["memcg_oom_kills"] = memcg.oom_kills()
+            extra["cpu_throttled"] = memcg.throttled()
     finally:
-        if memcg is not None and tool.in_memcg:
+        if memcg is not None:
             memcg.remove()
     return p, extra
 
 
 def cdm_tool(src: str, dst: str, *, scan: str = "auto", reflink: str = "auto",
-             target_is_zero: bool = False) -> Tool:
+             target_is_zero: bool = False, threads: int = 0, request_size: int = 0,
+             name: str = "cdimover") -> Tool:
     argv = [sys.executable, str(CDM_RUNNER), src, dst, "--scan", scan, "--reflink", reflink]
     if target_is_zero:
         argv.append("--target-is-zero")
-    return Tool("cdimover", argv, is_cdm=True)
+    if threads:
+        argv += ["--threads", str(threads)]
+    if request_size:
+        argv += ["--request-size", str(request_size)]
+    return Tool(name, argv, is_cdm=True)
+
+
+# The tune-* scenarios: cdimover's copy with other numbers of workers (requests in flight)
+# and request sizes, (threads, request bytes); 0 = the core's default.  --tune replaces it.
+TUNE_CONFIGS = [(0, 0), (8, 2 * MiB), (16, 1 * MiB), (12, 2 * MiB), (8, 4 * MiB),
+                (16, 2 * MiB)]
+
+
+def parse_tune(text: str) -> list[tuple[int, int]]:
+    """--tune "T:SIZE,...", e.g. "4:4M,8:2M" (SIZE as --size takes it, K/M suffixes)."""
+    out = []
+    for item in text.split(","):
+        t, _, r = item.partition(":")
+        m = re.fullmatch(r"\s*(\d+)\s*([KM]?)\s*", r)
+        if not t.strip().isdigit() or m is None:
+            raise argparse.ArgumentTypeError(f"bad --tune item {item!r} (THREADS:SIZE)")
+        out.append((int(t), int(m[1]) * {"": 1, "K": KiB, "M": MiB}[m[2]]))
+    return out
+
+
+def tune_name(threads: int, request: int) -> str:
+    if not threads and not request:
+        return "cdimover"
+    return (f"cdm t{threads or 'def'} r" + (f"{request // MiB}M" if request % MiB == 0 else
+                                             f"{request // KiB}K" if request else "def"))
 
 
 def peer_tools(src: str, dst: str, *, dst_is_dev: bool, fresh: bool) -> list[Tool]:
@@ -960,6 +1272,7 @@ class Bench:
     reports: list[str] = field(default_factory=list)
     checks: list[tuple[str, str, bool | None, str]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    cgroup: MemCgroup | None = None     # every measured tool runs in a fresh one of these
 
     def emit(self, text: str) -> None:
         print(text, flush=True)
@@ -990,8 +1303,10 @@ def run_rounds(b: Bench, scenario: str, tools: list[Tool], size: int, expect_has
     """Run every tool ARGS.runs times, in an order shuffled per round.  PREPARE(res) makes a
     fresh target and returns (path given to the tool, file whose bytes/allocation are checked);
     TOOLS' argv use the literal placeholder '{DST}' for the target path.  VERIFY(file), when given,
-    replaces the comparison with EXPECT_HASH; PROBE(file) fills Sample.stats."""
+    replaces the comparison with EXPECT_HASH; PROBE(file) fills Sample.stats.  Each run is in
+    a fresh cgroup made from MEMCG, or else from the bench's (peak memory, --pod-limits)."""
     out: list[Sample] = []
+    cg = memcg if memcg is not None else b.cgroup
     n = len(tools)
     for r in range(-b.args.warmup, b.args.runs):
         key = [b.args.seed, 11, r + 1000] + list(scenario.encode())
@@ -1005,7 +1320,7 @@ def run_rounds(b: Bench, scenario: str, tools: list[Tool], size: int, expect_has
                     with open(dst, "wb") as f:
                         f.truncate(size)
                 drop_caches()
-                p, extra = timed(t, memcg)
+                p, extra = timed(t, cg)
                 s = Sample(scenario=scenario, case=tool.name, round=r, position=pos,
                            wall=p.wall, cpu=p.utime + p.stime, utime=p.utime, stime=p.stime,
                            maxrss=p.maxrss, rc=p.rc, allocated=None, verified=None, **extra)
@@ -1038,7 +1353,8 @@ def run_rounds(b: Bench, scenario: str, tools: list[Tool], size: int, expect_has
                     f"rss {s.maxrss / MiB:6.1f}MiB alloc "
                     f"{fmt_size(s.allocated) if s.allocated is not None else '-':>10s} "
                     f"verified={s.verified}"
-                    + (f" memcg_peak={fmt_size(s.memcg_peak)}" if s.memcg_peak else ""))
+                    + (f" memcg_peak={fmt_size(s.memcg_peak)}" if s.memcg_peak else "")
+                    + (f" throttled={s.cpu_throttled:.2f}s" if s.cpu_throttled else ""))
                 out.append(s)
     b.samples.extend(out)
     return out
@@ -1087,18 +1403,28 @@ def summarize(samples: list[Sample]) -> list[Row]:
         peaks = [s.memcg_peak for s in ss if s.memcg_peak is not None]
         if peaks:
             row.extra["memcg_peak_mib"] = max(peaks) / MiB
+        thr = [s.cpu_throttled for s in use if s.cpu_throttled is not None]
+        if thr:
+            row.extra["throttled_s"] = med(thr)
         rows.append(row)
     return rows
 
 
 def table(b: Bench, title: str, rows: list[Row], best_peer: float | None,
-          memcg: bool = False, ratio_to: dict[str, float] | None = None) -> str:
-    """RATIO_TO: per-case denominators of the ratio column (cases not in it use BEST_PEER)."""
+          memcg: bool | None = None, ratio_to: dict[str, float] | None = None) -> str:
+    """RATIO_TO: per-case denominators of the ratio column (cases not in it use BEST_PEER).
+    MEMCG: show the cgroup's peak memory (page cache included) and, under a CPU quota, the
+    median seconds throttled; None: when any row has them."""
+    if memcg is None:
+        memcg = any("memcg_peak_mib" in r.extra for r in rows)
+    thr = memcg and any("throttled_s" in r.extra for r in rows)
     w = max([12] + [len(r.case) for r in rows])
     head = (f"{'tool':<{w}} {'wall s':>8} {'CPU s':>7} {'RSS MiB':>8} {'alloc MiB':>10} "
             f"{'ratio':>6} {'api s':>7} {'verified':>9} {'runs':>5}")
     if memcg:
         head += f" {'memcg peak MiB':>15}"
+    if thr:
+        head += f" {'throttled s':>12}"
     lines = [title, head, "-" * len(head)]
     for r in rows:
         den = (ratio_to or {}).get(r.case, best_peer)
@@ -1110,6 +1436,9 @@ def table(b: Bench, title: str, rows: list[Row], best_peer: float | None,
         if memcg:
             pk = r.extra.get("memcg_peak_mib")
             ln += f" {pk:15.1f}" if pk is not None else f" {'-':>15}"
+        if thr:
+            th = r.extra.get("throttled_s")
+            ln += f" {th:12.2f}" if th is not None else f" {'-':>12}"
         lines.append(ln)
     return "\n".join(lines)
 
@@ -1131,16 +1460,26 @@ def common_checks(b: Bench, scenario: str, rows: list[Row], data_bytes: int,
                 f"{lim:.1f} MiB")
     b.check(scenario, "cdimover output verified every run", cdm.verified.startswith("ok")
             and cdm.n_ok == cdm.n, f"{cdm.verified}, {cdm.n_ok}/{cdm.n} runs ok")
+    pk = cdm.extra.get("memcg_peak_mib")
+    if pk is not None:
+        b.check(scenario, "cdimover cgroup peak (page cache too) <= 64 MiB",
+                pk <= RSS_LIMIT / MiB, f"{pk:.1f} MiB" + (" (" + ", ".join(
+                    f"{p.case} {p.extra['memcg_peak_mib']:.1f} MiB" for p in rows
+                    if p.case != "cdimover" and "memcg_peak_mib" in p.extra) + ")"))
 
 
 def direction(b: Bench, scenario: str) -> None:
+    """One copy job between a file and loop devices; a tune-* SCENARIO runs the job of the
+    scenario it names with cdimover's TUNE_CONFIGS (and the two best peers for reference)."""
+    tune = scenario.startswith("tune-")
+    job = scenario.removeprefix("tune-")
     size = b.layout.size
     image, h = b.ensure_image()
     with Resources().scoped() as res:
         src: str
         fresh = True
-        dst_is_dev = scenario in ("file2blk", "blk2blk", "file2blk-dirty")
-        if scenario in ("blk2file", "blkfull2file", "blk2blk"):
+        dst_is_dev = job in ("file2blk", "blk2blk", "file2blk-dirty")
+        if job in ("blk2file", "blkfull2file", "blk2blk"):
             src = res.loop(image, read_only=True)
         else:
             src = str(image)
@@ -1168,11 +1507,27 @@ def direction(b: Bench, scenario: str) -> None:
                 os.close(fd)
             return r.loop(back), str(back)
 
-        scan = "full" if scenario == "blkfull2file" else "auto"
-        tools = [cdm_tool(src, "{DST}", scan=scan, target_is_zero=dst_is_dev and fresh)]
-        tools += peer_tools(src, "{DST}", dst_is_dev=dst_is_dev, fresh=fresh)
+        scan = "full" if job == "blkfull2file" else "auto"
+        tools = [cdm_tool(src, "{DST}", scan=scan, target_is_zero=dst_is_dev and fresh,
+                          threads=t, request_size=rq, name=tune_name(t, rq))
+                 for t, rq in (b.args.tune if tune else [(0, 0)])]
+        tools += [tl for tl in peer_tools(src, "{DST}", dst_is_dev=dst_is_dev, fresh=fresh)
+                  if not tune or tl.name in ("qemu-img", "nbdcopy")]
         samples = run_rounds(b, scenario, tools, size, h, prepare)
+        if tune:
+            rows = summarize(samples)
+            peers = [r for r in rows if not r.case.startswith("cd") and r.n_ok]
+            best = min(peers, key=lambda r: r.wall) if peers else None
+            b.emit("\n" + table(b, f"== {scenario}: {describe(job)}; cdimover with "
+                                  "--threads T --request-size R", rows,
+                                 best.wall if best else None))
+            if best:
+                b.emit(f"ratio: against the best peer ({best.case} {best.wall:.3f}s)")
+            disk_limit_line(b, scenario, b.info["source_allocated"], b.layout.data_bytes,
+                            samples)
+            return
         report_direction(b, scenario, samples, src_desc=describe(scenario))
+        disk_limit_line(b, scenario, b.info["source_allocated"], b.layout.data_bytes, samples)
         if scenario in ("file2blk", "file2blk-dirty"):
             floor_line(b, scenario, src, size, samples)
 
@@ -1272,6 +1627,8 @@ def in_fs(b: Bench, scenario: str) -> None:
             tools += peer_tools(str(src), "{DST}", dst_is_dev=False, fresh=True)
         samples = run_rounds(b, scenario, tools, size, h, prepare)
     report_direction(b, scenario, samples, src_desc=describe(scenario))
+    if fstype == "ext4":
+        disk_limit_line(b, scenario, b.info["source_allocated"], b.layout.data_bytes, samples)
 
 
 def scaling(b: Bench) -> None:
@@ -1306,7 +1663,7 @@ def scaling(b: Bench) -> None:
                 try:
                     tool = cdm_tool(src, str(dst))
                     drop_caches()
-                    pr, _ = timed(tool)
+                    pr, _ = timed(tool, b.cgroup)
                     s = Sample(scenario="scaling", case=name, round=r, position=pos,
                                wall=pr.wall, cpu=pr.utime + pr.stime, utime=pr.utime,
                                stime=pr.stime, maxrss=pr.maxrss, rc=pr.rc, allocated=None,
@@ -1363,8 +1720,6 @@ def memcg_scenario(b: Bench) -> None:
         tools = [cdm_tool(str(src), "{DST}")]
         tools += [tl for tl in peer_tools(str(src), "{DST}", dst_is_dev=False, fresh=True)
                   if tl.name in ("qemu-img", "cp")]
-        for tl in tools:
-            tl.in_memcg = True
         samples = run_rounds(b, "memcg", tools, size, h, prepare, memcg=mc)
     rows = summarize(samples)
     b.emit("\n" + table(b, f"== memcg: dense {fmt_size(size)} file -> file inside a "
@@ -1456,6 +1811,7 @@ def qcow2_scenario(b: Bench, scenario: str) -> None:
             samples = run_rounds(b, "qcow2", tools, size, h, file_target(b))
             report_direction(b, "qcow2", samples, describe("qcow2"), rss_beside="qemu-img")
             b.emit(api_line(samples))
+            disk_limit_line(b, "qcow2", allocated(q), b.layout.data_bytes, samples)
             floor_line(b, "qcow2", q, os.path.getsize(q), samples)
             tools = [convert_tool(q, "{DST}", target_is_zero=True),
                      qemu_to_raw(q, "{DST}", dst_is_dev=True)]
@@ -1463,6 +1819,7 @@ def qcow2_scenario(b: Bench, scenario: str) -> None:
             report_direction(b, "qcow2-blk", samples, describe("qcow2-blk"),
                              rss_beside="qemu-img")
             b.emit(api_line(samples))
+            disk_limit_line(b, "qcow2-blk", allocated(q), b.layout.data_bytes, samples)
             floor_line(b, "qcow2-blk", q, os.path.getsize(q), samples)
             return
         zl = str(make_qcow2(b, res, image, "source-zlib.qcow2",
@@ -2317,6 +2674,9 @@ def snapshot_package(workdir: Path, wait: float) -> dict[str, str]:
     while True:
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        # Compiled as an install compiles it: without this, an environment with
+        # PYTHONDONTWRITEBYTECODE would compile every module in every measured run.
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(dst)], check=True)
         r = subprocess.run([sys.executable, "-c", "import cdimover; print(cdimover.__file__)"],
                            env=env, capture_output=True, text=True, cwd="/")
         if r.returncode == 0 and r.stdout.strip().startswith(str(dst)):
@@ -2373,20 +2733,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="seconds to wait after dropping caches before each run (0.5)")
     ap.add_argument("--keep-going", action="store_true",
                     help="continue after a cdimover output mismatch")
+    ap.add_argument("--buffered-loops", action="store_true",
+                    help="attach loop devices without --direct-io (the backing file's page "
+                         "cache under every loop I/O, as before issue 17)")
+    ap.add_argument("--pod-limits", action="store_true",
+                    help=f"run every tool in a cgroup with CDI's default pod limits "
+                         f"(memory {POD_MEMORY // 1000**2}M, cpu {POD_CPU_MILLIS}m)")
+    ap.add_argument("--no-disk-limit", action="store_true",
+                    help="skip fio's measure of the disk (the disk-limit lines)")
+    ap.add_argument("--tune", type=parse_tune, default=TUNE_CONFIGS, metavar="T:SIZE,...",
+                    help="the tune-* scenarios' cdimover settings, threads:request size "
+                         "(0:0 = the defaults); default " + ",".join(
+                             f"{t}:{r // MiB}M" for t, r in TUNE_CONFIGS))
+    ap.add_argument("--fio-runtime", type=float, default=FIO_RUNTIME_DEFAULT,
+                    help=f"seconds per fio point ({FIO_RUNTIME_DEFAULT:g})")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         ap.error("needs root (loop devices, mounts, drop_caches, cgroups)")
-    for tool in ("losetup", "qemu-img", "nbdcopy", "mkfs.ext4", "mkfs.xfs"):
+    needs = ["losetup", "qemu-img", "nbdcopy", "mkfs.ext4", "mkfs.xfs"]
+    if "qdepth" in args.scenarios or (not args.no_disk_limit
+                                      and DISK_LIMIT_SCENARIOS & set(args.scenarios)):
+        needs.append("fio")
+    for tool in needs:
         if shutil.which(tool) is None:
-            ap.error(f"{tool} not found")
+            ap.error(f"{tool} not found" + (" (Debian package fio)" if tool == "fio" else ""))
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_term)
 
     workdir = Path(tempfile.mkdtemp(prefix="cdimover-bench-", dir=args.workdir))
-    global SPAWN, SETTLE
+    global SPAWN, SETTLE, LOOP_DIRECT, FIO_RUNTIME
     SETTLE = args.settle
+    LOOP_DIRECT = not args.buffered_loops
+    FIO_RUNTIME = args.fio_runtime
     SPAWN = build_spawn(workdir)
     try:
         pkg = snapshot_package(workdir, args.wait_import)
@@ -2397,6 +2777,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     content = Content(args.seed)
     layout = make_layout(args.size, args.seed)
     b = Bench(args=args, workdir=workdir, content=content, layout=layout)
+    if args.pod_limits:
+        b.cgroup = MemCgroup(POD_MEMORY, f"cdimover-bench-{os.getpid()}", POD_CPU_MILLIS)
+    else:
+        b.cgroup = MemCgroup(None, f"cdimover-bench-{os.getpid()}")
+    b.info["loops"] = "direct-io" if LOOP_DIRECT else "buffered"
+    b.info["tool_cgroup"] = b.cgroup.describe()
     b.info.update(versions())
     b.info.update(pkg)
     status = 0
@@ -2411,6 +2797,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"(git {pkg['cdimover_git']})")
         b.emit(f"source: {fmt_size(layout.data_bytes)} data in {n_data} extents of 1-8 MiB, "
                f"{fmt_size(layout.zero_bytes)} zeros written as data, rest holes")
+        b.emit(f"loop devices: {b.info['loops']}; each tool in a fresh {b.info['tool_cgroup']}"
+               + (" (CDI's default pod limits)" if args.pod_limits else
+                  " (peak memory measured, page cache included)"))
+        if not args.no_disk_limit and DISK_LIMIT_SCENARIOS & set(args.scenarios):
+            try:
+                measure_disk_limit(b)
+            except (subprocess.CalledProcessError, OSError, ValueError, KeyError) as e:
+                msg = e.stderr if isinstance(e, subprocess.CalledProcessError) else ""
+                b.emit(f"disk limit: fio failed: {e} {msg}".rstrip())
         for sc in args.scenarios:
             log(f"scenario {sc}")
             load0 = os.getloadavg()[0]
@@ -2434,6 +2829,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     registry_scenario(b)
                 elif sc in ("clone-net", "clone-net-1g"):
                     clonenet_scenario(b, sc)
+                elif sc == "qdepth":
+                    qdepth_scenario(b)
                 else:
                     direction(b, sc)
             except (subprocess.CalledProcessError, OSError, RuntimeError) as e:

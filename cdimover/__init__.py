@@ -62,22 +62,30 @@ from .errors import (
     UnsafeVolumeError,
     UnsupportedImageError,
 )
-from .ops.prealloc import create_blank, preallocate
-from .formats.qcow2 import ImageInfo, inspect
-from .ops.convert import convert
 from .types import AllocMethod, CopyResult, Extent, PreallocResult, ScanMethod, ZeroMethod
-from .ops.writer import Writer
-from .io.http import HttpSource
-from .ops.registry import RegistryImportResult, import_registry
-from .ops.remote import Checksum, ImportResult, import_url
 
 if TYPE_CHECKING:
+    from .formats.qcow2 import ImageInfo, inspect
+    from .io.http import HttpSource
+    from .ops.convert import convert
+    from .ops.prealloc import create_blank, preallocate
+    from .ops.registry import RegistryImportResult, import_registry
+    from .ops.remote import Checksum, ImportResult, import_url
+    from .ops.writer import Writer
     from .sizing import required_space, usable_space
     from .cdi.volume import CloneResult, Volume, clone
 
-# The volume layer pulls in the manifest tooling (PyYAML) and sizing pulls in decimal and
-# fractions; load them on first use so that a copy or conversion pays no import time for them.
-_LAZY = {"CloneResult": "cdi.volume", "Volume": "cdi.volume", "clone": "cdi.volume",
+# Only the copy path is imported with the package: the rest (QCOW2, preallocation, the
+# writer, HTTP and registry imports with their TLS and certificate stores, the volume layer
+# with PyYAML, sizing with decimal and fractions) is loaded on first use, so that `cdimover
+# copy`, `cdimover --help` and `import cdimover; cdimover.copy(...)` pay no import time for it.
+_LAZY = {"ImageInfo": "formats.qcow2", "inspect": "formats.qcow2",
+         "HttpSource": "io.http", "convert": "ops.convert",
+         "create_blank": "ops.prealloc", "preallocate": "ops.prealloc",
+         "RegistryImportResult": "ops.registry", "import_registry": "ops.registry",
+         "Checksum": "ops.remote", "ImportResult": "ops.remote", "import_url": "ops.remote",
+         "Writer": "ops.writer",
+         "CloneResult": "cdi.volume", "Volume": "cdi.volume", "clone": "cdi.volume",
          "required_space": "sizing", "usable_space": "sizing"}
 
 

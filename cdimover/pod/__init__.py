@@ -64,9 +64,31 @@ re-run, which replaces it, and the termination message says the run was cancelle
 
 from __future__ import annotations
 
-from .config import Checksum, CloneConfig, ImportConfig, clone_config, import_config
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .messages import MAX_MESSAGE, TERMINATION_LOG, failure_message, success_message, \
     write_termination_log
+
+if TYPE_CHECKING:
+    from .config import Checksum, CloneConfig, ImportConfig, clone_config, import_config
+
+# The configuration readers pull in the HTTP and registry sources (TLS, certificates): loaded
+# on first use, so that registering the pod subcommands costs the command line nothing.
+_LAZY = {"Checksum", "CloneConfig", "ImportConfig", "clone_config", "import_config"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'cdimover.pod' has no attribute {name!r}")
+    value = getattr(importlib.import_module(".config", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY)
+
 
 __all__ = [
     "Checksum",

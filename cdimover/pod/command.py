@@ -14,14 +14,11 @@ from typing import TYPE_CHECKING, Final, Literal
 
 from .. import argtypes
 from ..errors import ScratchSpaceRequired, Terminated
-from .clone import run_clone
-from .config import CloneConfig, ImportConfig, clone_config, get_env, import_config, \
-    upload_config
-from .importer import run_import
 from .messages import CLONE_COMPLETE, TERMINATION_LOG, deadline_message, failure_message, \
     scratch_required_message, success_message, write_termination_log
 
 if TYPE_CHECKING:
+    from .config import ImportConfig
     from .metrics import MetricsServer, ProgressCounter
 
 __all__ = ["register", "DEFAULT_ADDRESS"]
@@ -29,7 +26,9 @@ __all__ = ["register", "DEFAULT_ADDRESS"]
 log = logging.getLogger("cdimover")
 
 # Where CDI's controllers scrape a pod: port 8443 on every address of the pod.  (The metrics
-# module, and with it prometheus_client and http.server, loads only when a pod command runs.)
+# module, and with it prometheus_client and http.server, loads only when a pod command runs;
+# so do the configuration readers and the clone and import drivers, which pull in TLS, the
+# HTTP and registry sources: `cdimover copy` registers these subcommands but never runs them.)
 DEFAULT_ADDRESS: Final = ":8443"
 
 
@@ -61,6 +60,7 @@ def _return_large_buffers() -> None:
 
 def _start_metrics(args: argparse.Namespace, counter: ProgressCounter) -> MetricsServer | None:
     """Serve COUNTER as ARGS say (None: --metrics-address none)."""
+    from .config import get_env
     from .metrics import MetricsServer, new_registry
 
     env = os.environ
@@ -139,6 +139,10 @@ def _cmd_pod(args: argparse.Namespace) -> int:
     """Run ``pod clone`` or ``pod import`` (ARGS.pod_command): read the configuration, serve
     the metrics, do the work, write the termination message.  Errors propagate to cli.main
     (which prints them and picks the exit status) after the failure message is written."""
+    from .clone import run_clone
+    from .config import CloneConfig, clone_config, import_config
+    from .importer import run_import
+
     kind: Literal["clone", "import"] = args.pod_command
     env = os.environ
     server: MetricsServer | None = None
@@ -185,6 +189,8 @@ def _cmd_upload_server(args: argparse.Namespace) -> int:
     the DEADLINE passed (exit 0, "Deadline Passed"), the image needs scratch space the pod
     lacks (exit 0, scratchSpaceRequired) or an async upload failed after its answer (exit 1)."""
     _return_large_buffers()
+    from .config import upload_config
+
     try:
         cfg = upload_config(os.environ, listen=args.listen, destination=args.destination)
         from .metrics import UploadProgress, new_registry

@@ -1,0 +1,89 @@
+"""Unit checks of bench/run.py's pure helpers: fio's command line and JSON, the sweep table,
+the disk-limit arithmetic.  No fio, loop device or cgroup is needed.
+
+    python3 -m pytest -q bench/test_bench_run.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # noqa: E402
+
+MiB = 1 << 20
+
+
+def test_fio_cmd_direct_sequential() -> None:
+    argv = run.fio_cmd("/var/tmp/x.dat", "read", MiB, 16, 1.5, 2 << 30)
+    assert argv[0] == "fio"
+    for opt in ("--rw=read", f"--bs={MiB}", "--iodepth=16", "--ioengine=libaio", "--direct=1",
+                "--runtime=1.5", "--time_based", "--output-format=json"):
+        assert opt in argv
+    assert "--end_fsync=1" not in argv
+    w = run.fio_cmd("/var/tmp/x.dat", "write", MiB, 1, None, 2 << 30)
+    assert "--end_fsync=1" in w and "--time_based" not in w
+    assert "--end_fsync=1" not in run.fio_cmd("/dev/loop9", "write", MiB, 1, 1.0, 1 << 30)
+
+
+def test_fio_parse_skips_notes() -> None:
+    doc = {"jobs": [{"read": {"bw_bytes": 500 * MiB, "clat_ns": {"mean": 2.5e6}},
+                     "write": {"bw_bytes": 0}}]}
+    text = "note: both iodepth >= 1 and synchronous I/O engine\n" + json.dumps(doc)
+    assert run.fio_parse(text, "read") == (500.0 * MiB, 2.5)
+    assert run.fio_parse(json.dumps(doc), "write") == (0.0, 0.0)
+
+
+def test_best_points_and_table() -> None:
+    pts = [run.FioPoint(rw, bs, qd, rate * MiB, 1.0)
+           for rw, bs, qd, rate in [("read", MiB, 1, 100), ("read", MiB, 16, 900),
+                                    ("read", 4 * MiB, 16, 800), ("write", MiB, 1, 80),
+                                    ("write", 4 * MiB, 16, 700)]]
+    best = run.best_points(pts)
+    assert (best["read"].bs, best["read"].qd) == (MiB, 16)
+    assert (best["write"].bs, best["write"].qd) == (4 * MiB, 16)
+    lines = run.qdepth_table(pts).splitlines()
+    assert lines[0].split() == ["read", "MiB/s", "qd", "1", "qd", "16"]
+    assert lines[1].split() == ["1", "MiB", "100", "900"]
+    assert lines[2].split() == ["4", "MiB", "-", "800"]
+    assert best["read"].label() == "1 MiB x qd 16"
+
+
+def test_parse_tune() -> None:
+    assert run.parse_tune("4:4M,16:512K,0:0") == [(4, 4 * MiB), (16, 512 << 10), (0, 0)]
+    assert run.tune_name(0, 0) == "cdimover"
+    assert run.tune_name(16, MiB) == "cdm t16 r1M"
+    for bad in ("4", "x:4M", "4:4G"):
+        try:
+            run.parse_tune(bad)
+        except Exception:
+            continue
+        raise AssertionError(bad)
+
+
+def _sample(case: str, wall: float, peak: int | None = None,
+            throttled: float | None = None) -> run.Sample:
+    return run.Sample(scenario="x", case=case, round=0, position=0, wall=wall, cpu=1.0,
+                      utime=0.5, stime=0.5, maxrss=40 * MiB, rc=0, allocated=MiB,
+                      verified=True, memcg_peak=peak, cpu_throttled=throttled)
+
+
+def test_disk_limit_line_and_memcg_columns(tmp_path: Path) -> None:
+    import argparse
+    b = run.Bench(args=argparse.Namespace(), workdir=tmp_path, content=None,  # type: ignore
+                  layout=None)  # type: ignore[arg-type]
+    b.info["disk_limit"] = {"read": {"rate": 1000.0 * MiB}, "write": {"rate": 500.0 * MiB}}
+    samples = [_sample("cdimover", 3.0, 50 * MiB, 0.25), _sample("qemu-img", 2.0, 900 * MiB)]
+    run.disk_limit_line(b, "blk2file", 1000 * MiB, 500 * MiB, samples)
+    line = b.reports[-1]
+    assert "= 1.000 + 1.000 = 2.000s" in line and "cdimover = 1.50 x limit" in line
+    assert "best peer (qemu-img) = 1.00 x limit" in line
+    assert b.checks[-1][2] is False          # 1.5 > 1.2
+    text = run.table(b, "t", run.summarize(samples), 2.0)
+    head, rows = text.splitlines()[1], text.splitlines()[3:]
+    assert "memcg peak MiB" in head and "throttled s" in head
+    assert rows[0].split()[-2:] == ["50.0", "0.25"]
+    assert rows[1].split()[-2:] == ["900.0", "-"]
