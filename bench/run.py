@@ -120,13 +120,16 @@ provisioned) and reading as zeros; copy with preallocation="full" <= 0.8 x qemu-
 bytes verified and the target >= SIZE allocated.  cdimover's QCOW2 conversions run through
 bench/_cdm_convert.py, its blank disks through bench/_cdm_prealloc.py.
 
-Upload scenarios: cdimover runs through bench/_cdm_upload.py (server started, through the
-_spawn launcher for its own peak RSS, then curl, then the server's exit: the sync route
-answers once the image is durable; the server's start-up is inside the measured wall time);
+Upload scenarios: cdimover runs through bench/_cdm_upload.py (`cdimover pod upload-server`,
+the program of CDI's upload pod, configured by its environment, started through the _spawn
+launcher for its own peak RSS; then curl; then the server's exit: the sync route answers
+once the image is durable; the server's start-up is inside the measured wall time);
 the peers PUT to nginx over HTTPS with the same curl (`-T`, streamed from disk), nginx
 (`dav_methods PUT`, `client_max_body_size 0`, its body temp files beside the destination)
 renames the body into place; the QCOW2 peer then runs qemu-img as in qcow2, and both peers
 `sync -d` their output.  A self-signed certificate for 127.0.0.1 is made with openssl.
+upload-qcow2 also times curl -> nginx alone storing the QCOW2 file (the receive floor: what
+the client and a native server take to move the bytes, before any conversion).
 Targets: upload-qcow2 (file and device) <= 0.5 x the CDI route's time, the server's peak
 RSS <= 96 MiB; upload-raw throughput >= 0.8 x curl to nginx (time <= 1.25 x).
 
@@ -2300,6 +2303,24 @@ UPLOAD_RAW_TARGET = 1.25         # x curl->nginx's wall time (throughput >= 0.8 
 UPLOAD_RSS_LIMIT = 96 * MiB      # the upload server's own peak RSS
 
 
+def upload_floor(b: Bench, upload: list[str], srv: DavNginx) -> float:
+    """Median seconds of UPLOAD (curl ... -T IMAGE) to nginx alone, cold, with the stored
+    file synced: what the client and a native server take to move the bytes, before any
+    conversion -- the least any upload route can take on this machine."""
+    times = []
+    dst = b.workdir / "floor.qcow2"
+    for _ in range(max(1, b.args.runs)):
+        dst.unlink(missing_ok=True)
+        drop_caches()
+        time.sleep(b.args.settle)
+        t = time.monotonic()
+        run([*upload, srv.url(dst.name)])
+        run(["sync", "-d", str(dst)])
+        times.append(time.monotonic() - t)
+    dst.unlink(missing_ok=True)
+    return med(times)
+
+
 def upload_scenario(b: Bench, scenario: str) -> None:
     size = b.layout.size
     image, h = b.ensure_image()
@@ -2319,6 +2340,7 @@ def upload_scenario(b: Bench, scenario: str) -> None:
             return Tool("cdimover", argv, is_cdm=True)
 
         scratch = b.workdir / "scratch.qcow2"
+        floor: float | None = None
         if scenario == "upload-qcow2":
             q = make_qcow2(b, res, image, "upload/source.qcow2", ["-o", "cluster_size=65536"])
             cases = (("upload-qcow2", False), ("upload-qcow2-blk", True))
@@ -2364,6 +2386,13 @@ def upload_scenario(b: Bench, scenario: str) -> None:
                     f"{c.rss:.1f} MiB, {peer.name} {p.rss:.1f} MiB)")
             b.check(sc, "cdimover output verified every run", c.verified.startswith("ok")
                     and c.n_ok == c.n, f"{c.verified}, {c.n_ok}/{c.n} runs ok")
+            if scenario == "upload-qcow2" and c.n_ok and p.n_ok:
+                if floor is None:
+                    floor = upload_floor(b, [*curl, str(q)], srv)
+                b.emit(f"receive floor (curl -> nginx storing the QCOW2 file, durable, nothing "
+                       f"else; cold, median of {b.args.runs}): {floor:.3f}s = "
+                       f"{floor / p.wall:.2f} x {peer.name}; cdimover = "
+                       f"{c.wall / floor:.2f} x the floor")
             if scenario == "upload-qcow2":
                 lim_alloc = b.layout.data_bytes * 1.01 / MiB
                 b.check(sc, "allocated <= data + 1 %", c.alloc is not None

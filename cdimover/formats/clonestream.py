@@ -40,8 +40,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
-import cramjam
-
 from .. import _native
 from ..errors import ImageFormatError
 
@@ -84,6 +82,8 @@ def encode_data(offset: int, data: bytes | bytearray | memoryview, *,
     n = len(data)
     crc = _native.crc32c(data)
     if compress:
+        import cramjam      # here, not at the top: a pod that sends plain records never loads it
+
         packed = bytes(cramjam.zstd.compress(data, 1))
         if len(packed) < n:
             return RECORD.pack(DATA, ZSTD, 0, crc, offset, n, len(packed)), packed
@@ -307,6 +307,8 @@ class RecordParser:
                 body: bytes | memoryview) -> Record:
         if kind == DATA:
             if flags & ZSTD:
+                import cramjam
+
                 try:
                     out = cramjam.zstd.decompress(body, output_len=length)
                     body = bytes(out)

@@ -25,8 +25,6 @@ import struct
 from collections.abc import Iterator
 from typing import Final
 
-import cramjam
-
 from .. import _native
 from ..errors import ImageFormatError
 
@@ -128,6 +126,8 @@ class FrameDecoder:
             if len(piece) > _MAX_DATA:
                 raise self._fail(f"an uncompressed chunk of {len(piece)} bytes")
         else:
+            import cramjam      # imported with the first compressed chunk
+
             try:
                 piece = bytes(cramjam.snappy.decompress_raw(body[4:]))
             except cramjam.DecompressionError as e:

@@ -44,20 +44,6 @@ def _report(args: argparse.Namespace, message: str, source: str, target: str,
               f"{' (preallocated)' if done['preallocationApplied'] else ''}")
 
 
-def _return_large_buffers() -> None:
-    """Have glibc serve every allocation of 256 KiB or more (body pieces, records, windows)
-    with its own mapping, returned when freed, instead of raising that threshold as it does by
-    default and keeping freed megabytes in the heap: a long-running pod program's peak RSS
-    stays its working set (about 2 MiB less under the upload server's load).  Elsewhere than
-    glibc: nothing."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).mallopt(-3, 256 << 10)      # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def _start_metrics(args: argparse.Namespace, counter: ProgressCounter) -> MetricsServer | None:
     """Serve COUNTER as ARGS say (None: --metrics-address none)."""
     from .config import get_env
@@ -91,7 +77,6 @@ def _cmd_clone_source(args: argparse.Namespace) -> int:
     from .metrics import ProgressCounter
 
     server: MetricsServer | None = None
-    _return_large_buffers()
     try:
         cfg = clone_source_config(os.environ, mount_point=args.mount_point,
                                   upload_url=args.upload_url, wire=args.wire)
@@ -188,7 +173,6 @@ def _cmd_upload_server(args: argparse.Namespace) -> int:
     """Run ``pod upload-server``: serve until an upload succeeded (exit 0, "Upload Complete"),
     the DEADLINE passed (exit 0, "Deadline Passed"), the image needs scratch space the pod
     lacks (exit 0, scratchSpaceRequired) or an async upload failed after its answer (exit 1)."""
-    _return_large_buffers()
     from .config import upload_config
 
     try:
