@@ -83,9 +83,7 @@ from .wire import BLOCKDEVICE_CLONE, CLONE_STREAM_PATH, CONTENT_TYPE_HEADER, FIL
 
 __all__ = ["UploadServer", "Destination", "Prepared", "Outcome", "server_tls_context",
            "HEADER_TIMEOUT", "IDLE_TIMEOUT", "SYNC_PATHS", "ASYNC_PATHS", "FORM_PATHS",
-           "FORM_ASYNC_PATHS", "ARCHIVE_PATHS", "CONTENT_TYPE_HEADER", "BLOCKDEVICE_CLONE",
-           "FILESYSTEM_CLONE", "CLONE_STREAM_PATH", "SESSION_HEADER", "SIZE_HEADER",
-           "OFFSET_HEADER"]
+           "FORM_ASYNC_PATHS", "ARCHIVE_PATHS"]
 
 log = logging.getLogger("cdimover")
 
