@@ -78,7 +78,8 @@ elif not os.environ.get("CDIMOVER_WITHOUT_LIBDEFLATE"):
 if not _links("curl/curl.h", "curl", "curl_version()"):
     raise RuntimeError("cdimover needs libcurl's headers to build (HTTP and HTTPS sources); "
                        "install them (apt-get install libcurl4-openssl-dev)")
-libraries.append("curl")
+# libcurl itself is not linked: curlapi.c loads it with the first HTTP(S) source, so jobs
+# without one never map it and the twenty-odd libraries it needs (start-up, memory).
 if not _links("openssl/evp.h", "crypto", "EVP_sha256()"):
     raise RuntimeError("cdimover needs OpenSSL's headers to build (checksums); install them "
                        "(apt-get install libssl-dev)")

@@ -131,7 +131,6 @@ static int emit_data(struct emitter *e, uint64_t guest, uint64_t host, uint64_t 
  * so an item's clusters usually come in one or two reads instead of one each. */
 #define SPAN_RUNS 256u              /* members per span */
 #define SPAN_BYTES (1u << 20)       /* bytes read per span, before alignment slack */
-#define SPAN_DIRECT_MIN (64u << 10) /* smaller spans are read through the page cache */
 #define SPAN_GAP (64u << 10)        /* unrelated bytes read between members: at most this, */
                                     /* and at most one cluster */
 
@@ -211,10 +210,11 @@ static int emit_compressed(struct emitter *e, const struct qcow2_run *r, const u
     return emit_content(e, r->guest_off, r->length);
 }
 
-/* Read span SP in one go and emit its members in order.  Large spans are read with O_DIRECT
- * where the reader has it, widened to 4 KiB alignment (the scratch buffer has the room);
- * small ones (a few compressed clusters between zero runs) read just their bytes through the
- * page cache, where neighbouring spans find the blocks they share. */
+/* Read span SP in one go and emit its members in order: with O_DIRECT where the reader has
+ * it, widened to 4 KiB alignment (the scratch buffer has the room), small spans too (a few
+ * compressed clusters between zero runs): through the page cache, their neighbours' shared
+ * blocks and the readahead (8 MiB on some disks) would stay charged to the job's memory.
+ * Without O_DIRECT, just the span's bytes through the page cache. */
 static int flush_span(struct emitter *e, struct span *sp)
 {
     if (sp->n == 0)
@@ -223,7 +223,7 @@ static int flush_span(struct emitter *e, struct span *sp)
     struct cdm_worker *w = e->w;
     unsigned n = sp->n;
     sp->n = 0;
-    bool direct = s->src->pref_size != 0 && sp->host_hi - sp->host_lo >= SPAN_DIRECT_MIN;
+    bool direct = s->src->pref_size != 0;
     uint64_t lo = direct ? CDM_ALIGN_DOWN(sp->host_lo, CDM_ALIGN) : sp->host_lo;
     int rc = cdm_read(s->src, w->scratch, (size_t)(sp->host_hi - lo), lo,
                       direct ? CDM_READ_ROOM : CDM_READ_CACHED, &w->io);

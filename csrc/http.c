@@ -1,4 +1,4 @@
-/* http.c -- an HTTP(S) source on libcurl.
+/* http.c -- an HTTP(S) source on libcurl (loaded on first use: curlapi.c).
  *
  * Opening sends one GET for the first bytes with a Range header: a 206 answer with a
  * Content-Range gives the size and shows that ranges are served; a 200 answer gives the
@@ -20,7 +20,6 @@
  * context.  401/403/404 and every other status, TLS failures and protocol violations are
  * not retried: each has a message of its own.
  */
-#include <curl/curl.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -29,6 +28,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "curlapi.h"
 #include "internal.h"
 #include "stream.h"
 
@@ -1054,6 +1054,9 @@ int cdm_http_open(cdm_ctx *ctx, const struct cdm_http_opts *opts, cdm_source **o
     *out = NULL;
     if (opts->url == NULL)
         return cdm_set_error(ctx, CDM_SIDE_NONE, -EINVAL, "no URL");
+    int lrc = cdm_curl_load(&ctx->error);
+    if (lrc < 0)
+        return lrc;
     char origin[1024], here[1024];
     bool userinfo;
     origin_of(opts->url, origin, sizeof origin, &userinfo);
@@ -1064,8 +1067,6 @@ int cdm_http_open(cdm_ctx *ctx, const struct cdm_http_opts *opts, cdm_source **o
     if (userinfo)
         return cdm_set_error(ctx, CDM_SIDE_SOURCE, -EINVAL,
                              "the URL holds credentials: give them apart from it");
-    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
-        return cdm_set_error(ctx, CDM_SIDE_NONE, -ENOMEM, "libcurl cannot start");
     struct http_source *h = calloc(1, sizeof *h);
     if (h == NULL)
         return cdm_set_error(ctx, CDM_SIDE_NONE, -ENOMEM, "out of memory");

@@ -134,3 +134,48 @@ def test_zero_range_hard_error_is_not_taken_for_unsupported(tmp_path: Path) -> N
     finally:
         os.close(fd)
     assert p.read_bytes() == b"a" * 8192
+
+
+_CURL_PROBE = """
+import socket, sys
+import cdimover
+from cdimover.errors import CdimoverError
+from cdimover.io.http import HttpSource
+from cdimover.ops.remote import import_url
+
+def curl_mapped():
+    with open("/proc/self/maps") as f:
+        return any("libcurl" in line for line in f)
+
+src, out, out2 = sys.argv[1:4]
+cdimover.copy(src, out)
+cdimover.convert(src, out2, source_format="raw")
+print("after-local", curl_mapped())
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+port = s.getsockname()[1]
+s.close()                   # nothing listens there: the open is refused
+try:
+    import_url(HttpSource(f"http://127.0.0.1:{port}/disk.img", retries=0), out2)
+except (CdimoverError, OSError) as e:
+    print("open-failed", type(e).__name__)
+print("after-http", curl_mapped())
+"""
+
+
+def test_libcurl_is_loaded_by_the_first_http_source_only(tmp_path: Path) -> None:
+    """Local copies and conversions never map libcurl (nor the libraries it pulls in: page
+    cache charged to the job's memory cgroup and start-up time); the first HTTP source loads
+    it, and a refused connection is then an ordinary error."""
+    import subprocess
+    import sys
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(1 << 20))
+    r = subprocess.run([sys.executable, "-c", _CURL_PROBE, str(src), str(tmp_path / "a.img"),
+                        str(tmp_path / "b.img")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("\n")
+    assert "after-local False" in lines, r.stdout
+    assert "after-http True" in lines, r.stdout
+    assert any(line.startswith("open-failed ") for line in lines), r.stdout
+    assert (tmp_path / "a.img").read_bytes() == src.read_bytes()
