@@ -133,10 +133,8 @@ def report(calls: Sequence[Call], min_bytes: int = 64 << 10, bin_s: float = 0.2)
             mean = sum(k * v for k, v in prof.items()) / (t1 - t0)
             shown = "  ".join(f"{k}: {v:.3f}s" for k, v in prof.items())
             lines.append(f"{name} in flight (mean {mean:.2f}): {shown}")
-    for c in calls:
-        if c.name not in DATA_CALLS or c.duration >= 0.05:
-            if c.name in DATA_CALLS and c.length < min_bytes:
-                continue
+    for c in calls:     # every sync and allocation, and the data calls slower than 50 ms
+        if c.name not in DATA_CALLS or (c.length >= min_bytes and c.duration >= 0.05):
             lines.append(f"  at {c.start - t0:7.3f}s {c.name}(fd {c.fd}"
                          + (f", {c.length >> 10} KiB at {c.offset >> 20} MiB" if c.length else "")
                          + f") took {c.duration:.3f}s")

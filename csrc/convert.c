@@ -211,10 +211,10 @@ static int emit_compressed(struct emitter *e, const struct qcow2_run *r, const u
 }
 
 /* Read span SP in one go and emit its members in order: with O_DIRECT where the reader has
- * it, widened to 4 KiB alignment (the scratch buffer has the room), small spans too (a few
- * compressed clusters between zero runs): through the page cache, their neighbours' shared
- * blocks and the readahead (8 MiB on some disks) would stay charged to the job's memory.
- * Without O_DIRECT, just the span's bytes through the page cache. */
+ * it, widened to 4 KiB alignment (the scratch buffer has the room), however small the span
+ * (through the page cache, the blocks it shares with its neighbours and the readahead, 8 MiB
+ * on some disks, would stay charged to the job's memory); otherwise just the span's bytes
+ * through the page cache. */
 static int flush_span(struct emitter *e, struct span *sp)
 {
     if (sp->n == 0)

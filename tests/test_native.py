@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,8 +169,6 @@ def test_libcurl_is_loaded_by_the_first_http_source_only(tmp_path: Path) -> None
     """Local copies and conversions never map libcurl (nor the libraries it pulls in: page
     cache charged to the job's memory cgroup and start-up time); the first HTTP source loads
     it, and a refused connection is then an ordinary error."""
-    import subprocess
-    import sys
     src = tmp_path / "src.img"
     src.write_bytes(os.urandom(1 << 20))
     r = subprocess.run([sys.executable, "-c", _CURL_PROBE, str(src), str(tmp_path / "a.img"),
