@@ -55,6 +55,7 @@
 #define QCOW2_SLICE_MAX 4096u
 #define QCOW2_CACHE_SETS 64u
 #define QCOW2_CACHE_WAYS 4u
+#define QCOW2_META_READ (64u * 1024)   /* at most one read of metadata (see cache_slice) */
 
 /* What a guest range reads as. */
 enum qcow2_kind {
@@ -118,6 +119,7 @@ struct qcow2_cache {
     pthread_mutex_t lock;
     const struct qcow2_image *img;
     uint8_t *mem;                   /* SETS * WAYS * img->slice bytes */
+    uint8_t *bounce;                /* QCOW2_META_READ bytes: one metadata read */
     uint64_t tick;
     uint64_t key_host[QCOW2_CACHE_SETS * QCOW2_CACHE_WAYS];   /* slice offset or UINT64_MAX */
     uint64_t stamp[QCOW2_CACHE_SETS * QCOW2_CACHE_WAYS];

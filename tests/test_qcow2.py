@@ -27,8 +27,9 @@ from cdimover import ImageFormatError, ScanMethod, TargetTooSmallError, UnsafeIm
 from cdimover import UnsupportedImageError
 from cdimover import ImageInfo, convert
 from cdimover.formats.qcow2 import info_json, inspect
-from conftest import TOOL_ENV, need_tool
+from conftest import TOOL_ENV, need, need_tool
 from layouts import sha256_file as sha256
+from pagecache import drop, resident_bytes
 
 MiB = 1 << 20
 # qemu tools must not inherit a sanitizer runtime preloaded for the extension (they hang).
@@ -102,6 +103,30 @@ def check_against_qemu(qemu: tuple[str, str], img: Path, tmp: Path, tag: str = "
     ours.unlink()
     ref.unlink()
     return result
+
+
+def test_metadata_is_read_past_the_page_cache(qemu: tuple[str, str], tmp_path: Path) -> None:
+    """64 GiB with one cluster in every 512 MiB: 128 L2 tables (8 MiB) to scan.  The conversion
+    reads them with O_DIRECT, a table at a time, so the image leaves next to nothing in the page
+    cache, where a pod's memory limit would count it; the output is qemu's."""
+    n = 128
+    cmds = [f"write -P {i % 250 + 1} {i * 512 * MiB + (i % 7) * MiB} 64k" for i in range(n)]
+    img = make_image(qemu, tmp_path / "wide.qcow2", 64 << 30, "cluster_size=65536", cmds)
+    drop(img)
+    need(resident_bytes(img) < 1 * MiB, "a filesystem whose clean pages can be dropped")
+    with open(img, "rb") as f:          # plain reads stay cached here: the check can fail
+        f.read(8 * MiB)
+    need(resident_bytes(img) >= 8 * MiB, "a page cache that keeps what was read")
+    drop(img)
+
+    out = tmp_path / "wide.raw"
+    result = convert(img, out, source_format="qcow2")
+    assert resident_bytes(img) < 1 * MiB
+    assert result.virtual_size == 64 << 30
+    assert data_bytes(out) == n * 64 * 1024
+    r = subprocess.run([qemu[0], "compare", "-f", "qcow2", "-F", "raw", str(img), str(out)],
+                       capture_output=True, text=True, env=TOOL_ENV)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def pattern_cmds(c: int, size: int) -> list[str]:
