@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "import_s": t_import,
         "elapsed": r.elapsed,
+        "read_seconds": r.read_seconds,
+        "write_seconds": r.write_seconds,
+        "sync_seconds": r.sync_seconds,
         "scan_method": r.scan_method.label,
         "scan_note": r.scan_note,
         "bytes_read": r.bytes_read,

@@ -1530,6 +1530,7 @@ def direction(b: Bench, scenario: str) -> None:
                             samples)
             return
         report_direction(b, scenario, samples, src_desc=describe(scenario))
+        b.emit(api_line(samples))
         disk_limit_line(b, scenario, b.info["source_allocated"], b.layout.data_bytes, samples)
         if scenario in ("file2blk", "file2blk-dirty"):
             floor_line(b, scenario, src, size, samples)
@@ -1861,8 +1862,10 @@ def qcow2_scenario(b: Bench, scenario: str) -> None:
 
 def api_line(samples: list[Sample]) -> str:
     """Where cdimover's wall time goes (medians): the import of the package, the API call,
-    the rest (interpreter start-up and exit, the runner, the peer-less sync); and the
-    allocation methods it reported."""
+    the rest (interpreter start-up and exit, the runner, the peer-less sync); inside the call,
+    the time in source reads and in target writes summed over the workers (the side near
+    threads x call bounds the job) and in the final sync; and the allocation methods it
+    reported."""
     parts = []
     for case in dict.fromkeys(s.case for s in samples if s.cdm):
         ss = [s for s in samples if s.case == case and s.cdm and s.ok]
@@ -1871,7 +1874,12 @@ def api_line(samples: list[Sample]) -> str:
         api = med([c.get("elapsed", float("nan")) for c in cs])
         wall = med([s.wall for s in ss])
         meth = sorted({m for c in cs for m in c.get("alloc_methods", [])})
-        parts.append(f"{case}: import {imp:.3f}s + call {api:.3f}s + rest "
+        busy = ""
+        if all("read_seconds" in c for c in cs):
+            busy = (f" (inside reads {med([c['read_seconds'] for c in cs]):.2f}s, writes "
+                    f"{med([c['write_seconds'] for c in cs]):.2f}s over the workers, sync "
+                    f"{med([c['sync_seconds'] for c in cs]):.3f}s)")
+        parts.append(f"{case}: import {imp:.3f}s + call {api:.3f}s{busy} + rest "
                      f"{wall - imp - api:.3f}s" + (f", alloc {','.join(meth)}" if meth else ""))
     return "cdimover time: " + "; ".join(parts)
 

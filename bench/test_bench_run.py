@@ -87,3 +87,17 @@ def test_disk_limit_line_and_memcg_columns(tmp_path: Path) -> None:
     assert "memcg peak MiB" in head and "throttled s" in head
     assert rows[0].split()[-2:] == ["50.0", "0.25"]
     assert rows[1].split()[-2:] == ["900.0", "-"]
+
+
+def test_api_line_reports_the_busy_times_of_the_call() -> None:
+    def sample(rnd: int, read: float, write: float) -> run.Sample:
+        return run.Sample("blk2file", "cdimover", rnd, 0, 2.5, 0.4, 0.3, 0.1, 1, 0, None, True,
+                          cdm={"import_s": 0.05, "elapsed": 2.0, "read_seconds": read,
+                               "write_seconds": write, "sync_seconds": 0.01})
+    line = run.api_line([sample(0, 1.0, 6.0), sample(1, 3.0, 7.0), sample(2, 2.0, 8.0)])
+    assert line == ("cdimover time: cdimover: import 0.050s + call 2.000s (inside reads 2.00s, "
+                    "writes 7.00s over the workers, sync 0.010s) + rest 0.450s")
+    old = run.Sample("qcow2", "cdimover", 0, 0, 2.5, 0.4, 0.3, 0.1, 1, 0, None, True,
+                     cdm={"import_s": 0.05, "elapsed": 2.0})
+    assert run.api_line([old]) == ("cdimover time: cdimover: import 0.050s + call 2.000s + "
+                                   "rest 0.450s")

@@ -955,9 +955,10 @@ def _log_strategy(r: CopyResult) -> None:
     if r.alloc_methods:
         prealloc += f" ({', '.join(m.label for m in r.alloc_methods)})"
     log.info("%s -> %s: %s source; scan %s%s; zeroing %s; direct I/O read %s, write %s; "
-             "reflink %s; preallocation %s", r.source, r.target, r.source_format,
+             "reflink %s; preallocation %s; inside reads %.2fs, writes %.2fs (summed over "
+             "the workers), sync %.2fs", r.source, r.target, r.source_format,
              r.scan_method.label, note, zeroing, _yes(r.direct_read), _yes(r.direct_write),
-             _yes(r.reflinked), prealloc)
+             _yes(r.reflinked), prealloc, r.read_seconds, r.write_seconds, r.sync_seconds)
     log.debug("result: %s", json.dumps(r.as_dict(), sort_keys=True))
 
 

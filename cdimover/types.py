@@ -82,7 +82,11 @@ class CopyResult:
 
     ``bytes_written`` counts data written; ``bytes_zeroed`` bytes explicitly zeroed on the
     target; ``bytes_skipped`` zero ranges left alone because the target already read as zeros;
-    ``bytes_zero_data`` zeros found by content inside the source's data.
+    ``bytes_zero_data`` zeros found by content inside the source's data.  ``read_seconds``
+    and ``write_seconds`` are the time spent inside source reads and inside target writes and
+    zeroing, summed over the workers (so up to threads x ``elapsed``): the side whose figure is
+    near threads x ``elapsed`` is the one that bounds the job.  ``sync_seconds`` is the final
+    fdatasync.
     """
 
     source: str
@@ -107,6 +111,9 @@ class CopyResult:
     scan_note: str = ""
     alloc_methods: tuple[AllocMethod, ...] = ()
     target_size: int | None = None
+    read_seconds: float = 0.0
+    write_seconds: float = 0.0
+    sync_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready mapping (enums as their labels)."""
@@ -133,6 +140,9 @@ class CopyResult:
             "scan_note": self.scan_note,
             "alloc_methods": [m.label for m in self.alloc_methods],
             "target_size": self.target_size,
+            "read_seconds": round(self.read_seconds, 6),
+            "write_seconds": round(self.write_seconds, 6),
+            "sync_seconds": round(self.sync_seconds, 6),
         }
 
 

@@ -141,6 +141,9 @@ struct cdm_copy_stats {
     int scan_method;              /* CDM_SCAN_* actually used */
     int direct_read;              /* 1 when O_DIRECT reads were used */
     int direct_write;             /* 1 when O_DIRECT writes were used */
+    uint64_t read_ns;             /* time inside source reads, summed over the workers */
+    uint64_t write_ns;            /* time inside target writes and zeroing, summed likewise */
+    uint64_t sync_ns;             /* time inside the final fdatasync */
 };
 
 /* Context life cycle and error reporting. */

@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "cdimover.h"
 
@@ -123,10 +124,21 @@ int cdm_fd_size(int fd, uint64_t *size);
 int cdm_file_reader_init(struct cdm_file_reader *fr, int fd, int dfd, int map_fd,
                          uint64_t map_offset, struct cdm_error *err);
 
+/* CLOCK_MONOTONIC in nanoseconds (the stats' busy times). */
+static inline uint64_t cdm_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 static inline int cdm_read(struct cdm_reader *r, void *buf, size_t len, uint64_t off,
                            unsigned flags, struct cdm_io *io)
 {
-    return r->ops->read(r, buf, len, off, flags, io);
+    uint64_t t0 = cdm_now_ns();
+    int rc = r->ops->read(r, buf, len, off, flags, io);
+    io->stats.read_ns += cdm_now_ns() - t0;
+    return rc;
 }
 
 /* ---- worker pool (pool.c) ------------------------------------------------------------ */

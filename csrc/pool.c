@@ -41,6 +41,9 @@ void cdm_stats_add(struct cdm_copy_stats *into, const struct cdm_copy_stats *fro
     into->bytes_allocated += from->bytes_allocated;
     into->direct_read |= from->direct_read;
     into->direct_write |= from->direct_write;
+    into->read_ns += from->read_ns;
+    into->write_ns += from->write_ns;
+    into->sync_ns += from->sync_ns;
 }
 
 /* Record a failure of the item producer (called with the job lock held) and stop the job.

@@ -46,19 +46,22 @@ void cdm_target_fini(struct cdm_target *t)
     }
 }
 
-/* Push buffered pages of [OFF, OFF+LEN) to the device and drop them from the cache. */
-static void flush_range(struct cdm_target *t, uint64_t off, uint64_t len)
+/* Push buffered pages of [OFF, OFF+LEN) to the device and drop them from the cache (the time
+ * counted in IO). */
+static void flush_range(struct cdm_target *t, struct cdm_io *io, uint64_t off, uint64_t len)
 {
+    uint64_t t0 = cdm_now_ns();
     uint64_t a = CDM_ALIGN_DOWN(off, CDM_ALIGN);
     uint64_t b = CDM_ALIGN_UP(off + len, CDM_ALIGN);
     sync_file_range(t->fd, (off_t)a, (off_t)(b - a),
                     SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
                         SYNC_FILE_RANGE_WAIT_AFTER);
     posix_fadvise(t->fd, (off_t)a, (off_t)(b - a), POSIX_FADV_DONTNEED);
+    io->stats.write_ns += cdm_now_ns() - t0;
 }
 
-static int write_data(struct cdm_target *t, struct cdm_io *io, const uint8_t *buf,
-                      uint64_t off, size_t len, bool *buffered)
+static int write_data_untimed(struct cdm_target *t, struct cdm_io *io, const uint8_t *buf,
+                              uint64_t off, size_t len, bool *buffered)
 {
     if (t->dfd >= 0 && CDM_IS_ALIGNED(off, CDM_ALIGN) && CDM_IS_ALIGNED(len, CDM_ALIGN) &&
         CDM_IS_ALIGNED((uintptr_t)buf, CDM_ALIGN)) {
@@ -84,6 +87,17 @@ static int write_data(struct cdm_target *t, struct cdm_io *io, const uint8_t *bu
     return 0;
 }
 
+/* Write LEN bytes of BUF at OFF (O_DIRECT when possible; *BUFFERED set otherwise), the time
+ * spent counted in IO.  0 or -errno. */
+static int write_data(struct cdm_target *t, struct cdm_io *io, const uint8_t *buf,
+                      uint64_t off, size_t len, bool *buffered)
+{
+    uint64_t t0 = cdm_now_ns();
+    int rc = write_data_untimed(t, io, buf, off, len, buffered);
+    io->stats.write_ns += cdm_now_ns() - t0;
+    return rc;
+}
+
 /* Write LEN bytes of BUF at OFF as data (O_DIRECT when OFF, LEN and BUF are aligned and T has
  * a direct fd).  0 or -errno (message and counters in IO). */
 int cdm_target_write(struct cdm_target *t, struct cdm_io *io, const uint8_t *buf,
@@ -92,7 +106,7 @@ int cdm_target_write(struct cdm_target *t, struct cdm_io *io, const uint8_t *buf
     bool buffered = false;
     int rc = write_data(t, io, buf, off, len, &buffered);
     if (rc == 0 && buffered)
-        flush_range(t, off, len);
+        flush_range(t, io, off, len);
     return rc;
 }
 
@@ -137,7 +151,7 @@ int cdm_target_put(struct cdm_target *t, struct cdm_io *io, const uint8_t *buf,
                         &buffered);
     }
     if (rc == 0 && buffered)
-        flush_range(t, off, len);
+        flush_range(t, io, off, len);
     return rc;
 }
 

@@ -73,7 +73,9 @@ int cdm_writer_end(struct cdm_writer *w, int rc, struct cdm_copy_stats *stats)
         cdm_prealloc_account(stats);
     if ((rc == 0 || rc == -CDM_ECANCELED) && !(w->flags & CDM_COPY_NO_SYNC)) {
         struct cdm_error sync_err = {0};
+        uint64_t t0 = cdm_now_ns();
         int src = cdm_target_sync(&w->t, &sync_err);
+        stats->sync_ns += cdm_now_ns() - t0;
         if (rc == 0 && src < 0)
             rc = cdm_error_take(&w->io.error, &sync_err);
     }

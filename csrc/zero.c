@@ -184,7 +184,10 @@ int cdm_target_zero(struct cdm_target *t, struct cdm_io *io, uint64_t off, uint6
         io->stats.bytes_skipped += len;
         return 0;
     }
-    return cdm_zero_range_io(t, io, off, len);
+    uint64_t t0 = cdm_now_ns();
+    int rc = cdm_zero_range_io(t, io, off, len);
+    io->stats.write_ns += cdm_now_ns() - t0;
+    return rc;
 }
 
 /* Zero [OFFSET, OFFSET+LENGTH) of FD with the best working method, as a copy would.

@@ -71,6 +71,33 @@ def test_zeros_written_as_data_become_holes(tmp_path: Path) -> None:
     assert_copy_exact_and_sparse(src, dst, lay.size)
 
 
+def test_busy_times_count_the_reads_writes_and_sync_done(tmp_path: Path) -> None:
+    """read/write/sync_seconds are the time inside those calls: a source of holes onto a
+    target known to read as zeros does none of them; 32 MiB of data does all three, each
+    within threads x the elapsed time."""
+    holes, data = tmp_path / "holes.img", tmp_path / "data.img"
+    with open(holes, "wb") as f:
+        f.truncate(64 << 20)
+    with open(data, "wb") as f:
+        f.write(os.urandom(32 << 20))
+    out = tmp_path / "out.img"
+    with open(out, "wb") as f:
+        f.truncate(64 << 20)
+    r = cdimover.copy(holes, out, target_is_zero=True, threads=2)
+    assert (r.bytes_read, r.bytes_written) == (0, 0)
+    assert r.read_seconds == 0 and r.write_seconds == 0
+    assert r.sync_seconds > 0
+
+    r = cdimover.copy(data, tmp_path / "out2.img", threads=2, reflink="never")
+    assert r.bytes_written == 32 << 20
+    for busy in (r.read_seconds, r.write_seconds):
+        assert 0 < busy <= 2 * r.elapsed
+    assert 0 < r.sync_seconds <= r.elapsed
+    d = r.as_dict()
+    assert (d["read_seconds"], d["write_seconds"]) == (round(r.read_seconds, 6),
+                                                        round(r.write_seconds, 6))
+
+
 def test_existing_file_is_replaced(tmp_path: Path) -> None:
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     write_layout(src, Layout((Segment("hole", 1 << 20), Segment("data", 8192)), 1))

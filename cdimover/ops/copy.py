@@ -147,7 +147,9 @@ def make_result(src_path: str, dst: Target, stats: Any, *, source_format: str,
         target_allocated=_allocated(dst.fd) if dst.probe.is_regular else None,
         scan_note=scan_note,
         alloc_methods=AllocMethod.from_mask(stats.alloc_methods),
-        target_size=final_size if dst.probe.is_regular else None)
+        target_size=final_size if dst.probe.is_regular else None,
+        read_seconds=stats.read_ns / 1e9, write_seconds=stats.write_ns / 1e9,
+        sync_seconds=stats.sync_ns / 1e9)
 
 
 def copy(source: str | os.PathLike[str] | Source, target: str | os.PathLike[str] | Place, *,
