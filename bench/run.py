@@ -39,6 +39,9 @@ Scenarios (default: all but file2blk-dirty):
                     cdimover.convert vs `qemu-img convert -f qcow2 -O raw`  (optional)
     qcow2-compressed  the source as compressed QCOW2 (zlib; zstd as an extra row) -> file
                     (optional)
+    qcow2-wide      a 1 TiB QCOW2 with one 64 KiB cluster in every 512 MiB (2048 L2 tables,
+                    128 MiB of metadata, made by qemu-io) -> file, cdimover vs qemu-img: the
+                    cgroup's peak memory with the page cache (optional; --size unused)
     prealloc        a SIZE blank target preallocated: falloc on a fresh file (vs fallocate),
                     falloc and full on a fresh loop device (vs dd from /dev/zero,
                     oflag=direct), and a copy with preallocation="full" (vs
@@ -219,7 +222,8 @@ DEFAULT_SCENARIOS = ["blk2file", "blkfull2file", "file2blk", "blk2blk", "ext4", 
 ALL_SCENARIOS = DEFAULT_SCENARIOS + ["file2blk-dirty", "qcow2", "qcow2-compressed", "prealloc",
                                      "http-qcow2", "http-xz", "upload-qcow2", "upload-raw",
                                      "registry-qcow2", "clone-net", "clone-net-1g", "qdepth",
-                                     "tune-blk2file", "tune-file2blk", "tune-blk2blk"]
+                                     "tune-blk2file", "tune-file2blk", "tune-blk2blk",
+                                     "qcow2-wide"]
 # Scenarios whose jobs get a disk-limit line (fio measures the disk once, before them).
 DISK_LIMIT_SCENARIOS = {"blk2file", "blkfull2file", "file2blk", "blk2blk", "ext4",
                         "file2blk-dirty", "qcow2", "tune-blk2file", "tune-file2blk",
@@ -1548,6 +1552,7 @@ def describe(scenario: str) -> str:
         "qcow2": "QCOW2 (64 KiB clusters) -> file",
         "qcow2-blk": "QCOW2 (64 KiB clusters) -> fresh loop device (reads as zeros)",
         "qcow2-compressed": "compressed QCOW2 (64 KiB clusters) -> file",
+        "qcow2-wide": "1 TiB QCOW2, one 64 KiB cluster per 512 MiB -> file",
         "http-qcow2": "QCOW2 (64 KiB clusters) over HTTP (nginx, ranges) -> file",
         "http-qcow2-blk": "QCOW2 (64 KiB clusters) over HTTP (nginx, ranges) -> fresh loop device",
         "http-xz": f"RAW compressed with xz -T0 {XZ_LEVEL} over HTTP (nginx) -> file",
@@ -1858,6 +1863,52 @@ def qcow2_scenario(b: Bench, scenario: str) -> None:
             cz.verified.startswith("ok") and cz.n_ok == cz.n and cz.rss <= RSS_LIMIT / MiB,
             f"{cz.verified}, {cz.n_ok}/{cz.n} runs ok, {cz.rss:.1f} MiB "
             f"(qemu-img zstd {qzs.rss:.1f} MiB)")
+
+
+WIDE_SIZE = 1 << 40            # qcow2-wide: a 1 TiB guest ...
+WIDE_STRIDE = 512 * MiB        # ... with one 64 KiB cluster in every 512 MiB (one L2 table each)
+
+
+def qcow2_wide_scenario(b: Bench) -> None:
+    """A 1 TiB QCOW2 (64 KiB clusters) with one cluster written in every 512 MiB, by qemu-io:
+    2048 L2 tables (128 MiB of metadata) around 128 MiB of data, a layout in which every table
+    is read for one entry.  cdimover and qemu-img convert it to a file, each in its own cgroup:
+    the cgroup's peak (page cache included) is the point; the output is checked against the
+    image with qemu-img compare."""
+    n = WIDE_SIZE // WIDE_STRIDE
+    with Resources().scoped() as res:
+        q = b.workdir / "wide.qcow2"
+        res.callback(lambda: q.unlink(missing_ok=True))
+        q.unlink(missing_ok=True)
+        t = time.perf_counter()
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(q),
+             str(WIDE_SIZE)])
+        cmds = [f"write -q -P {i % 251 + 1} {i * WIDE_STRIDE + (i % 7) * MiB} 64k"
+                for i in range(n)]
+        for k in range(0, n, 512):      # a few qemu-io runs: the argument list stays short
+            argv = ["qemu-io", "-f", "qcow2"]
+            for c in cmds[k:k + 512]:
+                argv += ["-c", c]
+            run(argv + [str(q)])
+        st = os.stat(q)
+        b.emit(f"image wide.qcow2: {fmt_size(WIDE_SIZE)} guest, {n} clusters of 64 KiB, one per "
+               f"{fmt_size(WIDE_STRIDE)}; file {fmt_size(st.st_size)}; written in "
+               f"{time.perf_counter() - t:.1f}s")
+
+        def same(dst: str) -> bool:
+            r = subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(q),
+                                dst], capture_output=True)
+            return r.returncode == 0
+
+        tools = [convert_tool(str(q), "{DST}"), qemu_to_raw(str(q), "{DST}")]
+        samples = run_rounds(b, "qcow2-wide", tools, WIDE_SIZE, "", file_target(b),
+                             verify=same)
+        rows = summarize(samples)
+        qi = next(r for r in rows if r.case == "qemu-img")
+        b.emit("\n" + table(b, "== qcow2-wide: 1 TiB QCOW2, 2048 L2 tables for 128 MiB of data "
+                               "-> file", rows, qi.wall if qi.n_ok else None))
+        b.emit(api_line(samples))
+        common_checks(b, "qcow2-wide", rows, n * 64 * 1024, rss_beside="qemu-img")
 
 
 def api_line(samples: list[Sample]) -> str:
@@ -2856,6 +2907,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     memcg_scenario(b)
                 elif sc in ("qcow2", "qcow2-compressed"):
                     qcow2_scenario(b, sc)
+                elif sc == "qcow2-wide":
+                    qcow2_wide_scenario(b)
                 elif sc == "prealloc":
                     prealloc_scenario(b)
                 elif sc in ("http-qcow2", "http-xz"):
