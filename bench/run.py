@@ -696,6 +696,7 @@ def floor_line(b: Bench, scenario: str, path: str | Path, size: int,
 # depths (libaio), the best rate of each direction
 
 FIO_SIZE = 2 * GiB               # the data file fio reads and writes (sequential, wraps around)
+FIO_FRESH_SIZE = 1 * GiB         # one pass into a new file per fresh-space write point
 LIMIT_BS = [1 * MiB, 4 * MiB]    # the disk-limit line's request sizes ...
 LIMIT_QD = [4, 16, 64]           # ... and queue depths
 SWEEP_BS = [256 * KiB, 512 * KiB, 1 * MiB, 2 * MiB, 4 * MiB]     # the queue-depth scenario
@@ -706,7 +707,7 @@ FIO_RUNTIME = FIO_RUNTIME_DEFAULT        # s per point (set from --fio-runtime)
 
 @dataclass(frozen=True)
 class FioPoint:
-    rw: str              # "read" | "write"
+    rw: str              # "read" | "write" | "write-fresh" (into a new sparse file)
     bs: int
     qd: int
     rate: float          # bytes/s
@@ -717,15 +718,18 @@ class FioPoint:
 
 
 def fio_cmd(target: str, rw: str, bs: int, qd: int, runtime: float | None,
-            size: int) -> list[str]:
+            size: int, fresh: bool = False) -> list[str]:
     """fio's command line for one point: sequential RW ("read" | "write") of BS-byte requests,
     QD in flight (libaio, O_DIRECT) on TARGET (a file or a device) over SIZE bytes, for RUNTIME
-    seconds (None: one pass of SIZE, to lay the file out)."""
+    seconds (None: one pass of SIZE, to lay the file out).  FRESH: TARGET is a new file that
+    fio must not preallocate, so every write lands where the filesystem has to allocate."""
     argv = ["fio", "--name=seq", f"--filename={target}", f"--rw={rw}", f"--bs={bs}",
             f"--iodepth={qd}", "--ioengine=libaio", "--direct=1", f"--size={size}",
             "--output-format=json", "--invalidate=1"]
     if runtime is not None:
         argv += [f"--runtime={runtime:g}", "--time_based"]
+    if fresh:
+        argv.append("--fallocate=none")
     if rw == "write" and not target.startswith("/dev/"):
         argv.append("--end_fsync=1")
     return argv
@@ -742,6 +746,20 @@ def fio_parse(doc: str, rw: str) -> tuple[float, float]:
 def fio_point(target: str, rw: str, bs: int, qd: int, size: int = FIO_SIZE) -> FioPoint:
     rate, lat = fio_parse(run(fio_cmd(target, rw, bs, qd, FIO_RUNTIME, size)), rw)
     return FioPoint(rw, bs, qd, rate, lat)
+
+
+def fio_fresh_point(path: Path, bs: int, qd: int, size: int = FIO_FRESH_SIZE) -> FioPoint:
+    """One pass of SIZE bytes written into a new, sparse file at PATH (removed after): the
+    rate at which the disk and its filesystem take data into space not yet allocated, which
+    is where every job's target writes (a new file, or a new loop device over a new sparse
+    file), and which costs more than overwriting laid-out blocks."""
+    path.unlink(missing_ok=True)
+    try:
+        rate, lat = fio_parse(run(fio_cmd(str(path), "write", bs, qd, None, size, fresh=True)),
+                              "write")
+    finally:
+        path.unlink(missing_ok=True)
+    return FioPoint("write-fresh", bs, qd, rate, lat)
 
 
 def fio_layout(path: Path, size: int = FIO_SIZE) -> None:
@@ -775,33 +793,41 @@ def measure_disk_limit(b: Bench) -> None:
         pts = fio_sweep(str(path), LIMIT_BS, LIMIT_QD)
     finally:
         path.unlink(missing_ok=True)
-    best = best_points(pts)
+    fresh = [fio_fresh_point(b.workdir / "fio-fresh.dat", bs, qd)
+             for bs in LIMIT_BS for qd in LIMIT_QD]
+    best = best_points(pts + fresh)
     b.info["disk_limit"] = {rw: dataclasses.asdict(p) for rw, p in best.items()}
-    b.info["disk_limit_points"] = [dataclasses.asdict(p) for p in pts]
-    r, w = best["read"], best["write"]
+    b.info["disk_limit_points"] = [dataclasses.asdict(p) for p in pts + fresh]
+    r, w, f = best["read"], best["write"], best["write-fresh"]
     b.emit(f"disk limit (fio, sequential, O_DIRECT, libaio, {fmt_size(FIO_SIZE)} file in the "
-           f"scratch directory, best of {len(pts)} points, {time.perf_counter() - t:.0f}s): "
+           f"scratch directory, best of {len(pts)} points, then {len(fresh)} passes of "
+           f"{fmt_size(FIO_FRESH_SIZE)} into a new sparse file, {time.perf_counter() - t:.0f}s): "
            f"read {r.rate / MiB:.0f} MiB/s ({r.label()}), "
-           f"write {w.rate / MiB:.0f} MiB/s ({w.label()})")
+           f"write over laid-out blocks {w.rate / MiB:.0f} MiB/s ({w.label()}), "
+           f"write into fresh space {f.rate / MiB:.0f} MiB/s ({f.label()})")
 
 
 def disk_limit_line(b: Bench, scenario: str, read_bytes: int, write_bytes: int,
                     samples: list[Sample]) -> None:
     """Emit the time this job needs at the disk's limit (READ_BYTES read at the best read rate
-    plus WRITE_BYTES written at the best write rate: one disk serves both) and how close
-    cdimover and the best peer came; check cdimover <= DISK_LIMIT_TARGET x that."""
+    plus WRITE_BYTES written at the best rate into fresh space, where every job's target
+    writes: one disk serves both) and how close cdimover and the best peer came; check
+    cdimover <= DISK_LIMIT_TARGET x that.  Without a fresh-space rate (older results), the
+    rate over laid-out blocks."""
     lim = b.info.get("disk_limit")
     if not lim:
         return
+    fresh = "write-fresh" in lim
     t_r = read_bytes / lim["read"]["rate"]
-    t_w = write_bytes / lim["write"]["rate"]
+    t_w = write_bytes / lim["write-fresh" if fresh else "write"]["rate"]
     t = t_r + t_w
     rows = summarize(samples)
     peers = [r for r in rows if r.case != "cdimover" and not r.case.startswith("cdm ")
              and r.n_ok > 0]
     best = min(peers, key=lambda r: r.wall) if peers else None
     cdm = next((r for r in rows if r.case == "cdimover"), None)
-    line = (f"disk limit: {fmt_size(read_bytes)} read + {fmt_size(write_bytes)} written at "
+    line = (f"disk limit: {fmt_size(read_bytes)} read + {fmt_size(write_bytes)} written "
+            f"{'into fresh space ' if fresh else ''}at "
             f"the fio rates = {t_r:.3f} + {t_w:.3f} = {t:.3f}s (overlapped, at best "
             f"{max(t_r, t_w):.3f}s)")
     if cdm is not None:

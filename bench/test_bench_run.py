@@ -27,6 +27,9 @@ def test_fio_cmd_direct_sequential() -> None:
     w = run.fio_cmd("/var/tmp/x.dat", "write", MiB, 1, None, 2 << 30)
     assert "--end_fsync=1" in w and "--time_based" not in w
     assert "--end_fsync=1" not in run.fio_cmd("/dev/loop9", "write", MiB, 1, 1.0, 1 << 30)
+    assert "--fallocate=none" not in w
+    assert "--fallocate=none" in run.fio_cmd("/var/tmp/x.dat", "write", MiB, 1, None, 1 << 30,
+                                             fresh=True)
 
 
 def test_fio_parse_skips_notes() -> None:
@@ -87,6 +90,24 @@ def test_disk_limit_line_and_memcg_columns(tmp_path: Path) -> None:
     assert "memcg peak MiB" in head and "throttled s" in head
     assert rows[0].split()[-2:] == ["50.0", "0.25"]
     assert rows[1].split()[-2:] == ["900.0", "-"]
+
+
+def test_disk_limit_line_takes_the_fresh_space_write_rate(tmp_path: Path) -> None:
+    import argparse
+    b = run.Bench(args=argparse.Namespace(), workdir=tmp_path, content=None,  # type: ignore
+                  layout=None)  # type: ignore[arg-type]
+    b.info["disk_limit"] = {"read": {"rate": 1000.0 * MiB}, "write": {"rate": 2000.0 * MiB},
+                            "write-fresh": {"rate": 250.0 * MiB}}
+    samples = [_sample("cdimover", 3.3, 50 * MiB), _sample("qemu-img", 4.0, 900 * MiB)]
+    run.disk_limit_line(b, "blk2blk", 1000 * MiB, 500 * MiB, samples)
+    line = b.reports[-1]
+    assert "written into fresh space at the fio rates = 1.000 + 2.000 = 3.000s" in line
+    assert "cdimover = 1.10 x limit" in line
+    assert b.checks[-1][2] is True           # 1.1 <= 1.2
+    best = run.best_points([run.FioPoint("write", MiB, 16, 2000.0 * MiB, 1.0),
+                            run.FioPoint("write-fresh", MiB, 16, 250.0 * MiB, 1.0),
+                            run.FioPoint("write-fresh", 4 * MiB, 16, 300.0 * MiB, 1.0)])
+    assert best["write"].rate == 2000.0 * MiB and best["write-fresh"].bs == 4 * MiB
 
 
 def test_api_line_reports_the_busy_times_of_the_call() -> None:
