@@ -74,6 +74,11 @@ Scenarios (default: all but file2blk-dirty):
                     server's CDI mode) and `nbdcopy` from `qemu-nbd -r` over TCP  (optional)
     clone-net-1g    the same -> Filesystem volume, the link limited to 1 Gbit/s (tc tbf)
                     (optional)
+    mixed           MIXED_BYTES of data copied file -> new file by cdimover beside fio doing
+                    the same I/O and nothing else: the read and the write at once, and one
+                    after the other, at 2 and 8 requests of 4 MiB in flight per side (2 x 2 x
+                    4 MiB is cdimover's 16 MiB); what the disk gives a copy, and what
+                    overlapping its reads and writes costs there  (optional)
     tune-blk2file, tune-file2blk, tune-blk2blk
                     the job of blk2file / file2blk / blk2blk with cdimover at several worker
                     counts (requests in flight) and request sizes (--tune), beside qemu-img
@@ -223,7 +228,7 @@ ALL_SCENARIOS = DEFAULT_SCENARIOS + ["file2blk-dirty", "qcow2", "qcow2-compresse
                                      "http-qcow2", "http-xz", "upload-qcow2", "upload-raw",
                                      "registry-qcow2", "clone-net", "clone-net-1g", "qdepth",
                                      "tune-blk2file", "tune-file2blk", "tune-blk2blk",
-                                     "qcow2-wide"]
+                                     "qcow2-wide", "mixed"]
 # Scenarios whose jobs get a disk-limit line (fio measures the disk once, before them).
 DISK_LIMIT_SCENARIOS = {"blk2file", "blkfull2file", "file2blk", "blk2blk", "ext4",
                         "file2blk-dirty", "qcow2", "tune-blk2file", "tune-file2blk",
@@ -863,6 +868,69 @@ def qdepth_scenario(b: Bench) -> None:
                                         for rw, p in sorted(best.items())))
 
 
+MIXED_BYTES = 1400 * MiB        # the mixed scenario's data (the default source's 1 GiB of data
+                                # and 0.4 GiB of zeros written as data read, as one extent)
+MIXED_TARGET = 1.2              # cdimover <= this x fio's copy at once with its requests in flight
+
+
+def fio_copy_tool(name: str, src: str, qd: int, serial: bool) -> Tool:
+    """fio doing to the disk what a copy of MIXED_BYTES from SRC to a new file does, with nothing
+    in between: a sequential O_DIRECT read of SRC and a sequential O_DIRECT write of as many
+    bytes into {DST} (not preallocated, fsynced at the end), QD requests of 4 MiB in flight per
+    side; both at once, or (SERIAL) the read and then the write."""
+    side = ["--direct=1", "--ioengine=libaio", "--bs=4M", f"--iodepth={qd}",
+            f"--size={MIXED_BYTES}"]
+    argv = ["fio", "--output-format=json", "--fallocate=none",
+            "--name=read", f"--filename={src}", "--rw=read", *side]
+    if serial:
+        argv.append("--stonewall")
+    argv += ["--name=write", "--filename={DST}", "--rw=write", *side, "--end_fsync=1"]
+    return Tool(name, argv, checked=False)
+
+
+def mixed_scenario(b: Bench) -> None:
+    """cdimover's copy of MIXED_BYTES (one extent at the start of a sparse SIZE file) to a new
+    file beside fio doing the same reads and writes at once and one after the other, shuffled
+    per round, cold; cdimover's output is compared with the source every run."""
+    size = b.layout.size
+    src = b.workdir / "mixed-src.img"
+    with Resources().scoped() as res:
+        res.callback(lambda: src.unlink(missing_ok=True))
+        with open(src, "wb") as f:
+            f.truncate(size)
+        run(["fio", "--name=layout", f"--filename={src}", "--rw=write", "--bs=4M",
+             "--iodepth=16", "--ioengine=libaio", "--direct=1", f"--size={MIXED_BYTES}",
+             "--output-format=json"])
+        tools = [cdm_tool(str(src), "{DST}"),
+                 fio_copy_tool("fio at once qd 2", str(src), 2, False),
+                 fio_copy_tool("fio at once qd 8", str(src), 8, False),
+                 fio_copy_tool("fio serial qd 2", str(src), 2, True),
+                 fio_copy_tool("fio serial qd 8", str(src), 8, True)]
+        samples = run_rounds(b, "mixed", tools, size, "", file_target(b, "mixed-dst.img"),
+                             verify=lambda dst: compare_sparse(src, dst, size))
+    rows = summarize(samples)
+    by = {r.case: r for r in rows}
+    ref = by["fio at once qd 2"]
+    b.emit("\n" + table(b, f"== mixed: {fmt_size(MIXED_BYTES)} read and as much written into a "
+                           "new file: cdimover's copy, and fio doing that I/O alone",
+                         rows, ref.wall if ref.n_ok else None))
+    b.emit(api_line(samples))
+    cdm = by["cdimover"]
+    at2, at8 = by["fio at once qd 2"], by["fio at once qd 8"]
+    se2, se8 = by["fio serial qd 2"], by["fio serial qd 8"]
+    if min(r.n_ok for r in (cdm, at2, at8, se2, se8)) > 0:
+        b.emit(f"one after the other / at once: {se2.wall / at2.wall:.2f} at qd 2, "
+               f"{se8.wall / at8.wall:.2f} at qd 8; cdimover / fio at once: "
+               f"{cdm.wall / at2.wall:.2f} at qd 2 (its own 16 MiB in flight), "
+               f"{cdm.wall / at8.wall:.2f} at qd 8")
+        b.check("mixed", f"time <= {MIXED_TARGET} x fio's copy at once (qd 2)",
+                cdm.wall / at2.wall <= MIXED_TARGET,
+                f"{cdm.wall:.3f}s vs {at2.wall:.3f}s = {cdm.wall / at2.wall:.2f}")
+    b.check("mixed", "cdimover output verified every run",
+            cdm.verified.startswith("ok") and cdm.n_ok == cdm.n,
+            f"{cdm.verified}, {cdm.n_ok}/{cdm.n} runs ok")
+
+
 def qdepth_table(pts: Sequence[FioPoint]) -> str:
     """MiB/s by request size (rows) and queue depth (columns), for each direction."""
     depths = sorted({p.qd for p in pts})
@@ -1174,6 +1242,7 @@ class Tool:
     argv: list[str]
     sync: str | None = None           # path to `sync -d` after the command (peers)
     is_cdm: bool = False
+    checked: bool = True              # False: writes bytes of its own (fio), not verified
 
 
 @dataclass
@@ -1367,7 +1436,7 @@ def run_rounds(b: Bench, scenario: str, tools: list[Tool], size: int, expect_has
                     s.allocated = allocated(dst_file)
                     if probe is not None:
                         s.stats = probe(dst_file)
-                    if r >= 0 and (tool.is_cdm or r == 0):
+                    if r >= 0 and tool.checked and (tool.is_cdm or r == 0):
                         if verify is not None:
                             s.verified = verify(dst_file)
                         elif size > HASH_LIMIT and source_path is not None:
@@ -2865,7 +2934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         ap.error("needs root (loop devices, mounts, drop_caches, cgroups)")
     needs = ["losetup", "qemu-img", "nbdcopy", "mkfs.ext4", "mkfs.xfs"]
-    if "qdepth" in args.scenarios or (not args.no_disk_limit
+    if {"qdepth", "mixed"} & set(args.scenarios) or (not args.no_disk_limit
                                       and DISK_LIMIT_SCENARIOS & set(args.scenarios)):
         needs.append("fio")
     for tool in needs:
@@ -2947,6 +3016,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     clonenet_scenario(b, sc)
                 elif sc == "qdepth":
                     qdepth_scenario(b)
+                elif sc == "mixed":
+                    mixed_scenario(b)
                 else:
                     direction(b, sc)
             except (subprocess.CalledProcessError, OSError, RuntimeError) as e:

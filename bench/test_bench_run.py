@@ -122,3 +122,17 @@ def test_api_line_reports_the_busy_times_of_the_call() -> None:
                      cdm={"import_s": 0.05, "elapsed": 2.0})
     assert run.api_line([old]) == ("cdimover time: cdimover: import 0.050s + call 2.000s + "
                                    "rest 0.450s")
+
+
+def test_fio_copy_tool_reads_and_writes_at_once_or_in_turn() -> None:
+    at_once = run.fio_copy_tool("fio at once qd 2", "/var/tmp/src.img", 2, False)
+    serial = run.fio_copy_tool("fio serial qd 8", "/var/tmp/src.img", 8, True)
+    assert not at_once.checked and not serial.checked and not at_once.is_cdm
+    assert "--stonewall" not in at_once.argv
+    a = serial.argv
+    # the global options come before the first job; the read job, then the barrier, then the
+    # write job into the target placeholder, fsynced, never preallocated
+    assert a.index("--fallocate=none") < a.index("--name=read") < a.index("--stonewall") \
+        < a.index("--name=write") < a.index("--filename={DST}") < a.index("--end_fsync=1")
+    assert a.count("--iodepth=8") == 2 and a.count(f"--size={run.MIXED_BYTES}") == 2
+    assert "--filename=/var/tmp/src.img" in a and "--rw=read" in a and "--rw=write" in a
