@@ -868,8 +868,8 @@ def qdepth_scenario(b: Bench) -> None:
                                         for rw, p in sorted(best.items())))
 
 
-MIXED_BYTES = 1400 * MiB        # the mixed scenario's data (the default source's 1 GiB of data
-                                # and 0.4 GiB of zeros written as data read, as one extent)
+MIXED_BYTES = 1400 * MiB        # the mixed scenario's data, as one extent: what a copy of the
+                                # default source reads (1 GiB of data, 0.4 GiB of zeros as data)
 MIXED_TARGET = 1.2              # cdimover <= this x fio's copy at once with its requests in flight
 
 
