@@ -898,9 +898,7 @@ def mixed_scenario(b: Bench) -> None:
         res.callback(lambda: src.unlink(missing_ok=True))
         with open(src, "wb") as f:
             f.truncate(size)
-        run(["fio", "--name=layout", f"--filename={src}", "--rw=write", "--bs=4M",
-             "--iodepth=16", "--ioengine=libaio", "--direct=1", f"--size={MIXED_BYTES}",
-             "--output-format=json"])
+        fio_layout(src, MIXED_BYTES)
         tools = [cdm_tool(str(src), "{DST}"),
                  fio_copy_tool("fio at once qd 2", str(src), 2, False),
                  fio_copy_tool("fio at once qd 8", str(src), 8, False),
