@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run  # noqa: E402
@@ -136,3 +138,83 @@ def test_fio_copy_tool_reads_and_writes_at_once_or_in_turn() -> None:
         < a.index("--name=write") < a.index("--filename={DST}") < a.index("--end_fsync=1")
     assert a.count("--iodepth=8") == 2 and a.count(f"--size={run.MIXED_BYTES}") == 2
     assert "--filename=/var/tmp/src.img" in a and "--rw=read" in a and "--rw=write" in a
+
+
+def _rsample(scenario: str, case: str, rnd: int, wall: float, *, rc: int = 0,
+            verified: bool | None = True, memcg_peak: int | None = None) -> run.Sample:
+    return run.Sample(scenario=scenario, case=case, round=rnd, position=0, wall=wall, cpu=0.0,
+                      utime=0.0, stime=0.0, maxrss=0, rc=rc, allocated=None, verified=verified,
+                      memcg_peak=memcg_peak)
+
+
+def test_paired_ratio_pairs_within_rounds() -> None:
+    # The disk slows down in round 1 for both: the per-round ratios are 0.5 and 0.5.  Round 2
+    # (the peer failed) and round 3 (cdimover's output was wrong) pair nothing.
+    ss = [_rsample("j", "cdimover", 0, 1.0), _rsample("j", "peer", 0, 2.0),
+          _rsample("j", "cdimover", 1, 4.0), _rsample("j", "peer", 1, 8.0),
+          _rsample("j", "cdimover", 2, 1.0), _rsample("j", "peer", 2, 9.0, rc=1),
+          _rsample("j", "cdimover", 3, 3.0, verified=False), _rsample("j", "peer", 3, 3.0)]
+    assert run.paired_ratio(ss, "cdimover", "peer") == 0.5
+    assert run.paired_ratio(ss, "cdimover", "nobody") is None
+    ss.append(_rsample("j", "cdimover", 4, 5.0))
+    ss.append(_rsample("j", "peer", 4, 2.0))
+    assert run.paired_ratio(ss, "cdimover", "peer") == 0.5        # median of 0.5, 0.5, 2.5
+    # (The ratio of the medians would be 1.0 here: 2.5 s (1, 1, 4, 5) / 2.5 s (2, 2, 3, 8).)
+
+
+def _write_run(path: Path, samples: list[run.Sample], *, pod: bool,
+               limits: dict[str, dict[str, float]]) -> Path:
+    import dataclasses
+    doc = {"args": {"pod_limits": pod}, "info": {"disk_limit_s": limits},
+           "samples": [dataclasses.asdict(s) for s in samples], "checks": []}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_tally_counts_runs_rounds_and_limits(tmp_path: Path) -> None:
+    import tally
+    lim = {"ext4": {"read_s": 0.5, "write_s": 0.5}}
+    a = _write_run(tmp_path / "a.json", [
+        _rsample("ext4", "cdimover", 0, 0.7, memcg_peak=40 * MiB),
+        _rsample("ext4", "qemu-img", 0, 1.0), _rsample("ext4", "dd", 0, 2.0),
+        _rsample("ext4", "cdimover", 1, 0.9, memcg_peak=47 * MiB),
+        _rsample("ext4", "qemu-img", 1, 1.0), _rsample("ext4", "dd", 1, 2.0),
+    ], pod=False, limits=lim)
+    b = _write_run(tmp_path / "b.json", [
+        _rsample("ext4", "cdimover", 0, 1.5), _rsample("ext4", "qemu-img", 0, 3.0),
+        _rsample("ext4", "dd", 0, 1.0),
+        _rsample("qcow2-compressed", "cdimover", 0, 1.0),
+        _rsample("qcow2-compressed", "qemu-img", 0, 4.0),
+        _rsample("qcow2-compressed", "qemu-img zstd", 0, 0.5),
+    ], pod=False, limits=lim)
+    c = _write_run(tmp_path / "c.json", [
+        _rsample("ext4", "cdimover", 0, 1.0), _rsample("ext4", "qemu-img", 0, 1.0),
+    ], pod=True, limits={})
+    rows = {(t.job, t.mode): t for t in tally.tally([a, b, c])}
+    t = rows[("ext4", "no limits")]
+    assert t.run_ratios == pytest.approx([0.8, 1.5])     # run a: median(0.7, 0.9); run b: dd is best
+    assert t.best_peers == {"qemu-img": 1, "dd": 1}
+    assert t.met(t.run_ratios, t.target) == "1/2"
+    assert sorted(t.round_ratios) == pytest.approx([0.7, 0.9, 1.5])
+    assert t.met(t.round_ratios, t.target) == "1/3"
+    assert t.limit_multiples == pytest.approx([0.8, 1.5])
+    assert t.memcg_peak_mib == 47.0
+    comp = rows[("qcow2-compressed", "no limits")]
+    assert comp.run_ratios == [0.25] and comp.target == 0.5    # against qemu-img, not zstd
+    pod = rows[("ext4", "pod limits")]
+    assert pod.run_ratios == [1.0] and pod.limit_multiples == []
+    out = tally.render(list(rows.values()), markdown=True)
+    assert "| no limits | ext4 | 2 | 1.15 (0.80-1.50) | 0.85 | 1/2 | 1/3 |" in out
+
+
+def test_cdm_python_without_site_finds_the_dependencies() -> None:
+    import subprocess
+    argv, dirs = run.cdm_python(with_site=False)
+    assert argv == [sys.executable, "-S"]
+    # cffi's backend (what the native module needs) imports from those directories alone,
+    # and no .pth file ran: the site module was not imported.
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(dirs)}
+    r = subprocess.run([*argv, "-c", "import sys, _cffi_backend; print('site' in sys.modules)"],
+                       env=env, capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"
+    assert run.cdm_python(with_site=True) == ([sys.executable], [])

@@ -12,7 +12,6 @@ I/O, reflink, preallocation) to stderr, ``-vv`` everything.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -20,7 +19,6 @@ import re
 import select
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -540,6 +538,8 @@ def _cmd_digest(args: argparse.Namespace) -> int:
 
 
 def _sha256(path: str, size: int) -> str:
+    import hashlib
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         left = size
@@ -554,6 +554,8 @@ def _sha256(path: str, size: int) -> str:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Make a small sparse RAW disk (data, zeros written as data, holes), copy it, verify."""
+    import tempfile
+
     from .ops.copy import copy, scan
 
     workdir = args.dir or tempfile.mkdtemp(prefix="cdimover-demo-")
