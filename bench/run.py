@@ -96,8 +96,8 @@ start (PYTHONPATH), so rebuilds of the working tree during a long run do not mix
 snapshot is byte-compiled (compileall), as an install is, so no run pays for compiling it.
 Its processes start as the container image starts them: the interpreter's site has nothing to
 run there, so here they run with -S and the site-packages directories on PYTHONPATH, and this
-machine's .pth files (an editable-install finder, a CA hook: 50 ms per cold start) are not
-charged to them; --with-site keeps the site.
+machine's .pth files (an editable-install finder, a CA hook: 19-27 ms of a cold copy) are
+not charged to them; --with-site keeps the site.
 
 Method: every round runs each tool once, in an order shuffled per round (seeded by --seed,
 the scenario and the round), so that no tool always follows the same neighbour -- a rotation
@@ -214,8 +214,8 @@ CDM_RUNNER = HERE / "_cdm_copy.py"
 # How cdimover's processes start: the interpreter with -S, the package snapshot and the
 # site-packages directories on PYTHONPATH (set by snapshot_package), as the container image
 # starts it -- that interpreter's site has no .pth file to run, where this machine's may (an
-# editable-install finder, a CA hook): those cost 50 ms cold per start here and no pod pays
-# them.  --with-site: [sys.executable] with the site as it is.
+# editable-install finder, a CA hook): those cost 19-27 ms of a cold copy here and no pod
+# pays them.  --with-site: [sys.executable] with the site as it is.
 CDM_PYTHON: list[str] = [sys.executable]
 CDM_CONVERT = HERE / "_cdm_convert.py"
 CDM_PREALLOC = HERE / "_cdm_prealloc.py"

@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Literal
@@ -60,6 +59,8 @@ def _start_metrics(args: argparse.Namespace, counter: ProgressCounter) -> Metric
     else:
         # HTTPS with a certificate of our own, as CDI's pods serve it; the files are
         # loaded into the TLS context and removed at once.
+        import tempfile
+
         from .metrics import self_signed_certificate
 
         with tempfile.TemporaryDirectory(prefix="cdimover-metrics-") as tls_dir:
