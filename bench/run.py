@@ -1474,15 +1474,19 @@ def med(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def paired_ratio(samples: Sequence[Sample], case: str, peer: str) -> float | None:
-    """The median over rounds of CASE's wall time / PEER's in the same round (rounds where
-    both ran and were not found wrong), or None without such a round.  This is the ratio the
-    targets are checked on: pairing within a round cancels the disk's drift between rounds,
-    which a ratio of the two medians does not."""
+def round_ratios(samples: Sequence[Sample], case: str, peer: str) -> list[float]:
+    """CASE's wall time / PEER's in each round where both ran and were not found wrong."""
     walls = {(s.round, s.case): s.wall for s in samples if s.ok}
     rounds = sorted({r for r, _ in walls})
-    ratios = [walls[(r, case)] / walls[(r, peer)] for r in rounds
-              if (r, case) in walls and (r, peer) in walls]
+    return [walls[(r, case)] / walls[(r, peer)] for r in rounds
+            if (r, case) in walls and (r, peer) in walls]
+
+
+def paired_ratio(samples: Sequence[Sample], case: str, peer: str) -> float | None:
+    """The median of round_ratios, or None without a round to pair.  This is the ratio the
+    targets are checked on: pairing within a round cancels the disk's drift between rounds,
+    which a ratio of the two medians does not."""
+    ratios = round_ratios(samples, case, peer)
     return med(ratios) if ratios else None
 
 

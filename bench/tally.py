@@ -83,17 +83,13 @@ def tally(files: list[Path]) -> list[Tally]:
             ss = [s for s in samples if s.scenario == job]
             cdm = [s.wall for s in ss if s.case == "cdimover" and s.ok]
             peer = best_peer(ss, job)
-            if not cdm or peer is None:
+            ratios = run.round_ratios(ss, "cdimover", peer) if peer else []
+            if not cdm or peer is None or not ratios:
                 continue
             t = out.setdefault((job, mode), Tally(job, mode, PEER_TARGET_COMPRESSED
                                                   if job == "qcow2-compressed" else PEER_TARGET))
-            ratio = run.paired_ratio(ss, "cdimover", peer)
-            if ratio is None:
-                continue
-            t.run_ratios.append(ratio)
-            walls = {(s.round, s.case): s.wall for s in ss if s.ok}
-            t.round_ratios += [w / walls[(r, peer)] for (r, c), w in walls.items()
-                               if c == "cdimover" and (r, peer) in walls]
+            t.run_ratios.append(statistics.median(ratios))
+            t.round_ratios += ratios
             t.best_peers[peer] += 1
             t.cdm_walls.append(statistics.median(cdm))
             t.peer_walls.append(statistics.median(s.wall for s in ss if s.case == peer and s.ok))
