@@ -67,11 +67,9 @@ def best_peer(samples: list[run.Sample], job: str) -> str | None:
     it; qemu-img on the compressed job."""
     if job == "qcow2-compressed":
         return "qemu-img" if any(s.case == "qemu-img" and s.ok for s in samples) else None
-    walls: dict[str, list[float]] = {}
-    for s in samples:
-        if s.ok and s.case != "cdimover" and not s.case.startswith(("cdm ", "cdimover ")):
-            walls.setdefault(s.case, []).append(s.wall)
-    return min(walls, key=lambda c: statistics.median(walls[c])) if walls else None
+    peers = [r for r in run.summarize(samples) if r.n_ok and r.case != "cdimover"
+             and not r.case.startswith(("cdm ", "cdimover "))]
+    return min(peers, key=lambda r: r.wall).case if peers else None
 
 
 def tally(files: list[Path]) -> list[Tally]:
