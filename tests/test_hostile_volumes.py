@@ -11,10 +11,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import random
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 import threading
@@ -45,42 +47,52 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
-def _racer(a: bytes, b: bytes, stop: str) -> int:
+MIN_SWAPS = 100
+
+
+def _racer(a: bytes, b: bytes, stop: str, count: mmap.mmap) -> None:
     """Swap names A and B with renameat2(RENAME_EXCHANGE) until STOP exists (at most 120 s),
     each state held for a random while of up to about a clone's duration, so that a job
-    often inspects one state and opens the other; the number of swaps."""
+    often inspects one state and opens the other; the number of swaps so far kept in COUNT."""
     swaps, deadline = 0, time.monotonic() + 120
     rng = random.Random(4517)
     while not os.path.exists(stop) and time.monotonic() < deadline:
         for _ in range(20):
             if _libc.renameat2(_AT_FDCWD, a, _AT_FDCWD, b, _RENAME_EXCHANGE) == 0:
                 swaps += 1
+                struct.pack_into("=Q", count, 0, swaps)
             until = time.perf_counter() + rng.random() * 0.0015
             while time.perf_counter() < until:
                 pass
-    return swaps
 
 
-def _race(base: Path, side: str, trials: int) -> tuple[int, int, int, int]:
-    """TRIALS clones of BASE/src into BASE/dst while a forked racer swaps disk.img of SIDE's
-    volume with a symlink to BASE/outside.img: (escapes, successes, refusals, swaps)."""
+def _race(base: Path, side: str, trials: int) -> tuple[int, int, int, int, int]:
+    """At least TRIALS clones of BASE/src into BASE/dst while a forked racer swaps disk.img of
+    SIDE's volume with a symlink to BASE/outside.img; the clones start once the racer has
+    swapped and go on until it has swapped MIN_SWAPS times (at most 60 s), however the two
+    processes were scheduled: (clones, escapes, successes, refusals, swaps)."""
     src, dst = base / "src", base / "dst"
     swapped = src if side == "source" else dst
     stop = base / "stop"
-    r, w = os.pipe()
+    count = mmap.mmap(-1, 8)        # anonymous and shared across the fork
+
+    def swaps() -> int:
+        return int(struct.unpack_from("=Q", count, 0)[0])
+
     pid = os.fork()
     if pid == 0:        # the racer
-        os.close(r)
         try:
-            n = _racer(bytes(swapped / "disk.img"), bytes(swapped / "evil"), str(stop))
-            os.write(w, str(n).encode())
+            _racer(bytes(swapped / "disk.img"), bytes(swapped / "evil"), str(stop), count)
         finally:
             os._exit(0)
-    os.close(w)
     secret = sha256_file(base / "outside.img")
-    escapes = successes = refusals = 0
+    clones = escapes = successes = refusals = 0
     try:
-        for _ in range(trials):
+        deadline = time.monotonic() + 60
+        while swaps() == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        while (clones < trials or swaps() < MIN_SWAPS) and time.monotonic() < deadline:
+            clones += 1
             try:
                 clone(src, dst, force=True)
             except (cdimover.CdimoverError, OSError):
@@ -94,9 +106,7 @@ def _race(base: Path, side: str, trials: int) -> tuple[int, int, int, int]:
     finally:
         stop.touch()
         os.waitpid(pid, 0)
-        swaps = int(os.read(r, 64) or b"0")
-        os.close(r)
-    return escapes, successes, refusals, swaps
+    return clones, escapes, successes, refusals, swaps()
 
 
 def _run_as(user: str, fn: Callable[..., tuple[int, ...]], *args: object) -> tuple[int, ...]:
@@ -167,10 +177,11 @@ def test_symlink_swap_race_never_escapes(shared_dir: Path, side: str, user: str)
     if user != "root":
         for p in [base, *base.rglob("*")]:
             os.lchown(p, QEMU_UID, QEMU_UID)
-    escapes, successes, refusals, swaps = _run_as(user, _race, base, side, TRIALS)
-    assert swaps > 20, "the racer did not run"
-    assert escapes == 0, f"{escapes} of {TRIALS} clones went through the link"
-    assert successes + refusals == TRIALS
+    clones, escapes, successes, refusals, swaps = _run_as(user, _race, base, side, TRIALS)
+    assert swaps >= MIN_SWAPS, f"the racer swapped {swaps} times in 60 s"
+    assert clones >= TRIALS
+    assert escapes == 0, f"{escapes} of {clones} clones went through the link"
+    assert successes + refusals == clones
     assert successes > 0, "no clone succeeded: the test shows nothing"
     assert (base / "outside.img").read_bytes() == secret
 
