@@ -21,9 +21,7 @@ import time
 T0 = time.monotonic()
 
 import cdimover  # noqa: E402  (import time is part of what we measure)
-from cdimover.io.registry import is_registry_url  # noqa: E402
-from cdimover.ops.registry import import_registry  # noqa: E402
-from cdimover.ops.remote import import_url  # noqa: E402
+from cdimover.io.imageref import is_registry_url  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,9 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--request-size", type=int, default=0)
     p.add_argument("--insecure-registry", action="append", default=[])
     a = p.parse_args(argv)
+    # Only the module the URL needs, as the pod's importer loads it: the registry client's
+    # urllib, ssl and email modules are not part of an HTTP import.
+    registry = is_registry_url(a.url)
+    if registry:
+        from cdimover.ops.registry import import_registry
+    else:
+        from cdimover.ops.remote import import_url
     t_import = time.monotonic() - T0
     common = dict(import_s=t_import, module=cdimover.__file__)
-    if is_registry_url(a.url):
+    if registry:
         g = import_registry(a.url, a.target, target_is_zero=a.target_is_zero,
                             insecure_registries=tuple(a.insecure_registry))
         out = dict(g.copy.as_dict(), **common, strategy=g.strategy, layer=g.layer,

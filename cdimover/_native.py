@@ -31,7 +31,7 @@ from .errors import (
     UnsupportedImageError,
 )
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 if lib.CDM_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"cdimover's native core has ABI {lib.CDM_ABI_VERSION}, the Python layer expects "
@@ -256,6 +256,28 @@ def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
     """The CRC-32C of DATA, continued from CRC."""
     buf = ffi.from_buffer(data)
     return int(lib.cdm_crc32c(crc, buf, len(buf)))
+
+
+_PEM_ROOM = 8192     # a P-256 certificate with a few names is under 1 KiB of PEM
+
+
+def self_signed_cert(common_name: str, subject_alt_names: Sequence[str],
+                     days: int) -> tuple[bytes, bytes]:
+    """A new self-signed certificate (EC P-256, SHA-256) and its key: (certificate PEM,
+    PKCS #8 key PEM).  SUBJECT_ALT_NAMES: entries such as "DNS:localhost" or "IP:::1"."""
+    for name in subject_alt_names:
+        if "," in name or not name.startswith(("DNS:", "IP:")):
+            raise ValueError(f"subject alternative name {name!r}: expected DNS:name or "
+                             "IP:address, without commas")
+    cert, key = ffi.new("char[]", _PEM_ROOM), ffi.new("char[]", _PEM_ROOM)
+    cert_len, key_len = ffi.new("size_t *", _PEM_ROOM), ffi.new("size_t *", _PEM_ROOM)
+    try:
+        with Context() as ctx:
+            ctx.call(lib.cdm_self_signed_cert, common_name.encode(),
+                     ",".join(subject_alt_names).encode(), days, cert, cert_len, key, key_len)
+        return ffi.buffer(cert, cert_len[0])[:], ffi.buffer(key, key_len[0])[:]
+    finally:
+        ffi.memmove(key, bytes(_PEM_ROOM), _PEM_ROOM)
 
 
 def new_stats() -> Any:

@@ -247,7 +247,7 @@ def _registry_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from .io.registry import is_registry_url
+    from .io.imageref import is_registry_url
     from .ops.remote import import_url
 
     if is_registry_url(args.url):
@@ -303,7 +303,7 @@ def _url_info(args: argparse.Namespace) -> Any:
 def _cmd_info(args: argparse.Namespace) -> int:
     from .formats.qcow2 import info_json, inspect
     from .io.http import is_url
-    from .io.registry import is_registry_url
+    from .io.imageref import is_registry_url
 
     if is_registry_url(args.path):
         return _registry_info(args)

@@ -19,7 +19,7 @@
 #include <stdint.h>
 
 /* cffi:begin */
-#define CDM_ABI_VERSION 4
+#define CDM_ABI_VERSION 5
 
 enum {
     CDM_EFORMAT = 1000,       /* malformed image */
@@ -164,6 +164,15 @@ int cdm_is_zero(const void *buf, size_t len);
 /* CRC-32C (Castagnoli, as iSCSI and the snappy framing format): CRC continued over LEN bytes
  * of BUF; start with 0.  The SSE4.2 instruction when the CPU has it, else tables. */
 uint32_t cdm_crc32c(uint32_t crc, const void *buf, size_t len);
+
+/* A self-signed certificate for a metrics endpoint: a new EC P-256 key, COMMON_NAME (1-64
+ * bytes) as subject and issuer, SUBJECT_ALT_NAMES in OpenSSL's syntax ("DNS:localhost,
+ * IP:127.0.0.1"; "" for none), valid from 5 minutes ago for DAYS (1-36500) days, CA:FALSE,
+ * signed with SHA-256.  The certificate and the key (PKCS #8) as PEM into CERT and KEY, with
+ * room for *CERT_LEN and *KEY_LEN bytes, which are set to the lengths written.  0, -EINVAL,
+ * -ENOSPC (a buffer too small) or -EIO (OpenSSL failed; its reason in CTX). */
+int cdm_self_signed_cert(cdm_ctx *ctx, const char *common_name, const char *subject_alt_names,
+                         uint32_t days, char *cert, size_t *cert_len, char *key, size_t *key_len);
 int cdm_zero_range(cdm_ctx *ctx, int fd, int is_blockdev, uint32_t sector,
                    uint64_t offset, uint64_t length, struct cdm_copy_stats *stats);
 

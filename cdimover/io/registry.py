@@ -41,7 +41,6 @@ import base64
 import hashlib
 import hmac
 import json
-import platform
 import re
 import ssl
 import time
@@ -52,9 +51,10 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
 
-from ..errors import AuthenticationError, ConfigurationError, HttpStatusError, \
+from ..errors import AuthenticationError, HttpStatusError, \
     ImageFormatError, NetworkError, ProtocolError, RemoteNotFoundError, TlsError
 from .http import read_ca_bundle
+from .imageref import DIGEST, ImageRef, is_registry_url, machine_arch, parse_reference
 
 __all__ = ["ImageRef", "parse_reference", "is_registry_url", "Layer", "Resolved",
            "RegistryClient", "machine_arch", "LAYER_TYPES", "parse_challenge"]
@@ -82,82 +82,6 @@ LAYER_TYPES = {
     "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
     "application/vnd.docker.image.rootfs.diff.tar.zstd": "zstd",
 }
-
-_NAME = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
-_ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
-           "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
-
-
-def is_registry_url(text: object) -> bool:
-    """Whether TEXT names an image in a registry (docker://...)."""
-    return isinstance(text, str) and text.lower().startswith("docker://")
-
-
-def machine_arch() -> str:
-    """This machine's architecture in the OCI spelling (amd64, arm64, ...)."""
-    m = platform.machine().lower()
-    return _ARCHES.get(m, m)
-
-
-@dataclass(frozen=True, slots=True)
-class ImageRef:
-    """docker://REGISTRY/REPOSITORY[:TAG][@DIGEST]: a digest, when given, is what is pulled
-    (the tag is then only a name)."""
-
-    registry: str           # host[:port]
-    repository: str
-    tag: str | None
-    digest: str | None
-
-    @property
-    def reference(self) -> str:
-        """What the manifest request names: the digest, else the tag."""
-        return self.digest or self.tag or "latest"
-
-    def __str__(self) -> str:
-        text = f"docker://{self.registry}/{self.repository}"
-        if self.tag:
-            text += f":{self.tag}"
-        if self.digest:
-            text += f"@{self.digest}"
-        return text
-
-
-def parse_reference(text: str) -> ImageRef:
-    """Parse a docker:// reference; ConfigurationError when malformed."""
-    if not is_registry_url(text):
-        raise ConfigurationError(f"{text!r}: not a docker:// image reference")
-    rest = text[len("docker://"):]
-    digest = None
-    if "@" in rest:
-        rest, digest = rest.rsplit("@", 1)
-        if not _DIGEST.fullmatch(digest):
-            raise ConfigurationError(f"{text!r}: the digest must be sha256: and 64 hex digits")
-    first, sep, remainder = rest.partition("/")
-    if sep and (("." in first or ":" in first or first == "localhost" or first.startswith("["))):
-        registry, path = first, remainder
-    else:
-        registry, path = "registry-1.docker.io", rest
-        if "/" not in path:
-            path = "library/" + path
-    tag = None
-    slash = path.rfind("/")
-    colon = path.rfind(":")
-    if colon > slash:
-        path, tag = path[:colon], path[colon + 1:]
-        if not _TAG.fullmatch(tag):
-            raise ConfigurationError(f"{text!r}: malformed tag {tag!r}")
-    if not _HOST.fullmatch(registry):
-        raise ConfigurationError(f"{text!r}: malformed registry host {registry!r}")
-    if not path or not _NAME.fullmatch(path) or len(path) > 255:
-        raise ConfigurationError(f"{text!r}: malformed repository name {path!r}")
-    if tag is None and digest is None:
-        tag = "latest"
-    return ImageRef(registry=registry, repository=path, tag=tag, digest=digest)
-
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     """A WWW-Authenticate header: (scheme in lower case, parameters)."""
@@ -432,7 +356,7 @@ class RegistryClient:
             if not isinstance(item, dict):
                 raise ImageFormatError(f"{self.ref}: a malformed layer entry")
             ld, ls, lm = item.get("digest"), item.get("size"), item.get("mediaType")
-            if not isinstance(ld, str) or not _DIGEST.fullmatch(ld):
+            if not isinstance(ld, str) or not DIGEST.fullmatch(ld):
                 raise ImageFormatError(f"{self.ref}: a layer digest {ld!r} that is not sha256")
             if not isinstance(ls, int) or ls < 0:
                 raise ImageFormatError(f"{self.ref}: layer {ld} has no valid size")
@@ -461,7 +385,7 @@ class RegistryClient:
         for m, v, name in candidates:
             if v == want_variant or (variant is None and (v is None or len(candidates) == 1)):
                 d = m.get("digest")
-                if not isinstance(d, str) or not _DIGEST.fullmatch(d):
+                if not isinstance(d, str) or not DIGEST.fullmatch(d):
                     raise ImageFormatError(f"{self.ref}: {name}: a digest that is not sha256")
                 return d, name
         raise ImageFormatError(

@@ -16,7 +16,7 @@ from typing import Final, Literal
 from ..checksum import Checksum
 from ..errors import ConfigurationError
 from ..io.http import HttpSource, is_url
-from ..io.registry import is_registry_url, parse_reference
+from ..io.imageref import is_registry_url, parse_reference
 from ..sizing import DEFAULT_OVERHEAD, parse_overhead, parse_quantity
 
 __all__ = ["Checksum", "CloneConfig", "ImportConfig", "RegistrySource", "UploadConfig",

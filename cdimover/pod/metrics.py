@@ -225,8 +225,10 @@ def _family_for(host: str) -> tuple[str, socket.AddressFamily]:
     if host == "":
         return ("::", socket.AF_INET6) if socket.has_ipv6 else ("0.0.0.0", socket.AF_INET)
     try:
-        info = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM,
-                                  flags=socket.AI_PASSIVE)
+        # An ASCII name as bytes: a str goes through the "idna" codec, which loads the
+        # unicodedata tables (1.2 MiB) into every pod for a name such as "localhost".
+        info = socket.getaddrinfo(host.encode() if host.isascii() else host, None,
+                                  type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise ConfigurationError(f"--metrics-address: cannot resolve {host!r}: "
                                  f"{e.strerror}") from None
@@ -255,35 +257,15 @@ def self_signed_certificate(directory: str, *, days: int = 365) -> tuple[str, st
     """Make a self-signed certificate and its key (EC P-256, PEM, mode 0600) in DIRECTORY:
     (certfile, keyfile).  CDI's pods serve their metrics over HTTPS with such a certificate,
     and its controllers scrape them without verifying it."""
-    import datetime
-    import ipaddress
     import os
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from .._native import self_signed_cert
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cdimover-metrics")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"),
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                x509.IPAddress(ipaddress.ip_address("::1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert, key = self_signed_cert("cdimover-metrics",
+                                 ("DNS:localhost", "IP:127.0.0.1", "IP:::1"), days)
     certfile = os.path.join(directory, "tls.crt")
     keyfile = os.path.join(directory, "tls.key")
-    for path, data in ((certfile, cert.public_bytes(serialization.Encoding.PEM)),
-                       (keyfile, key.private_bytes(serialization.Encoding.PEM,
-                                                   serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption()))):
+    for path, data in ((certfile, cert), (keyfile, key)):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
