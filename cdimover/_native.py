@@ -265,10 +265,23 @@ def self_signed_cert(common_name: str, subject_alt_names: Sequence[str],
                      days: int) -> tuple[bytes, bytes]:
     """A new self-signed certificate (EC P-256, SHA-256) and its key: (certificate PEM,
     PKCS #8 key PEM).  SUBJECT_ALT_NAMES: entries such as "DNS:localhost" or "IP:::1"."""
+    import ipaddress
+
+    if not 1 <= len(common_name.encode()) <= 64:
+        raise ValueError(f"common name {common_name!r}: 1 to 64 bytes")
+    if not 1 <= days <= 36500:
+        raise ValueError(f"{days} days of validity: 1 to 36500")
     for name in subject_alt_names:
-        if "," in name or not name.startswith(("DNS:", "IP:")):
+        kind, _, value = name.partition(":")
+        ok = kind in ("DNS", "IP") and value != "" and value.isascii() and "," not in value
+        if ok and kind == "IP":
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                ok = False
+        if not ok:
             raise ValueError(f"subject alternative name {name!r}: expected DNS:name or "
-                             "IP:address, without commas")
+                             "IP:address (ASCII, without commas)")
     cert, key = ffi.new("char[]", _PEM_ROOM), ffi.new("char[]", _PEM_ROOM)
     cert_len, key_len = ffi.new("size_t *", _PEM_ROOM), ffi.new("size_t *", _PEM_ROOM)
     try:
