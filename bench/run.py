@@ -2927,6 +2927,20 @@ def snapshot_package(workdir: Path, wait: float, with_site: bool = False) -> dic
                                                  " (no site: as the image starts it)")}
 
 
+def readahead_kb(path: str) -> int | None:
+    """The read_ahead_kb of the block device holding PATH (of its disk for a partition), or
+    None when PATH is on no block device (overlay, tmpfs).  A cold start faults each library
+    in with that much read around it, and the pages read are charged to the tool's cgroup."""
+    st = os.stat(path)
+    d = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    for q in (d / "queue" / "read_ahead_kb", d / ".." / "queue" / "read_ahead_kb"):
+        try:
+            return int(q.read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def versions() -> dict[str, str]:
     def first(argv: list[str]) -> str:
         try:
@@ -3027,6 +3041,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"{b.info['qemu-img']}; {b.info['nbdcopy']}; {b.info['cp']}")
         b.emit(f"cdimover: snapshot {pkg['cdimover_snapshot_sha256']} of {pkg['cdimover_from']} "
                f"(git {pkg['cdimover_git']}), run by {pkg['cdimover_python']}")
+        ra = readahead_kb(os.path.realpath(sys.executable))
+        b.info["readahead_kb"] = ra
+        if ra is not None:
+            b.emit(f"readahead: {ra} KiB on the interpreter's disk (a cold start reads that much "
+                   f"around each library page it touches, into the tool's cgroup; Linux's default is "
+                   f"128 KiB)")
         b.emit(f"source: {fmt_size(layout.data_bytes)} data in {n_data} extents of 1-8 MiB, "
                f"{fmt_size(layout.zero_bytes)} zeros written as data, rest holes")
         b.emit(f"loop devices: {b.info['loops']}; each tool in a fresh {b.info['tool_cgroup']}"

@@ -218,3 +218,16 @@ def test_cdm_python_without_site_finds_the_dependencies() -> None:
                        env=env, capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
     assert run.cdm_python(with_site=True) == ([sys.executable], [])
+
+
+def test_readahead_kb_of_the_interpreters_disk() -> None:
+    import os
+    ra = run.readahead_kb(os.path.realpath(sys.executable))
+    st = os.stat(os.path.realpath(sys.executable))
+    dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    if not dev.exists():
+        assert ra is None
+    else:
+        queue = dev / "queue" if (dev / "queue").exists() else dev / ".." / "queue"
+        assert ra == int((queue / "read_ahead_kb").read_text())
+    assert run.readahead_kb("/proc/self") is None        # procfs: no block device
