@@ -17,6 +17,7 @@ from conftest import TOOL_ENV, need_tool
 from layouts import sha256_file
 from netfix import PASS, Hangup, Request, Response, cut, reset, stall
 
+import cdimover
 from cdimover import cli
 from cdimover.errors import (
     AuthenticationError,
@@ -208,7 +209,15 @@ def test_extra_headers_reach_the_server(nginx: Any, tmp_path: Path) -> None:
 def test_user_agent(rawhttp: Any, tmp_path: Path) -> None:
     srv = rawhttp(Response(body=b"a" * 8192))
     import_url(srv.url("/x"), tmp_path / "o")
-    assert all(r.headers.get("user-agent", "").startswith("cdimover/") for r in srv.requests)
+    assert {r.headers.get("user-agent") for r in srv.requests} == {
+        f"cdimover/{cdimover.__version__}"}
+
+
+def test_version_is_the_installed_packages() -> None:
+    # The User-Agent's version comes from cdimover.__version__, not from the installed
+    # metadata (a cold start would pay for reading it): the two must agree.
+    from importlib.metadata import version
+    assert cdimover.__version__ == version("cdimover")
 
 
 @pytest.mark.parametrize("fault", [cut(3 * MiB), reset(2 * MiB)], ids=["cut", "reset"])

@@ -16,15 +16,15 @@ from pathlib import Path
 from .._native import Context, NativeSource
 from ..errors import ConfigurationError
 
-__all__ = ["HttpSource", "read_ca_bundle", "is_url"]
+__all__ = ["HttpSource", "read_ca_bundle", "is_url", "user_agent"]
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("cdimover")
-    except PackageNotFoundError:
-        return "0"
+def user_agent() -> str:
+    """What cdimover's requests send as User-Agent: cdimover/VERSION (the package's own
+    __version__: reading the installed metadata costs an import of importlib.metadata,
+    zipfile and csv, 8 ms of a cold start)."""
+    from .. import __version__
+    return f"cdimover/{__version__}"
 
 _CA_SUFFIXES = (".crt", ".pem", ".cer")
 MAX_CA_BYTES = 16 << 20
@@ -135,7 +135,7 @@ class HttpSource:
             ctx, self.url, user=user, password=password,
             ca_pem=read_ca_bundle(self.ca) if self.ca else None,
             proxy_ca_pem=read_ca_bundle(self.proxy_ca) if self.proxy_ca else None,
-            headers=self.headers, user_agent=f"cdimover/{_version()}",
+            headers=self.headers, user_agent=user_agent(),
             insecure=self.insecure, no_ranges=self.no_ranges,
             max_redirects=self.max_redirects, retries=self.retries,
             retry_delay_ms=int(self.retry_delay * 1000), idle_timeout=self.idle_timeout,

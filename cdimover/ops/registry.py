@@ -46,7 +46,7 @@ from .._native import Context, NativeSource, ProgressFn, StreamResult
 from ..errors import AuthenticationError, ChecksumMismatchError, ImageFormatError, \
     TargetTooSmallError, UnsupportedImageError
 from ..io.endpoints import Place, open_target
-from ..io.http import _version, read_ca_bundle
+from ..io.http import read_ca_bundle, user_agent
 from ..io.registry import ImageRef, Layer, RegistryClient, Resolved, parse_reference
 from ..types import CopyResult, ScanMethod
 from .copy import Tuning, make_result
@@ -106,7 +106,7 @@ def _blob_source(ctx: Context, client: RegistryClient, layer: Layer, retries: in
             return NativeSource(
                 ctx, client.blob_url(layer.digest), ca_pem=ca_pem, proxy_ca_pem=proxy_pem,
                 headers=(f"Authorization: {auth}",) if auth else (),
-                user_agent=f"cdimover/{_version()}", insecure=client.insecure_tls,
+                user_agent=user_agent(), insecure=client.insecure_tls,
                 retries=retries, reauth=client.reauth_header)
         except AuthenticationError as e:
             if attempt == 1 or e.status != 401:
