@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import cdimover
 from cdimover.errors import AuthenticationError, ImageFormatError
 from cdimover.ops.registry import import_registry
 from netfix import PASS, Request, Response, cut
@@ -164,6 +165,11 @@ def test_manifest_digest_mismatch(registry: Registries, plain_big: str,
     r = pull(f"127.0.0.1:{srv.port}", pinned, tmp_path / "v")
     assert r.manifest_digest == good.manifest_digest
     assert sha((tmp_path / "v").read_bytes()) == sha(BIG)
+    # every request, the manifest's (urllib) and the blob's (libcurl), names cdimover
+    assert {r.headers.get("user-agent") for r in srv.requests} == {
+        f"cdimover/{cdimover.__version__}"}
+    assert any("/manifests/" in r.path for r in srv.requests)
+    assert any("/blobs/" in r.path for r in srv.requests)
 
 
 def test_blob_redirect_gets_no_credentials(token_registry: TokenRegistry, token_big: str,

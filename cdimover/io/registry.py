@@ -53,7 +53,7 @@ from typing import Any
 
 from ..errors import AuthenticationError, HttpStatusError, \
     ImageFormatError, NetworkError, ProtocolError, RemoteNotFoundError, TlsError
-from .http import read_ca_bundle
+from .http import read_ca_bundle, user_agent
 from .imageref import DIGEST, ImageRef, is_registry_url, machine_arch, parse_reference
 
 __all__ = ["ImageRef", "parse_reference", "is_registry_url", "Layer", "Resolved",
@@ -152,6 +152,8 @@ class RegistryClient:
         self._opener = urllib.request.build_opener(
             urllib.request.ProxyHandler(), urllib.request.HTTPSHandler(context=ctx),
             _NoRedirect())
+        # The manifests and tokens name cdimover as the blobs' requests do, not Python-urllib.
+        self._opener.addheaders = [("User-Agent", user_agent())]
 
     # ---- plumbing ---------------------------------------------------------------------
 
