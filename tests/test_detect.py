@@ -21,7 +21,7 @@ from cdimover import ImageFormatError, UnsupportedImageError
 from cdimover.io import detect as detect_mod
 from cdimover.cli import main
 from cdimover.io.detect import FORMATS, HEAD_SIZE, Detected, detect, detect_path
-from conftest import TOOL_ENV, need_tool
+from conftest import TOOL_ENV, need_tool, qemu_img_create
 from layouts import sha256_file as sha256
 
 MiB = 1 << 20
@@ -50,16 +50,9 @@ def _qemu_create(d: Path, fmt: str, name: str, *opts: str) -> Path:
 
 def _luks(d: Path) -> Path:
     out = d / "d.luks"
-    last: subprocess.CalledProcessError | None = None
-    for _ in range(5):    # qemu-img's PBKDF2 benchmark fails now and then
-        try:
-            _run(need_tool("qemu-img"), "create", "-q", "-f", "luks", "--object",
-                 "secret,id=s,data=x", "-o", "key-secret=s,iter-time=10", out, "1M")
-            return out
-        except subprocess.CalledProcessError as e:
-            last = e
-            out.unlink(missing_ok=True)
-    raise AssertionError(f"qemu-img create -f luks failed 5 times: {last!r}")
+    qemu_img_create([need_tool("qemu-img"), "create", "-q", "-f", "luks", "--object",
+                     "secret,id=s,data=x", "-o", "key-secret=s,iter-time=10", str(out), "1M"])
+    return out
 
 
 def _compressed(d: Path, tool: str, suffix: str) -> Path:

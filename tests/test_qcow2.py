@@ -27,7 +27,7 @@ from cdimover import ImageFormatError, ScanMethod, TargetTooSmallError, UnsafeIm
 from cdimover import UnsupportedImageError
 from cdimover import ImageInfo, convert
 from cdimover.formats.qcow2 import info_json, inspect
-from conftest import TOOL_ENV, need, need_tool
+from conftest import TOOL_ENV, need, need_tool, qemu_img_create
 from layouts import sha256_file as sha256
 from pagecache import drop, resident_bytes
 
@@ -453,14 +453,7 @@ def test_inspect_matches_qemu_img_info(qemu: tuple[str, str], tmp_path: Path,
         args += ["-o", opts]
     if "backing_file" in opts:
         args += ["-u"]
-    for attempt in range(20):
-        # LUKS creation times PBKDF2 with the thread's CPU clock, and fails with "Unable to
-        # get accurate CPU usage" when a round falls inside one clock tick: retry.
-        r = subprocess.run(args + [str(img), str(4 * MiB)], capture_output=True, text=True,
-                           env=TOOL_ENV)
-        if r.returncode == 0:
-            break
-    assert r.returncode == 0, r.stderr
+    qemu_img_create(args + [str(img), str(4 * MiB)])
     if cmds:
         io = [qemu[1]]
         for c in cmds:
