@@ -59,10 +59,11 @@ def need_loop() -> None:
 
 
 def qemu_img_create(argv: list[str]) -> None:
-    """Run `qemu-img create ARGV...` for an image with LUKS encryption.  qemu-img times its
-    PBKDF2 rounds with the thread's CPU clock and gives up with "Unable to get accurate CPU
-    usage" when a round is accounted as 0 ms, which this tick-accounted VM does in about one
-    run in five: retry that failure only (up to 50 times, a few ms each), fail on any other."""
+    """Run the `qemu-img create` command ARGV.  For an image with LUKS encryption qemu-img
+    times its PBKDF2 rounds with the thread's CPU clock and gives up with "Unable to get
+    accurate CPU usage" when a round is accounted as 0 ms, which this tick-accounted VM does in
+    about one run in five: that failure is retried (up to 50 times, a few ms each), any other
+    fails at once."""
     last = ""
     for _ in range(50):
         r = subprocess.run(argv, capture_output=True, text=True, env=TOOL_ENV)

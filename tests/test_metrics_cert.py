@@ -23,7 +23,7 @@ def openssl(*args: str, stdin: bytes | None = None) -> str:
                           check=True).stdout.decode()
 
 
-def not_after(text: str, field: str) -> datetime.datetime:
+def validity_time(text: str, field: str) -> datetime.datetime:
     m = re.search(rf"{field}\s*:\s*(\w+\s+\d+ \d+:\d+:\d+ \d+) GMT", text)
     assert m is not None, text
     return datetime.datetime.strptime(re.sub(r"\s+", " ", m[1]), "%b %d %H:%M:%S %Y").replace(
@@ -45,7 +45,7 @@ def test_metrics_certificate_as_openssl_reads_it(tmp_path: Path) -> None:
     assert "NIST CURVE: P-256" in text
     assert re.search(r"DNS:localhost, IP Address:127\.0\.0\.1, IP Address:0:0:0:0:0:0:0:1", text)
     assert re.search(r"Basic Constraints: critical\s+CA:FALSE", text)
-    start, end = not_after(text, "Not Before"), not_after(text, "Not After ")
+    start, end = validity_time(text, "Not Before"), validity_time(text, "Not After ")
     assert before - datetime.timedelta(minutes=5, seconds=1) <= start <= after
     assert end - start == datetime.timedelta(days=30, minutes=5)
     # The signature holds (self-signed: the certificate verifies against itself).
